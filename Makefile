@@ -1,0 +1,26 @@
+# `make test` and `make run` create .venv on first use. torch is installed first from TORCH_SPEC
+# (default: the CPU wheel torch==2.13.0) so that a CPU machine never pulls a CUDA build.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+BIN := $(VENV)/bin
+ARGS ?=
+
+.PHONY: install test run clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $@
+
+test: install
+	$(BIN)/python -m pytest -q
+
+run: install
+	$(BIN)/python examples/fit_vits_prior.py $(ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache

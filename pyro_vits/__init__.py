@@ -1,0 +1,1 @@
+"""pyro_vits: the VITS prior/posterior as a Pyro probabilistic program."""

@@ -1,0 +1,93 @@
+"""Pyro transform wrappers of the VITS flow (event_dim=2, leading dims, masks, cached logdet)."""
+
+from __future__ import annotations
+
+import torch
+from pyro.distributions import constraints
+from pyro.distributions.conditional import ConditionalTransformModule
+from torch import Tensor
+from torch.distributions import Transform
+
+from .flows import ResidualCouplingBlock
+
+__all__ = ["FlowTransform", "VITSFlow"]
+
+
+class FlowTransform(Transform):
+    """The flow's training direction ``f: z (..., C, T) -> z_p`` conditioned on ``mask``/``g``.
+
+    ``log_abs_det_jacobian(z, z_p)`` has shape ``(...)``; it is an exact zero tensor for mean-only
+    couplings, and otherwise reuses the value computed by the last call in either direction.
+    Use ``.inv`` for VITS's inference direction ``z_p -> z``.
+    """
+
+    domain = constraints.independent(constraints.real, 2)
+    codomain = constraints.independent(constraints.real, 2)
+    bijective = True
+
+    def __init__(
+        self,
+        flow: ResidualCouplingBlock,
+        mask: Tensor | None = None,
+        g: Tensor | None = None,
+        cache_size: int = 1,
+    ) -> None:
+        if not isinstance(flow, ResidualCouplingBlock):
+            raise TypeError(f"flow must be a ResidualCouplingBlock, got {type(flow).__name__}")
+        super().__init__(cache_size=cache_size)
+        self.flow = flow
+        self.mask = mask
+        self.g = g
+        self._cached_ldj: tuple[Tensor, Tensor, Tensor] | None = None
+
+    def with_cache(self, cache_size: int = 1) -> FlowTransform:
+        if self._cache_size == cache_size:
+            return self
+        return FlowTransform(self.flow, self.mask, self.g, cache_size=cache_size)
+
+    def __eq__(self, other: object) -> bool:
+        return (
+            isinstance(other, FlowTransform)
+            and other.flow is self.flow
+            and other.mask is self.mask
+            and other.g is self.g
+        )
+
+    def _call(self, x: Tensor) -> Tensor:
+        y, ldj = self.flow.forward_and_logdet(x, self.mask, self.g)
+        self._cached_ldj = (x, y, ldj)
+        return y
+
+    def _inverse(self, y: Tensor) -> Tensor:
+        x, neg_ldj = self.flow.forward_and_logdet(y, self.mask, self.g, reverse=True)
+        self._cached_ldj = (x, y, -neg_ldj)
+        return x
+
+    def log_abs_det_jacobian(self, x: Tensor, y: Tensor) -> Tensor:
+        if self.flow.mean_only:
+            lead = x.shape[:-2]
+            for extra in (self.mask, self.g):
+                if extra is not None:
+                    lead = torch.broadcast_shapes(lead, extra.shape[:-2])
+            return x.new_zeros(lead)
+        cached = self._cached_ldj
+        if cached is not None and cached[0] is x and cached[1] is y:
+            return cached[2]
+        return self.flow.forward_and_logdet(x, self.mask, self.g)[1]
+
+
+class VITSFlow(ConditionalTransformModule):
+    """Pyro conditional transform module owning a :class:`ResidualCouplingBlock` (as ``.flow``).
+
+    ``VITSFlow(block).condition(g, mask=mask)`` returns the :class:`FlowTransform` ``z -> z_p``.
+    """
+
+    def __init__(self, flow: ResidualCouplingBlock) -> None:
+        if not isinstance(flow, ResidualCouplingBlock):
+            raise TypeError(f"flow must be a ResidualCouplingBlock, got {type(flow).__name__}")
+        super().__init__()
+        self.flow = flow
+
+    def condition(self, context: Tensor | None = None, mask: Tensor | None = None) -> FlowTransform:
+        """``context``: speaker embedding ``g (..., gin, 1)`` or None; ``mask (..., 1, T)``."""
+        return FlowTransform(self.flow, mask=mask, g=context)
