@@ -1,0 +1,143 @@
+"""The one module that knows which ArviZ version is installed (0.2x on Python 3.11, 1.x on >= 3.12).
+
+Only the portable core is used: ``convert_to_dataset``, ``ess``/``rhat``/``mcse`` with an explicit
+``method``, ``summary(round_to="none")``, PSIS smoothing, and netCDF round trips (``h5netcdf``).
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import xarray as xr
+
+with warnings.catch_warnings():
+    # arviz 0.2x announces its 1.x refactor with a FutureWarning at import; nothing to act on here.
+    warnings.filterwarnings("ignore", category=FutureWarning, module="arviz")
+    import arviz as az
+
+__all__ = [
+    "ARVIZ_MAJOR",
+    "make_inference_data",
+    "save",
+    "load",
+    "group",
+    "group_names",
+    "ess",
+    "rhat",
+    "mcse",
+    "summary",
+    "psis_khat",
+]
+
+ARVIZ_MAJOR = int(az.__version__.split(".")[0])
+
+
+def _float64(values: Any) -> np.ndarray:
+    arr = np.asarray(values)
+    return arr.astype(np.float64) if np.issubdtype(arr.dtype, np.floating) else arr
+
+
+def _json_attrs(attrs: Mapping[str, Any] | None) -> dict[str, str]:
+    return {key: json.dumps(value, default=str, sort_keys=True) for key, value in (attrs or {}).items()}
+
+
+def make_inference_data(
+    sampled: Mapping[str, Mapping[str, Any]],
+    observed_data: Mapping[str, Any] | None = None,
+    attrs: Mapping[str, Any] | None = None,
+    dims: Mapping[str, list[str]] | None = None,
+    coords: Mapping[str, Any] | None = None,
+) -> Any:
+    """Build an InferenceData (0.x) / DataTree (1.x).
+
+    ``sampled`` maps a group name (``posterior``, ``sample_stats``, ...) to ``{var: array (chain, draw, ...)}``;
+    ``observed_data`` maps a variable to an array without chain/draw dims (dims from ``dims`` or
+    ``<var>_dim_i``). Floats are stored as float64; ``attrs`` values are stored as JSON strings.
+    """
+    if not isinstance(sampled, Mapping):
+        raise TypeError(f"sampled must be a mapping of group -> variables, got {type(sampled).__name__}")
+    json_attrs = _json_attrs(attrs)
+    groups: dict[str, xr.Dataset] = {}
+    for name, variables in sampled.items():
+        data = {key: _float64(value) for key, value in variables.items()}
+        groups[name] = az.convert_to_dataset(data, coords=coords, dims=dims)
+    if observed_data:
+        obs = {}
+        for key, value in observed_data.items():
+            arr = _float64(value)
+            var_dims = list((dims or {}).get(key, [f"{key}_dim_{i}" for i in range(arr.ndim)]))
+            obs[key] = (var_dims, arr)
+        groups["observed_data"] = xr.Dataset(obs, coords={k: v for k, v in (coords or {}).items()})
+    for ds in groups.values():
+        ds.attrs.update(json_attrs)
+    if ARVIZ_MAJOR < 1:
+        return az.InferenceData(**groups)
+    return xr.DataTree.from_dict({f"/{name}": ds for name, ds in groups.items()})
+
+
+def save(idata: Any, path: str | Path) -> Path:
+    """Write to netCDF with the h5netcdf engine; returns the path."""
+    path = Path(path)
+    idata.to_netcdf(str(path), engine="h5netcdf")
+    return path
+
+
+def load(path: str | Path) -> Any:
+    """Read an InferenceData / DataTree written by :func:`save`."""
+    if not Path(path).exists():
+        raise ValueError(f"path does not exist: {path}")
+    return az.from_netcdf(str(path), engine="h5netcdf")
+
+
+def group_names(idata: Any) -> list[str]:
+    """Names of the groups present."""
+    return list(idata.groups()) if ARVIZ_MAJOR < 1 else [str(k) for k in idata.children]
+
+
+def group(idata: Any, name: str) -> xr.Dataset:
+    """One group as an ``xarray.Dataset``."""
+    names = [n.strip("/") for n in group_names(idata)]
+    if name not in names:
+        raise ValueError(f"no group {name!r}; groups are {names}")
+    node = idata[name]
+    return node if isinstance(node, xr.Dataset) else node.to_dataset()
+
+
+def ess(data: xr.Dataset, method: str = "bulk") -> xr.Dataset:
+    """Effective sample size over (chain, draw)."""
+    return az.ess(data, method=method)
+
+
+def rhat(data: xr.Dataset, method: str = "rank") -> xr.Dataset:
+    """Rank-normalised split R-hat over (chain, draw)."""
+    return az.rhat(data, method=method)
+
+
+def mcse(data: xr.Dataset, method: str = "mean") -> xr.Dataset:
+    """Monte-Carlo standard error over (chain, draw)."""
+    return az.mcse(data, method=method)
+
+
+def summary(data: xr.Dataset) -> pd.DataFrame:
+    """``az.summary`` unrounded (mean, sd, ESS, R-hat, MCSE columns)."""
+    return az.summary(data, round_to="none")
+
+
+def psis_khat(log_weights: np.ndarray) -> np.ndarray:
+    """Pareto k-hat of importance log-weights ``(..., S)`` (last dim = samples) -> ``(...)``."""
+    log_weights = np.asarray(log_weights, dtype=np.float64)
+    if log_weights.ndim < 1 or log_weights.shape[-1] < 5:
+        raise ValueError(f"log_weights must have shape (..., S) with S >= 5, got {log_weights.shape}")
+    if hasattr(az, "psislw"):
+        _, khat = az.psislw(log_weights)
+    else:  # arviz 1.x keeps PSIS in arviz_stats
+        from arviz_stats import psislw  # type: ignore[import-not-found]
+
+        _, khat = psislw(xr.DataArray(log_weights, dims=[f"d{i}" for i in range(log_weights.ndim - 1)] + ["__sample__"]))
+    return np.asarray(khat, dtype=np.float64)
