@@ -28,6 +28,15 @@ def check_mask(mask: Tensor, like: Tensor, name: str = "mask") -> Tensor:
     return mask
 
 
+def _broadcast_batch(shape: torch.Size, other: torch.Size, name: str) -> torch.Size:
+    try:
+        return torch.broadcast_shapes(shape, other)
+    except RuntimeError as err:
+        raise ValueError(
+            f"the leading dims {tuple(other)} of {name} do not broadcast with the batch shape {tuple(shape)}"
+        ) from err
+
+
 class MaskedNormal(TorchDistribution):
     """Diagonal Normal over ``(..., C, T)`` with event shape ``(C, T)`` and a frame mask ``(..., 1, T)``.
 
@@ -49,7 +58,7 @@ class MaskedNormal(TorchDistribution):
         elif validate_args is not False:
             mask = check_mask(mask, loc)
         self.loc, self.scale, self.mask = loc, scale, mask.to(loc.dtype)
-        batch_shape = torch.broadcast_shapes(loc.shape[:-2], mask.shape[:-2])
+        batch_shape = _broadcast_batch(loc.shape[:-2], mask.shape[:-2], "mask")
         super().__init__(batch_shape, loc.shape[-2:], validate_args=validate_args)
 
     def expand(self, batch_shape: torch.Size, _instance: MaskedNormal | None = None) -> MaskedNormal:
@@ -122,6 +131,10 @@ class FlowPrior(TransformedDistribution):
                 f"g must have shape (..., gin={flow.gin_channels}, 1) for this flow, got {tuple(g.shape)}"
             )
         base = MaskedNormal(m_p, torch.exp(logs_p), mask, validate_args=validate_args)
+        if g is not None:  # g's leading dims are batch dims of the prior too
+            batch_shape = _broadcast_batch(base.batch_shape, g.shape[:-2], "g")
+            if batch_shape != base.batch_shape:
+                base = base.expand(batch_shape)
         self.m_p, self.logs_p, self.mask, self.g, self.flow = m_p, logs_p, base.mask, g, flow
         super().__init__(base, [FlowTransform(flow, base.mask, g).inv], validate_args=validate_args)
 
