@@ -260,7 +260,7 @@ def sample_kl_estimates(
     mask: Tensor | None = None,
 ) -> dict[str, Tensor]:
     """Draw ``num_samples`` ``z ~ q`` (seeded, global RNG untouched) and evaluate each named estimator on
-    the same draws (one ``log p`` evaluation): ``{name: (num_samples, ...)}``."""
+    the same draws (one ``log p`` evaluation, no autograd graph): ``{name: (num_samples, ...)}``."""
     if not isinstance(num_samples, int) or num_samples < 1:
         raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
     m_q, logs_q = _tensor(m_q, "m_q"), _tensor(logs_q, "logs_q")
@@ -270,7 +270,8 @@ def sample_kl_estimates(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         z = q.sample((num_samples,))
-    return _estimates(tuple(names), z, m_q, logs_q, prior, q.mask)
+    with torch.no_grad():
+        return _estimates(tuple(names), z, m_q, logs_q, prior, q.mask)
 
 
 def batch_kl(reduction: str, per_utt_kl: Tensor, n_frames: Tensor) -> Tensor:
