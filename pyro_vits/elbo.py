@@ -26,12 +26,11 @@ import torch
 from pyro.distributions import Independent, MaskedDistribution
 from pyro.distributions.torch_distribution import ExpandedDistribution
 from pyro.distributions.util import is_identically_zero, scale_and_mask, sum_rightmost
-from pyro.infer import ELBO, Trace_ELBO
-from pyro.infer.enum import get_importance_trace
+from pyro.infer import RenyiELBO, Trace_ELBO
 from pyro.infer.trace_elbo import _compute_log_r
-from pyro.infer.util import get_dependent_plate_dims, is_validation_enabled, torch_item
+from pyro.infer.util import get_dependent_plate_dims, torch_item
 from pyro.poutine import Trace
-from pyro.util import check_if_enumerated, warn_if_nan
+from pyro.util import warn_if_nan
 from torch import Tensor
 from torch.distributions import Distribution, TransformedDistribution
 
@@ -170,29 +169,36 @@ def _align(weights: Tensor, batch_dim: int, event_dim: int) -> Tensor:
     return weights.reshape(weights.shape + (1,) * event_dim)
 
 
-class IWAE_DReG(ELBO):
+class IWAE_DReG(RenyiELBO):
     """Importance-weighted bound ``E[log (1/K) sum_k w_k]`` with ``w_k = p(x, z_k) / q(z_k)`` and
     ``K = num_particles``, with doubly reparameterised guide gradients
     ``sum_k w~_k^2 (d log w_k / dz_k) (dz_k / dphi)`` (``w~``: normalised weights; ``log q`` with detached
-    parameters) and the usual ``sum_k w~_k d log w_k / dtheta`` for model parameters. Weights are per
-    position of the plates shared by all sample sites (e.g. per utterance), like ``RenyiELBO(alpha=0)``,
-    whose loss this class reproduces. Needs reparameterised guide sites.
+    parameters) and the usual ``sum_k w~_k d log w_k / dtheta`` for model parameters. It is
+    ``RenyiELBO(alpha=0)`` (same traces, same ``loss``: weights per position of the plates shared by all
+    sample sites, e.g. per utterance) with another gradient estimator. Needs reparameterised guide sites.
     """
 
-    def _get_trace(self, model: Callable, guide: Callable, args: tuple, kwargs: dict) -> tuple[Trace, Trace]:
-        model_trace, guide_trace = get_importance_trace(
-            "flat", self.max_plate_nesting, model, guide, args, kwargs
+    def __init__(
+        self,
+        num_particles: int = 2,
+        max_plate_nesting: float = float("inf"),
+        vectorize_particles: bool = False,
+        strict_enumeration_warning: bool = True,
+    ) -> None:
+        super().__init__(
+            alpha=0,
+            num_particles=num_particles,
+            max_plate_nesting=max_plate_nesting,
+            vectorize_particles=vectorize_particles,
+            strict_enumeration_warning=strict_enumeration_warning,
         )
-        if is_validation_enabled():
-            check_if_enumerated(guide_trace)
-        return model_trace, guide_trace
 
     def _log_weights(
         self, model: Callable, guide: Callable, args: tuple, kwargs: dict
     ) -> tuple[Tensor, Tensor, int, list[tuple[Site, int | None]]]:
-        """``(log_w, surrogate_log_w, particle_dim, guide_sites)``: ``log_w`` detached with full ``log q``,
-        the surrogate with STL ``log q``; ``guide_sites`` pairs each reparameterised site with its particle
-        index (None when vectorised)."""
+        """``(log_w, surrogate_log_w, particle_dim, guide_sites)``: ``log_w`` detached, with the full
+        ``log q``; the surrogate with STL ``log q``; ``guide_sites`` pairs each reparameterised site with its
+        particle index (None when vectorised)."""
         vectorized = self.vectorize_particles and self.num_particles > 1
         log_ws, surrogates, sites = [], [], []
         for k, (model_trace, guide_trace) in enumerate(self._get_traces(model, guide, args, kwargs)):
@@ -220,14 +226,6 @@ class IWAE_DReG(ELBO):
         shape = torch.broadcast_shapes(*(w.shape for w in log_ws))
         log_w, surrogate = (torch.stack([t.expand(shape) for t in ts]) for ts in (log_ws, surrogates))
         return log_w, surrogate, -log_w.dim(), sites
-
-    def loss(self, model: Callable, guide: Callable, *args: Any, **kwargs: Any) -> float:
-        """``-`` the importance-weighted bound, summed over the shared plates."""
-        with torch.no_grad():
-            log_w, _, dim, _ = self._log_weights(model, guide, args, kwargs)
-            loss = -float((torch.logsumexp(log_w, dim) - math.log(self.num_particles)).sum())
-        warn_if_nan(loss, "loss")
-        return loss
 
     def differentiable_loss(self, model: Callable, guide: Callable, *args: Any, **kwargs: Any) -> Tensor:
         """``-`` bound, whose backward gives the DReG gradient (gradient hooks on the guide samples scale

@@ -52,7 +52,8 @@ def fresh_param_store():
 def test_mean_and_variance_match_the_exact_gradient_distribution(num_particles):
     repeats = 400
     elbo = Trace_ELBO(num_particles=num_particles, vectorize_particles=True)
-    stats = gradient_stats(model, guide, elbo, X, num_repeats=repeats, param_groups={"mu": "mu"}, seed=3)["mu"]
+    stats = gradient_stats(model, guide, elbo, X, num_repeats=repeats, param_groups={"mu": "mu"}, seed=3)
+    stats = stats["mu"]
     mean = (-(X - MU) / S**2 + MU).numpy()
     variance = (torch.exp(2 * LOG_SIGMA) * (1 + 1 / S**2) ** 2 / num_particles).numpy()
     assert stats.names == ("mu",) and stats.num_repeats == repeats
@@ -66,7 +67,11 @@ def test_mean_and_variance_match_the_exact_gradient_distribution(num_particles):
 
 
 def test_groups_zero_variance_rng_and_grads():
-    groups = {"constant": "offset", "none": lambda n: n == "unused", "guide": lambda n: n in ("mu", "log_sigma")}
+    groups = {
+        "constant": "offset",
+        "none": lambda name: name == "unused",
+        "guide": lambda name: name in {"mu", "log_sigma"},
+    }
     rng = torch.get_rng_state()
     stats = gradient_stats(model, guide, Trace_ELBO(), X, num_repeats=3, param_groups=groups)
     assert torch.equal(torch.get_rng_state(), rng)

@@ -23,7 +23,7 @@ D64 = torch.float64
 pytestmark = pytest.mark.usefixtures("single_thread")
 PARTICLES = [(1, False), (4, True), (3, False)]
 
-# ------------------------------------------------------------- linear-Gaussian: z ~ N(theta, I), x ~ N(z, S^2 I)
+# --------------------------------------------------------- linear-Gaussian: z ~ N(theta, I), x ~ N(z, S^2 I)
 
 S = 0.7
 X = torch.tensor([0.5, -1.0, 2.0], dtype=D64)
