@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pandas as pd
 import pyro
 import pyro.distributions as dist
 import pytest
@@ -94,3 +95,106 @@ def test_invalid_arguments():
         gradient_stats(model, guide, Trace_ELBO(), X, num_repeats=2, param_groups={"g": 3})
     with pytest.raises(ValueError, match="matches no parameter"):
         gradient_stats(model, guide, Trace_ELBO(), X, num_repeats=2, param_groups={"g": "flow$$$"})
+
+
+# ------------------------------------------------------------------------------------------- ArviZ, PSIS
+
+from pyro_vits import _arviz_compat  # noqa: E402
+from pyro_vits.diagnostics import (  # noqa: E402
+    KHAT_THRESHOLDS,
+    guide_samples,
+    khat_counts,
+    markdown_table,
+    psis_khat_per_utterance,
+    run_to_inference_data,
+    summary_table,
+    sweep_to_inference_data,
+    trace_arrays,
+    utterance_log_weights,
+    write_summary,
+)
+
+# N utterances of D elements: z ~ N(0, 1), x ~ N(z, S^2); the exact posterior is N(x / (1 + S^2), S^2 / (1 + S^2)).
+N_UTT, DIM = 6, 3
+X_UTT = torch.linspace(-1.0, 1.0, N_UTT * DIM, dtype=D64).reshape(N_UTT, DIM)
+POST_LOC, POST_SCALE = X_UTT / (1 + S**2), S / math.sqrt(1 + S**2)
+
+
+def utterance_model(x: torch.Tensor) -> None:
+    with pyro.plate("utterances", x.shape[0], dim=-1):
+        z = pyro.sample("z", dist.Normal(torch.zeros_like(x), 1.0).to_event(1))
+        pyro.sample("x", dist.Normal(z, S).to_event(1), obs=x)
+
+
+def scaled_guide(scale_ratio: float):
+    """The exact posterior with its standard deviation multiplied by ``scale_ratio``."""
+
+    def guide(x: torch.Tensor) -> None:
+        with pyro.plate("utterances", x.shape[0], dim=-1):
+            pyro.sample("z", dist.Normal(POST_LOC, scale_ratio * POST_SCALE).to_event(1))
+
+    return guide
+
+
+def test_utterance_log_weights_are_exact_and_seeded():
+    log_w = utterance_log_weights(utterance_model, scaled_guide(1.0), X_UTT, num_samples=7, seed=1)
+    assert log_w.shape == (7, N_UTT)
+    # the exact posterior as proposal: log w = log p(x) for every draw
+    marginal = dist.Normal(torch.zeros_like(X_UTT), math.sqrt(1 + S**2)).log_prob(X_UTT).sum(-1)
+    assert torch.allclose(log_w, marginal.expand(7, N_UTT), atol=1e-10)
+    again = utterance_log_weights(utterance_model, scaled_guide(0.5), X_UTT, num_samples=7, seed=1)
+    assert torch.equal(again, utterance_log_weights(utterance_model, scaled_guide(0.5), X_UTT, num_samples=7, seed=1))
+    with pytest.raises(ValueError, match="num_samples"):
+        utterance_log_weights(utterance_model, scaled_guide(1.0), X_UTT, num_samples=1)
+
+
+def test_psis_khat_per_utterance_follows_the_gaussian_tail_index():
+    """Proposal N(0, r^2 s^2) for target N(0, s^2): weights have Pareto tail index k = 1 - r^2 (r < 1)."""
+    narrow = psis_khat_per_utterance(utterance_model, scaled_guide(0.3), X_UTT, num_samples=4000, seed=2)
+    wide = psis_khat_per_utterance(utterance_model, scaled_guide(1.3), X_UTT, num_samples=4000, seed=2)
+    assert narrow.shape == wide.shape == (N_UTT,)
+    assert abs(float(narrow.mean()) - (1 - 0.3**2)) < 0.1 and (narrow > KHAT_THRESHOLDS[0]).all()
+    assert (wide < KHAT_THRESHOLDS[0]).all()
+    assert khat_counts(np.array([0.1, 0.5, 0.69, 0.7, 2.0])) == {"good": 1, "ok": 2, "bad": 2}
+
+
+def test_guide_samples_come_from_the_guide():
+    z = guide_samples(utterance_model, scaled_guide(1.0), X_UTT, num_samples=3000, seed=3)["z"]
+    assert z.shape == (3000, N_UTT, DIM) and z.dtype == np.float64
+    assert np.abs(z.mean(0) - POST_LOC.numpy()).max() < 4 * POST_SCALE / math.sqrt(3000) * 1.5
+    assert np.array_equal(z[:5], guide_samples(utterance_model, scaled_guide(1.0), X_UTT, num_samples=3000,
+                                               seed=3)["z"][:5])
+
+
+def test_run_and_sweep_inference_data_round_trip(tmp_path):
+    rng = np.random.default_rng(0)
+    traces = [[{"step": 10 * (i + 1), "elbo": float(rng.normal()), "label": "x"} for i in range(n)] for n in (30, 28)]
+    arrays = trace_arrays(traces)
+    assert set(arrays) == {"step", "elbo"} and arrays["elbo"].shape == (2, 28)
+    idata = run_to_inference_data(
+        traces, posterior={"z": rng.normal(size=(2, 50, N_UTT, DIM))},
+        observed_data={"x": X_UTT.numpy()}, dims={"z": ["utterance", "channel"], "x": ["utterance", "channel"]},
+        config={"seed": [0, 1]},
+    )
+    idata = _arviz_compat.load(_arviz_compat.save(idata, tmp_path / "run.nc"))
+    assert set(_arviz_compat.group_names(idata)) == {"posterior", "sample_stats", "observed_data"}
+    assert _arviz_compat.group(idata, "posterior")["z"].dims == ("chain", "draw", "utterance", "channel")
+    assert _arviz_compat.group(idata, "sample_stats")["elbo"].shape == (2, 28)
+    table = summary_table(idata, "sample_stats", tail_fraction=0.5)
+    assert {"mean", "mcse_mean", "ess_bulk", "r_hat"} <= set(table.columns) and "elbo" in table.index
+    csv, md = write_summary(table, tmp_path / "tables" / "run")
+    assert csv.exists() and md.read_text().startswith("| ") and "r_hat" in md.read_text()
+    sweep = sweep_to_inference_data({"kl": rng.normal(size=(3, 100))}, config={"truth": 0.5})
+    assert _arviz_compat.group(sweep, "posterior").attrs["truth"] == "0.5"
+    with pytest.raises(ValueError, match="missing"):
+        trace_arrays([[{"a": 1.0}, {"b": 2.0}]])
+    with pytest.raises(ValueError, match=r"\(seed, draw"):
+        sweep_to_inference_data({"kl": np.zeros(3)})
+    with pytest.raises(ValueError, match="tail_fraction"):
+        summary_table(idata, "sample_stats", tail_fraction=0.0)
+
+
+def test_markdown_table_formats_floats():
+    frame = pd.DataFrame({"mean": [0.123456789, 2.0], "n": [1, 2]}, index=pd.Index(["a", "b"], name="var"))
+    assert markdown_table(frame).splitlines() == ["| var | mean | n |", "|---|---|---|", "| a | 0.1235 | 1 |",
+                                                  "| b | 2 | 2 |"]
