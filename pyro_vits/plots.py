@@ -4,11 +4,23 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
+from typing import Any
 
+import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-__all__ = ["plot_training_curves"]
+__all__ = [
+    "plot_training_curves",
+    "plot_estimator_histograms",
+    "plot_negative_vs_batch_size",
+    "plot_variance_ratio",
+    "plot_snr_vs_particles",
+    "plot_elbo_vs_wall_time",
+    "plot_coupling_comparison",
+    "plot_khat",
+    "plot_cos_density",
+]
 
 _PANELS = (
     ("elbo_per_frame", "ELBO (nats/frame)", "ELBO"),
@@ -16,10 +28,13 @@ _PANELS = (
 )
 
 
-def plot_training_curves(metrics: Sequence[Mapping[str, float]], path: str | os.PathLike) -> None:
+def plot_training_curves(
+    metrics: Sequence[Mapping[str, float]], path: str | os.PathLike, *, reference_loglik: float | None = None
+) -> None:
     """ELBO/frame and KL/frame against SVI step, training subset and (when logged) ``heldout_*``, to ``path``.
 
     ``metrics``: the records of ``metrics.jsonl`` (each with ``step``, ``elbo_per_frame``, ``kl_per_frame``).
+    ``reference_loglik``: a true held-out log p(x) per frame (e.g. the teacher's), drawn on the ELBO panel.
     """
     if not metrics:
         raise ValueError("metrics is empty: nothing to plot")
@@ -33,9 +48,240 @@ def plot_training_curves(metrics: Sequence[Mapping[str, float]], path: str | os.
         ax.plot(steps, [m[key] for m in metrics], marker=".", label="train subset")
         if f"heldout_{key}" in metrics[0]:
             ax.plot(steps, [m[f"heldout_{key}"] for m in metrics], marker=".", label="held out")
+        if key == "elbo_per_frame" and reference_loglik is not None:
+            ax.axhline(reference_loglik, color="k", linestyle="--", label="true held-out log p(x)")
         ax.set_xlabel("SVI step")
         ax.set_ylabel(label)
         ax.set_title(title)
         ax.grid(alpha=0.3)
         ax.legend()
     fig.savefig(path, dpi=120)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Figures of the KL-estimator study (pyro_vits.study); inputs are the study's plain results
+# ---------------------------------------------------------------------------------------------------------
+
+_DPI = 100
+
+
+def _figure(ncols: int, width: float = 4.2, height: float = 3.4) -> tuple[Figure, list[Any]]:
+    fig = Figure(figsize=(width * ncols, height), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, ncols, squeeze=False)[0]
+    return fig, list(axes)
+
+
+def _require(mapping: Mapping[str, Any], keys: Sequence[str], name: str) -> None:
+    if not isinstance(mapping, Mapping):
+        raise TypeError(f"{name} must be a mapping, got {type(mapping).__name__}")
+    missing = [k for k in keys if k not in mapping]
+    if missing:
+        raise ValueError(f"{name} lacks keys {missing}")
+
+
+def _finish(fig: Figure, axes: Sequence[Any], path: str | os.PathLike, shared_legend: bool = False) -> None:
+    """Grids and legends (one below the panels with ``shared_legend``), then save as PNG."""
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        if not shared_legend and ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize="small")
+    if shared_legend:
+        handles, labels = axes[0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="outside lower center", ncol=min(4, len(labels)), fontsize="small")
+    fig.savefig(path, dpi=_DPI)
+
+
+_HISTOGRAMS = ("vits", "mc", "k3")
+_MEAN_LINES = ("clamp", "abs")
+
+
+def plot_estimator_histograms(
+    draws: Mapping[str, Mapping[str, np.ndarray]],
+    truths: Mapping[str, float],
+    closed_forms: Mapping[str, float],
+    path: str | os.PathLike,
+) -> None:
+    """One panel per setting: histograms of the ``vits``, ``mc`` and ``k3`` one-particle draws (any shape,
+    nats per frame), the means of ``clamp`` and ``abs`` (dotted), the truth and the Gaussian closed form.
+    The x range covers the 0.5-99.5 % of the pooled draws (a heavy k3 tail is cut) and the lines."""
+    if not draws:
+        raise ValueError("draws is empty: nothing to plot")
+    _require(truths, list(draws), "truths")
+    _require(closed_forms, list(draws), "closed_forms")
+    fig, axes = _figure(len(draws))
+    for ax, (setting, by_estimator) in zip(axes, draws.items()):
+        _require(by_estimator, _HISTOGRAMS + _MEAN_LINES, f"draws[{setting!r}]")
+        pooled = np.concatenate([np.ravel(by_estimator[name]) for name in _HISTOGRAMS])
+        lo, hi = np.percentile(pooled, [0.5, 99.5])
+        lines = {"truth": (truths[setting], "black", "-"),
+                 "Gaussian closed form": (closed_forms[setting], "red", "--")}
+        lines.update({f"mean of {name}": (float(np.mean(by_estimator[name])), f"C{3 + i}", ":")
+                      for i, name in enumerate(_MEAN_LINES)})
+        lo, hi = min(lo, *(v for v, _, _ in lines.values())), max(hi, *(v for v, _, _ in lines.values()))
+        for i, name in enumerate(_HISTOGRAMS):
+            ax.hist(np.ravel(by_estimator[name]), bins=np.linspace(lo, hi, 60), density=True, histtype="step",
+                    color=f"C{i}", lw=1.3, label=name)
+        for label, (value, color, style) in lines.items():
+            ax.axvline(value, color=color, ls=style, lw=1.5, label=label)
+        ax.axvline(0.0, color="grey", lw=0.8)
+        ax.set_xlabel("KL estimate (nats per frame)")
+        ax.set_ylabel("density (1 / nats)")
+        ax.set_title(setting)
+    _finish(fig, axes, path)
+
+
+def plot_negative_vs_batch_size(negative: Mapping[str, Any], path: str | os.PathLike) -> None:
+    """Measured P(batch-mean KL estimate < 0) against batch size (binomial 2-SE bars; batch sizes with no
+    negative batch drawn as upper bounds 1 / #batches) and the normal approximation's curve.
+    ``negative``: :func:`pyro_vits.study.negative_batch_study`'s results."""
+    _require(negative, ("by_batch_size", "normal_approx_curve", "skewness"), "negative")
+    fig, (ax,) = _figure(1, width=5.0)
+    rows = negative["by_batch_size"]
+    n = np.array([int(k) for k in rows])
+    p = np.array([rows[k]["p_negative"] for k in rows])
+    se = np.array([rows[k]["p_negative_se"] for k in rows])
+    seen = p > 0
+    ax.errorbar(n[seen], p[seen], yerr=2 * se[seen], fmt="o", capsize=3, label="measured (±2 SE)")
+    if (~seen).any():
+        bound = np.array([1.0 / rows[k]["num_batches"] for k in rows])[~seen]
+        ax.plot(n[~seen], bound, "v", color="C0", label="measured: none (below 1/#batches)")
+    curve = negative["normal_approx_curve"]
+    ax.plot(curve["batch_size"], curve["p_negative"], color="C1",
+            label=r"normal approx. $\Phi(-\sqrt{N}\,KL/\sigma)$")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("batch size N (utterances)")
+    ax.set_ylabel("P(batch-mean KL estimate < 0)")
+    ax.set_title(f"one-utterance skewness {negative['skewness']:.2f}")
+    _finish(fig, [ax], path)
+
+
+def plot_variance_ratio(ratio: Mapping[str, Any], path: str | os.PathLike) -> None:
+    """Var(hybrid = vits) / Var(full MC) against sigma_q / sigma_p: the Gaussian theory curve, the measured
+    ratios (±2 SE over seeds) for the Gaussian and cos priors, the 1/sqrt(2) line.
+    ``ratio``: :func:`pyro_vits.study.variance_ratio_study`'s results."""
+    _require(ratio, ("ratios", "theory_curve", "gaussian", "cos", "theory_crossing"), "ratio")
+    fig, (ax,) = _figure(1, width=5.0)
+    curve = ratio["theory_curve"]
+    ax.plot(curve["ratios"], curve["ratio"], color="black", label="theory (Gaussian prior)")
+    for i, prior in enumerate(("gaussian", "cos")):
+        ax.errorbar(ratio["ratios"], ratio[prior]["ratio"], yerr=2 * np.asarray(ratio[prior]["ratio_se"]),
+                    fmt="o", ms=4, capsize=2, color=f"C{i}", label=f"measured, {prior} prior")
+    ax.axvline(ratio["theory_crossing"], color="grey", ls="--", label=r"$\sigma_q/\sigma_p = 1/\sqrt{2}$")
+    ax.axhline(1.0, color="grey", lw=0.8)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel(r"$\sigma_q / \sigma_p$ (dimensionless)")
+    ax.set_ylabel("Var(hybrid) / Var(full MC)")
+    _finish(fig, [ax], path)
+
+
+def plot_snr_vs_particles(snr: Mapping[str, Any], batch: str, path: str | os.PathLike) -> None:
+    """Gradient SNR against K per parameter group (one panel each), a line per estimator and noise source
+    (±2 SE over seeds), and ``SNR_1 sqrt(K)`` (what K independent particles would give) for the fixed batch.
+    ``snr``: :func:`pyro_vits.study.snr_study`'s results; ``batch``: e.g. ``"B16"``."""
+    _require(snr, ("by_elbo",), "snr")
+    by_elbo = snr["by_elbo"]
+    first = next(iter(by_elbo.values()))
+    groups = list(next(iter(first["fixed"][batch].values())))
+    fig, axes = _figure(len(groups), height=4.2)
+    for ax, group in zip(axes, groups):
+        for i, (elbo, by_noise) in enumerate(by_elbo.items()):
+            for noise, style in (("fixed", "-"), ("minibatch", ":")):
+                rows = by_noise[noise][batch]
+                k = np.array([int(x) for x in rows])
+                mean = np.array([rows[x][group]["mean"] for x in rows])
+                se = np.array([rows[x][group]["se"] for x in rows])
+                ax.errorbar(k, mean, yerr=2 * se, ls=style, marker="o", ms=3, capsize=2, color=f"C{i}",
+                            label=f"{elbo}, {noise} batch")
+        rows = first["fixed"][batch]
+        k = np.array([int(x) for x in rows])
+        ax.plot(k, rows["1"][group]["mean"] * np.sqrt(k), color="grey", ls="--", label=r"$SNR_1\sqrt{K}$")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("particles K")
+        ax.set_ylabel("gradient SNR (dimensionless)")
+        ax.set_title(f"{group}, {batch[1:]} utterances")
+    _finish(fig, axes, path, shared_legend=True)
+
+
+def plot_elbo_vs_wall_time(curves: Mapping[int, Mapping[str, Sequence[float]]], teacher_loglik: float,
+                           path: str | os.PathLike) -> None:
+    """Held-out ELBO (mean over seeds) against SVI wall time and against particle-steps (K x step), one
+    line per K, with the teacher's exact log-likelihood as the ceiling. ``curves``: K -> a run's ``curve``
+    (``step``, ``svi_wall_s``, ``heldout_elbo_per_frame``)."""
+    if not curves:
+        raise ValueError("curves is empty: nothing to plot")
+    for k, curve in curves.items():
+        _require(curve, ("step", "svi_wall_s", "heldout_elbo_per_frame"), f"curves[{k}]")
+    fig, axes = _figure(2)
+    for i, (k, curve) in enumerate(curves.items()):
+        elbo = curve["heldout_elbo_per_frame"]
+        axes[0].plot(curve["svi_wall_s"], elbo, marker=".", color=f"C{i}", label=f"K = {k}")
+        axes[1].plot(np.asarray(curve["step"]) * int(k), elbo, marker=".", color=f"C{i}", label=f"K = {k}")
+    for ax, xlabel in zip(axes, ("SVI wall time (s)", "particle-steps K × step (equal compute)")):
+        ax.axhline(teacher_loglik, color="black", ls="--", label="teacher log p(x)")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("held-out ELBO (nats/frame)")
+        lo = min(min(c["heldout_elbo_per_frame"]) for c in curves.values())
+        ax.set_ylim(max(lo, teacher_loglik - 10.0), teacher_loglik + 1.0)
+    _finish(fig, axes, path)
+
+
+def plot_coupling_comparison(curves: Mapping[str, Mapping[str, Any]], path: str | os.PathLike) -> None:
+    """Held-out ELBO per seed (thin) and its mean (bold), and held-out KL(q || p), against SVI step for each
+    coupling. ``curves``: label -> a run's ``curve`` (``step``, ``heldout_elbo_per_frame``,
+    ``heldout_elbo_per_seed``, ``heldout_kl_per_frame``)."""
+    if not curves:
+        raise ValueError("curves is empty: nothing to plot")
+    for label, curve in curves.items():
+        _require(curve, ("step", "heldout_elbo_per_frame", "heldout_elbo_per_seed", "heldout_kl_per_frame"),
+                 f"curves[{label!r}]")
+    fig, axes = _figure(2)
+    for i, (label, curve) in enumerate(curves.items()):
+        for seed_curve in curve["heldout_elbo_per_seed"]:
+            axes[0].plot(curve["step"], seed_curve, color=f"C{i}", lw=0.6, alpha=0.5)
+        axes[0].plot(curve["step"], curve["heldout_elbo_per_frame"], color=f"C{i}", lw=2, label=label)
+        axes[1].plot(curve["step"], curve["heldout_kl_per_frame"], color=f"C{i}", lw=2, label=label)
+    lo = np.percentile(np.concatenate([np.ravel(c["heldout_elbo_per_seed"]) for c in curves.values()]), 10)
+    axes[0].set_ylim(bottom=lo)
+    for ax, ylabel in zip(axes, ("held-out ELBO (nats/frame)", "held-out KL(q || p) (nats/frame)")):
+        ax.set_xlabel("SVI step")
+        ax.set_ylabel(ylabel)
+    _finish(fig, axes, path)
+
+
+def plot_khat(
+    khats: Mapping[str, Sequence[float]], thresholds: Sequence[float], path: str | os.PathLike
+) -> None:
+    """PSIS k-hat per utterance for each run (jittered strip, one row per run) with the threshold lines."""
+    if not khats:
+        raise ValueError("khats is empty: nothing to plot")
+    fig, (ax,) = _figure(1, width=5.5, height=0.5 + 0.45 * len(khats))
+    rng = np.random.default_rng(0)
+    for i, (name, values) in enumerate(khats.items()):
+        values = np.asarray(values, dtype=float)
+        ax.plot(values, i + rng.uniform(-0.2, 0.2, values.size), "o", ms=3, alpha=0.6, color=f"C{i}")
+    for t, style in zip(thresholds, ("--", "-")):
+        ax.axvline(t, color="red", ls=style, label=f"k-hat = {t}")
+    ax.set_yticks(range(len(khats)), list(khats))
+    ax.set_xlabel("PSIS k-hat of the guide, per held-out utterance (dimensionless)")
+    _finish(fig, [ax], path)
+
+
+def plot_cos_density(grid: Mapping[str, np.ndarray], a: float, path: str | os.PathLike) -> None:
+    """Density of the standard Gaussian base next to the cos-flow prior (unit Jacobian) on the same grid.
+    ``grid``: :func:`pyro_vits.study.cos_density_grid`'s ``x``, ``log_base``, ``log_prior``."""
+    _require(grid, ("x", "log_base", "log_prior"), "grid")
+    fig, axes = _figure(2, width=4.0, height=3.6)
+    x = np.asarray(grid["x"])
+    for ax, key, title in zip(axes, ("log_base", "log_prior"),
+                              ("Gaussian base N(0, I)", f"cos-flow prior, a = {a:g}, |det J| = 1")):
+        image = ax.contourf(x, x, np.exp(np.asarray(grid[key])), levels=20, cmap="viridis")
+        fig.colorbar(image, ax=ax, label="density (1 / unit²)")
+        ax.set_xlabel("z₀ (latent units)")
+        ax.set_ylabel("z₁ (latent units)")
+        ax.set_title(title)
+        ax.set_aspect("equal")
+    fig.savefig(path, dpi=_DPI)

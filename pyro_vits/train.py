@@ -75,6 +75,7 @@ def _atomic_write(path: Path, write: Callable[[Any], None], mode: str = "w") -> 
     """Write ``path`` via a temporary file in the same folder and ``os.replace``."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.chmod(tmp, 0o644)
         with os.fdopen(fd, mode) as f:
             write(f)
             f.flush()
@@ -113,6 +114,7 @@ def fit(
     vectorize: bool | None = None,
     lr: float = 1e-3,
     clip_norm: float = 10.0,
+    lrd: float = 1.0,
     batch_size: int | None = None,
     device: str | torch.device = "auto",
     seed: int = 0,
@@ -129,7 +131,8 @@ def fit(
 
     ``elbo`` defaults to ``Trace_ELBO(num_particles=particles or 1, vectorize_particles=vectorize (True),
     max_plate_nesting=1)``; when an ``elbo`` is passed, ``particles``/``vectorize`` must be left None.
-    ``batch_size`` utterances are subsampled per step (None: all). The parameter store is cleared and
+    ``ClippedAdam`` multiplies the learning rate by ``lrd`` after every step and clamps gradient entries to
+    ``[-clip_norm, clip_norm]``. ``batch_size`` utterances are subsampled per step (None: all). The parameter store is cleared and
     ``pyro.set_rng_seed(seed)`` called first; model, guide and data are moved to ``device``; on CPU the
     run is bit-for-bit reproducible. Every ``log_every`` steps (and at the last) a record is logged:
     ``step``, ``loss_nats`` (mean loss over the window), ``*_per_frame`` from :func:`evaluate` with
@@ -147,6 +150,8 @@ def fit(
     _positive_int("particles", particles, allow_none=True)
     if not lr > 0:
         raise ValueError(f"lr must be positive, got {lr!r}")
+    if not 0 < lrd <= 1:
+        raise ValueError(f"lrd (the learning rate's per-step decay factor) must be in (0, 1], got {lrd!r}")
     if elbo is None:
         elbo = Trace_ELBO(num_particles=particles or 1, vectorize_particles=True if vectorize is None else vectorize,
                           max_plate_nesting=1)
@@ -166,10 +171,10 @@ def fit(
     eval_data = data.subset(torch.arange(min(eval_size, data.n), device=dev))
     total_frames = data.num_frames
     params = list({id(p): p for m in (model, guide) for p in m.parameters() if p.requires_grad}.values())
-    optim = ClippedAdam(params, lr=lr, clip_norm=clip_norm)
+    optim = ClippedAdam(params, lr=lr, clip_norm=clip_norm, lrd=lrd)
 
     config: dict[str, Any] = dict(
-        steps=steps, lr=lr, clip_norm=clip_norm, optimizer="pyro.optim.clipped_adam.ClippedAdam",
+        steps=steps, lr=lr, clip_norm=clip_norm, lrd=lrd, optimizer="pyro.optim.clipped_adam.ClippedAdam",
         batch_size=batch_size, device=str(dev), seed=seed, log_every=log_every, eval_samples=eval_samples,
         eval_size=eval_size,
         elbo=dict(type=type(elbo).__name__, num_particles=elbo.num_particles,
