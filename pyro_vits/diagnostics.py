@@ -167,7 +167,8 @@ def trace_arrays(
     if missing:
         raise ValueError(f"keys {missing} are missing from some records")
     draws = min(len(chain) for chain in traces)
-    return {key: np.array([[rec[key] for rec in chain[:draws]] for chain in traces], dtype=float) for key in keys}
+    return {key: np.array([[rec[key] for rec in chain[:draws]] for chain in traces], dtype=float)
+            for key in keys}
 
 
 def run_to_inference_data(
@@ -183,7 +184,7 @@ def run_to_inference_data(
 
     ``sample_stats``: the logged traces (:func:`trace_arrays`; chains = seeds, draws = logged steps, plus a
     ``step`` variable); ``posterior``: e.g. guide samples ``{name: (chain, draw, ...)}`` from
-    :func:`guide_samples`; ``observed_data``: arrays without chain/draw dims; ``config``: stored as JSON attrs.
+    :func:`guide_samples`; ``observed_data``: arrays without chain/draw dims; ``config``: JSON attributes.
     """
     groups: dict[str, Mapping[str, np.ndarray]] = {"sample_stats": trace_arrays(traces, keys)}
     if posterior:
@@ -208,12 +209,19 @@ def sweep_to_inference_data(
     return _arviz_compat.make_inference_data({"posterior": draws}, attrs=config, dims=dims, coords=coords)
 
 
-def summary_table(idata: Any, group: str = "posterior", tail_fraction: float = 1.0) -> pd.DataFrame:
-    """``az.summary`` (mean, sd, MCSE, ESS, R-hat) of one group over its last ``tail_fraction`` of draws
-    (e.g. 0.5 for the stationary end of training traces)."""
+def summary_table(
+    idata: Any, group: str = "posterior", tail_fraction: float = 1.0, var_names: Sequence[str] | None = None
+) -> pd.DataFrame:
+    """``az.summary`` (mean, sd, MCSE, ESS, R-hat) of one group's ``var_names`` (default all) over its last
+    ``tail_fraction`` of draws (e.g. 0.5 for the stationary end of training traces)."""
     if not 0.0 < tail_fraction <= 1.0:
         raise ValueError(f"tail_fraction must be in (0, 1], got {tail_fraction!r}")
     data = _arviz_compat.group(idata, group)
+    if var_names is not None:
+        missing = sorted(set(var_names) - set(data.data_vars))
+        if missing:
+            raise ValueError(f"var_names {missing} are not in group {group!r}")
+        data = data[list(var_names)]
     draws = data.sizes["draw"]
     return _arviz_compat.summary(data.isel(draw=slice(draws - max(4, round(tail_fraction * draws)), None)))
 
@@ -225,7 +233,8 @@ def markdown_table(frame: pd.DataFrame, digits: int = 4) -> str:
         return f"{value:.{digits}g}" if isinstance(value, (float, np.floating)) else str(value)
 
     header = [str(frame.index.name or "")] + [str(c) for c in frame.columns]
-    rows = [[str(idx)] + [cell(v) for v in row] for idx, row in zip(frame.index, frame.itertuples(index=False))]
+    rows = [[str(idx)] + [cell(v) for v in row]
+            for idx, row in zip(frame.index, frame.itertuples(index=False))]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows]) + "\n"
 
@@ -256,7 +265,8 @@ def guide_samples(
     ``{site: (num_samples, *site_shape)}`` as float64 numpy. Seeded; the global RNG is left untouched."""
     if not isinstance(num_samples, int) or num_samples < 1:
         raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
-    predictive = Predictive(model, guide=guide, num_samples=num_samples, return_sites=list(sites), parallel=True)
+    predictive = Predictive(model, guide=guide, num_samples=num_samples, return_sites=list(sites),
+                            parallel=True)
     with _seeded(seed), torch.no_grad():
         samples = predictive(*args, **kwargs)
     return {name: samples[name].detach().cpu().double().numpy() for name in sites}
@@ -337,11 +347,14 @@ def write_run_inference_data(
     idata = run_to_inference_data(
         [records],
         posterior={"z": z[None]},
-        observed_data={"x": subset.x.detach().cpu().numpy(), "mask": subset.mask[:, 0].detach().cpu().numpy()},
+        observed_data={"x": subset.x.detach().cpu().numpy(),
+                       "mask": subset.mask[:, 0].detach().cpu().numpy()},
         dims={"z": ["utterance", "channel", "frame"], "x": ["utterance", "channel", "frame"],
               "mask": ["utterance", "frame"]},
         config={"config": config, "psis_khat": khat.tolist(), "khat_thresholds": list(KHAT_THRESHOLDS)},
     )
     path = _arviz_compat.save(idata, run_dir / "inference_data.nc")
-    write_summary(summary_table(idata, "sample_stats", tail_fraction=0.5), run_dir / "summary")
+    keys = [k for k in ("elbo_per_frame", "kl_per_frame", "heldout_elbo_per_frame", "heldout_kl_per_frame")
+            if k in records[0]]
+    write_summary(summary_table(idata, "sample_stats", 0.5, keys or None), run_dir / "summary")
     return path
