@@ -126,7 +126,8 @@ class StudyConfig:
     ``ratio_grid`` the sigma_q / sigma_p values; ``gradient_batch`` /
     ``gradient_replicates`` the clamp/abs gradient study. Training: teacher and students of
     ``train_sizes = (C, hidden, T)``, ``train_utterances = (train, held out)``, ``batch_size`` utterances per
-    step, ``train_budget = K x steps`` for every K, ``train_logs`` logged records per run, Adam's ``lr``,
+    step, ``train_budget = K x steps`` for every K, ``train_logs`` logged records per run, ClippedAdam's ``lr``
+    decayed geometrically to ``final_lr_ratio x lr`` over each run's steps,
     ``eval_samples`` importance samples for the final held-out IWAE log-likelihood and the prior KL,
     ``psis_samples`` per utterance for k-hat; gradient SNR from ``snr_repeats`` repeats per seed at
     ``snr_batch_sizes``; ``timing_steps`` steps per vectorised/sequential timing.
@@ -153,6 +154,7 @@ class StudyConfig:
     train_budget: int
     train_logs: int
     lr: float
+    final_lr_ratio: float
     eval_samples: int
     psis_samples: int
     snr_batch_sizes: tuple[int, ...]
@@ -191,7 +193,7 @@ PRESETS: dict[str, StudyConfig] = {
         negative_batch_sizes=(1, 4, 16, 64), negative_replicates=256,
         ratio_grid=(0.3, 0.5, 1 / math.sqrt(2), 1.0, 1.5), ratio_draws=2048, gradient_batch=8,
         gradient_replicates=512, train_sizes=(4, 8, 12), train_utterances=(32, 8), batch_size=8,
-        train_budget=64, train_logs=4, lr=3e-3, eval_samples=32, psis_samples=64, snr_batch_sizes=(8,),
+        train_budget=64, train_logs=4, lr=1e-2, final_lr_ratio=0.05, eval_samples=32, psis_samples=64, snr_batch_sizes=(8,),
         snr_repeats=4, timing_steps=2,
     ),
     "docs": StudyConfig(
@@ -200,8 +202,8 @@ PRESETS: dict[str, StudyConfig] = {
         negative_batch_sizes=(1, 4, 16, 64, 256, 1024, 2048, 4096), negative_replicates=2048,
         ratio_grid=tuple(float(r) for r in np.round(np.geomspace(0.2, 2.0, 13), 4)) + (1 / math.sqrt(2),),
         ratio_draws=16384, gradient_batch=16, gradient_replicates=8192, train_sizes=(4, 16, 24),
-        train_utterances=(256, 32), batch_size=16, train_budget=1280, train_logs=16, lr=3e-3,
-        eval_samples=256, psis_samples=400, snr_batch_sizes=(4, 16), snr_repeats=16, timing_steps=20,
+        train_utterances=(256, 32), batch_size=16, train_budget=1280, train_logs=16, lr=1e-2,
+        final_lr_ratio=0.05, eval_samples=256, psis_samples=400, snr_batch_sizes=(4, 16), snr_repeats=16, timing_steps=20,
     ),
 }
 """``quick``: under a minute on one CPU core (the test suite runs it); ``docs``: the documentation numbers."""
@@ -646,7 +648,8 @@ def _fit(config: StudyConfig, data: tuple[VITSPriorModel, Batch, Batch], particl
     pyro.set_rng_seed(seed)
     model, guide = student(config, teacher, mean_only)
     elbo = HybridEntropyELBO(num_particles=particles, vectorize_particles=vectorize, max_plate_nesting=1)
-    return fit(model, guide, train, steps=steps, elbo=elbo, lr=config.lr, batch_size=config.batch_size,
+    return fit(model, guide, train, steps=steps, elbo=elbo, lr=config.lr,
+               lrd=config.final_lr_ratio ** (1 / steps), batch_size=config.batch_size,
                device=device, seed=seed, log_every=steps // (logs or config.train_logs), progress=False,
                heldout=heldout, eval_samples=8, eval_size=config.train_utterances[1])
 
