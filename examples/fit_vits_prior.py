@@ -10,7 +10,8 @@ log-likelihood (importance sampling with the proposal ``N(x, sigma_x^2)``, exact
     python examples/fit_vits_prior.py                      # ~30 s on 2 CPU cores
     python examples/fit_vits_prior.py --steps 3000 --device cuda --affine
 
-Writes ``config.json``, ``metrics.jsonl``, ``checkpoint.pt`` and ``figures/training_curves.png`` to ``--out``.
+Writes ``config.json``, ``metrics.jsonl``, ``checkpoint.pt``, ``figures/training_curves.png`` and (ArviZ)
+``inference_data.nc`` + ``summary.{csv,md}`` to ``--out``.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from typing import Any
 import pyro
 import torch
 
+from pyro_vits.diagnostics import write_run_inference_data
 from pyro_vits.guide import ObservationGuide, PosteriorEncoder
 from pyro_vits.model import VITSPriorModel, evaluate, make_teacher, sample_dataset
 from pyro_vits.plots import plot_training_curves
@@ -80,6 +82,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     (out / "figures").mkdir(exist_ok=True)
     plot_training_curves(result.metrics, out / "figures" / "training_curves.png",
                          reference_loglik=teacher_truth["loglik_iwae_per_frame"])
+    write_run_inference_data(out, model, guide, heldout, seed=args.seed)
     print(format_table(student, teacher_truth, args))
     wall_s = time.perf_counter() - start
     print(f"wrote {out} ({wall_s:.1f} s, device {result.device})")
