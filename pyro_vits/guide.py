@@ -1,4 +1,5 @@
-"""Gaussian guides ``q(z | x) = MaskedNormal(m_q, exp(logs_q), mask)`` for :class:`~pyro_vits.model.VITSPriorModel`.
+"""Gaussian guides ``q(z | x) = MaskedNormal(m_q, exp(logs_q), mask)`` for
+:class:`~pyro_vits.model.VITSPriorModel`.
 
 Every guide is an ``nn.Module`` called like the model, ``guide(batch, subsample_size=None, subsample=None)``:
 it registers its parameters with ``pyro.module(name, self)`` and samples site ``"z"`` ``(B, C, T)`` inside the
@@ -35,7 +36,9 @@ class GaussianGuide(nn.Module):
         """``(m_q, logs_q)``, each ``(N, C, T)``, masked."""
         raise NotImplementedError
 
-    def forward(self, batch: Batch, subsample_size: int | None = None, subsample: Tensor | None = None) -> Tensor:
+    def forward(
+        self, batch: Batch, subsample_size: int | None = None, subsample: Tensor | None = None
+    ) -> Tensor:
         """Pyro guide: samples ``"z" (B, C, T)`` (exactly 0 on padded frames) and returns it."""
         pyro.module(self.pyro_name, self)
         with utterance_plate(batch, subsample_size, subsample) as idx:
@@ -67,16 +70,17 @@ class PosteriorEncoder(GaussianGuide):
         name: str = "guide",
     ) -> None:
         super().__init__(name)
-        for arg, value in (("x_channels", x_channels), ("channels", channels), ("hidden_channels", hidden_channels)):
+        sizes = (("x_channels", x_channels), ("channels", channels), ("hidden_channels", hidden_channels))
+        for arg, value in sizes:
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{arg} must be a positive int, got {value!r}")
         if (n_speakers > 0) != (gin_channels > 0):
             raise ValueError(f"n_speakers and gin_channels must be both 0 or both positive, got "
                              f"n_speakers={n_speakers}, gin_channels={gin_channels}")
         self.config = dict(
-            x_channels=x_channels, channels=channels, hidden_channels=hidden_channels, kernel_size=kernel_size,
-            dilation_rate=dilation_rate, n_layers=n_layers, n_speakers=n_speakers, gin_channels=gin_channels,
-            name=name,
+            x_channels=x_channels, channels=channels, hidden_channels=hidden_channels,
+            kernel_size=kernel_size, dilation_rate=dilation_rate, n_layers=n_layers, n_speakers=n_speakers,
+            gin_channels=gin_channels, name=name,
         )
         self.channels = channels
         self.pre = nn.Conv1d(x_channels, hidden_channels, 1)
@@ -87,7 +91,8 @@ class PosteriorEncoder(GaussianGuide):
 
     def posterior(self, batch: Batch) -> tuple[Tensor, Tensor]:
         if batch.channels != self.config["x_channels"]:
-            raise ValueError(f"batch.x has {batch.channels} channels, the encoder expects {self.config['x_channels']}")
+            raise ValueError(f"batch.x has {batch.channels} channels, the encoder expects "
+                             f"{self.config['x_channels']}")
         g = None
         if self.config["n_speakers"] > 0:
             if batch.speaker is None:
@@ -127,13 +132,15 @@ class LocalGuide(GaussianGuide):
             init_loc = torch.zeros(shape)
         elif not isinstance(init_loc, Tensor) or init_loc.shape != shape:
             raise ValueError(f"init_loc must be a tensor of shape {shape}, got {init_loc!r}")
-        self.config = dict(num_data=num_data, channels=channels, frames=frames, init_scale=init_scale, name=name)
+        self.config = dict(num_data=num_data, channels=channels, frames=frames, init_scale=init_scale,
+                           name=name)
         self.m_q = nn.Parameter(init_loc.detach().clone())
         self.logs_q = nn.Parameter(torch.full(shape, math.log(init_scale), dtype=init_loc.dtype))
 
     def posterior(self, batch: Batch) -> tuple[Tensor, Tensor]:
         if batch.x.shape[1:] != self.m_q.shape[1:]:
-            raise ValueError(f"batch.x has (C, T) = {tuple(batch.x.shape[1:])}, the guide {tuple(self.m_q.shape[1:])}")
+            raise ValueError(f"batch.x has (C, T) = {tuple(batch.x.shape[1:])}, the guide "
+                             f"{tuple(self.m_q.shape[1:])}")
         return self.m_q[batch.index] * batch.mask, self.logs_q[batch.index] * batch.mask
 
 

@@ -28,6 +28,7 @@ from .prior import FlowPrior, MaskedNormal, check_mask
 
 __all__ = [
     "Batch",
+    "sequence_mask",
     "utterance_plate",
     "VITSPriorModel",
     "make_teacher",
@@ -60,7 +61,8 @@ class Batch:
             if not isinstance(getattr(self, name), Tensor):
                 raise TypeError(f"{name} must be a Tensor, got {type(getattr(self, name)).__name__}")
         if self.x.dim() != 3 or not self.x.is_floating_point():
-            raise ValueError(f"x must be a floating (N, C, T) tensor, got {self.x.dtype} {tuple(self.x.shape)}")
+            raise ValueError(f"x must be a floating (N, C, T) tensor, got {self.x.dtype} "
+                             f"{tuple(self.x.shape)}")
         n, _, t = self.x.shape
         for name in ("m_p", "logs_p"):
             if getattr(self, name).shape != self.x.shape:
@@ -170,7 +172,8 @@ class VITSPriorModel(nn.Module):
         self.config: dict[str, Any] = dict(
             channels=channels, hidden_channels=hidden_channels, kernel_size=kernel_size,
             dilation_rate=dilation_rate, n_layers=n_layers, n_flows=n_flows, n_speakers=n_speakers,
-            gin_channels=gin_channels, mean_only=mean_only, sigma_x=float(sigma_x), decoder=decoder, name=name,
+            gin_channels=gin_channels, mean_only=mean_only, sigma_x=float(sigma_x), decoder=decoder,
+            name=name,
         )
         self.channels = channels
         self.sigma_x = float(sigma_x)
@@ -216,7 +219,9 @@ class VITSPriorModel(nn.Module):
         """``p(x | z) = MaskedNormal(dec(z), sigma_x, mask)`` for ``z (..., B, C, T)``."""
         return MaskedNormal(self.decode(z), z.new_tensor(self.sigma_x), batch.mask, validate_args=False)
 
-    def forward(self, batch: Batch, subsample_size: int | None = None, subsample: Tensor | None = None) -> Tensor:
+    def forward(
+        self, batch: Batch, subsample_size: int | None = None, subsample: Tensor | None = None
+    ) -> Tensor:
         """Pyro model: sample sites ``"z"`` (latent) and ``"x"`` (observed); returns ``z (B, C, T)``."""
         if batch.channels != self.channels:
             raise ValueError(f"batch has {batch.channels} channels, the model {self.channels}")
@@ -256,7 +261,8 @@ def make_teacher(
         torch.manual_seed(seed)
         teacher = VITSPriorModel(
             channels, hidden_channels, kernel_size, dilation_rate, n_layers, n_flows, n_speakers=n_speakers,
-            gin_channels=gin_channels, mean_only=mean_only, sigma_x=sigma_x, decoder="identity", name="teacher",
+            gin_channels=gin_channels, mean_only=mean_only, sigma_x=sigma_x, decoder="identity",
+            name="teacher",
         )
         with torch.no_grad():
             for layer in teacher.flow.flows[::2]:
@@ -278,8 +284,8 @@ def sample_dataset(
 ) -> Batch:
     """Draw ``n`` utterances of at most ``frames`` frames from ``teacher``'s joint.
 
-    Lengths are uniform on ``[min_frames, frames]`` (default ``frames // 2``, at least 1). ``m_p, logs_p`` mimic
-    VITS's duration-expanded text encoder: piecewise constant over "phones" of geometric length (mean
+    Lengths are uniform on ``[min_frames, frames]`` (default ``frames // 2``, at least 1). ``m_p, logs_p``
+    mimic VITS's duration-expanded text encoder: piecewise constant over "phones" of geometric length (mean
     ``phone_frames``), ``m_p ~ N(0, 1)``, ``logs_p ~ U[-0.5, 0.5]`` per phone and channel. Then
     ``z ~ p_teacher(z)``, ``x = dec(z) + sigma_x * eps``; padded frames of every field are exactly 0.
     Uses ``seed`` without touching the global RNG; tensors are on the teacher's device and dtype.

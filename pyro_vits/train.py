@@ -1,9 +1,9 @@
 """Stochastic variational inference for :class:`~pyro_vits.model.VITSPriorModel` and a guide.
 
-``fit`` runs ``elbo.loss_and_grads`` (default ``Trace_ELBO``) with Pyro's ``ClippedAdam`` over the model's
-and guide's parameters, logs Monte-Carlo measures (nats per valid frame, see :func:`~pyro_vits.model.evaluate`)
-every ``log_every`` steps and, with ``out_dir``, writes ``config.json``, ``metrics.jsonl`` (one JSON object
-per logged step) and ``checkpoint.pt``.
+``fit`` runs ``elbo.loss_and_grads`` (default ``Trace_ELBO``) with Pyro's ``ClippedAdam`` over the
+model's and guide's parameters, logs Monte-Carlo measures (nats per valid frame, see
+:func:`~pyro_vits.model.evaluate`) every ``log_every`` steps and, with ``out_dir``, writes
+``config.json``, ``metrics.jsonl`` (one JSON object per logged step) and ``checkpoint.pt``.
 """
 
 from __future__ import annotations
@@ -31,7 +31,9 @@ from .model import Batch, evaluate
 
 __all__ = ["FitResult", "fit", "resolve_device"]
 
-METRIC_KEYS = ("elbo_per_frame", "elbo_stderr_per_frame", "kl_per_frame", "recon_per_frame", "loglik_iwae_per_frame")
+METRIC_KEYS = (
+    "elbo_per_frame", "elbo_stderr_per_frame", "kl_per_frame", "recon_per_frame", "loglik_iwae_per_frame"
+)
 
 
 @dataclass
@@ -131,14 +133,17 @@ def fit(
 
     ``elbo`` defaults to ``Trace_ELBO(num_particles=particles or 1, vectorize_particles=vectorize (True),
     max_plate_nesting=1)``; when an ``elbo`` is passed, ``particles``/``vectorize`` must be left None.
-    ``ClippedAdam`` multiplies the learning rate by ``lrd`` after every step and clamps gradient entries to
-    ``[-clip_norm, clip_norm]``. ``batch_size`` utterances are subsampled per step (None: all). The parameter store is cleared and
-    ``pyro.set_rng_seed(seed)`` called first; model, guide and data are moved to ``device``; on CPU the
-    run is bit-for-bit reproducible. Every ``log_every`` steps (and at the last) a record is logged:
-    ``step``, ``loss_nats`` (mean loss over the window), ``*_per_frame`` from :func:`evaluate` with
-    ``eval_samples`` particles on the first ``eval_size`` training utterances (``heldout_*`` on
-    ``heldout``), ``wall_s`` (since the start) and ``it_per_s`` (SVI steps only). ``extra_config`` is
-    stored under ``"extra"`` in the config.
+    ``ClippedAdam`` multiplies the learning rate by ``lrd`` after every step and clamps gradient entries
+    to ``[-clip_norm, clip_norm]``. ``batch_size`` utterances are subsampled per step (None: all).
+
+    The parameter store is cleared and ``pyro.set_rng_seed(seed)`` called first; model, guide and data
+    are moved to ``device``; on CPU a run is bit-for-bit reproducible, and logging (which evaluates on
+    its own RNG stream) does not change the trajectory. Every ``log_every`` steps and at the last a
+    record is logged: ``step``, ``loss_nats`` (mean loss over the window), the ``*_per_frame`` measures
+    of :func:`evaluate` with ``eval_samples`` particles on the first ``eval_size`` training utterances
+    (``heldout_*`` on ``heldout``), ``wall_s`` (since the start) and ``it_per_s`` (SVI steps only).
+    ``extra_config`` is stored under ``"extra"`` in the config. The loop itself adds no per-step host
+    syncs, but Pyro's ELBOs return the loss as a Python float, which syncs once per step on CUDA.
     """
     if not isinstance(data, Batch) or (heldout is not None and not isinstance(heldout, Batch)):
         raise TypeError("data (and heldout, when given) must be pyro_vits.model.Batch instances")
@@ -153,12 +158,13 @@ def fit(
     if not 0 < lrd <= 1:
         raise ValueError(f"lrd (the learning rate's per-step decay factor) must be in (0, 1], got {lrd!r}")
     if elbo is None:
-        elbo = Trace_ELBO(num_particles=particles or 1, vectorize_particles=True if vectorize is None else vectorize,
-                          max_plate_nesting=1)
+        vectorize = True if vectorize is None else vectorize
+        elbo = Trace_ELBO(num_particles=particles or 1, vectorize_particles=vectorize, max_plate_nesting=1)
     elif not isinstance(elbo, ELBO):
         raise TypeError(f"elbo must be a pyro.infer.ELBO, got {type(elbo).__name__}")
     elif particles is not None or vectorize is not None:
-        raise ValueError("particles/vectorize configure the default Trace_ELBO; set them on the elbo you pass")
+        raise ValueError("particles/vectorize configure the default Trace_ELBO; set them on the elbo you "
+                         "pass instead")
     dev = resolve_device(device)
 
     pyro.set_rng_seed(seed)

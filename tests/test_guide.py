@@ -42,7 +42,9 @@ def z_site(guide, data, **kwargs):
 
 @pytest.mark.parametrize("kind", ["encoder", "local", "observation"])
 def test_site_shape_distribution_and_padded_zeros(data, kind):
-    guide = {"encoder": encoder, "local": lambda: local_guide(data), "observation": lambda: ObservationGuide(0.2)}[kind]()
+    makers = {"encoder": encoder, "local": lambda: local_guide(data),
+              "observation": lambda: ObservationGuide(0.2)}
+    guide = makers[kind]()
     site, _ = z_site(guide, data)
     assert site["type"] == "sample" and not site["is_observed"]
     assert isinstance(site["fn"], MaskedNormal)

@@ -113,7 +113,7 @@ def test_teacher_is_seeded_frozen_and_nonzero():
 
 
 def gaussian_loglik(d: Batch, sigma: float) -> torch.Tensor:
-    """Exact ``log p(x)`` per utterance when the flow is the identity: ``N(x; m_p, e^(2 logs_p) + sigma^2)``."""
+    """Exact ``log p(x)`` per utterance for an identity flow: ``N(x; m_p, e^(2 logs_p) + sigma^2)``."""
     var = torch.exp(2 * d.logs_p) + sigma**2
     return (Normal(d.m_p, var.sqrt()).log_prob(d.x) * d.mask).sum((1, 2))
 
@@ -159,7 +159,7 @@ def test_sample_dataset_matches_gaussian_marginal_for_identity_flow():
 @pytest.mark.parametrize("mean_only, speakers", [(True, False), (False, True)])
 def test_teacher_iwae_loglik_matches_quadrature(mean_only, speakers):
     """C=2, T=1: log p(x) = log ∫ N(x; z, σ²) p(z) dz on a 2-D grid, p(z) from the flow and a Normal."""
-    sigma = 0.1  # the proposal N(x, σ²) is then close to the posterior: IWAE std ≈ 6e-4 nats/frame at K=20000
+    sigma = 0.1  # the proposal N(x, σ²) is close to the posterior: IWAE std ≈ 6e-4 nats/frame at K=20000
     teacher = make_teacher(2, HIDDEN, 3, n_layers=2, n_flows=2, mean_only=mean_only, sigma_x=sigma, seed=2,
                            n_speakers=2 if speakers else 0, gin_channels=2 if speakers else 0).double()
     data = sample_dataset(teacher, 3, 1, seed=3)
@@ -192,7 +192,8 @@ def exact_posterior_case():
     with torch.no_grad():
         guide.logs_q.copy_(0.5 * torch.log(var_q))
     valid = (data.mask > 0).expand_as(data.x)
-    kl = (0.5 * torch.log(var_p / var_q) + (var_q + (mean_q - data.m_p) ** 2) / (2 * var_p) - 0.5)[valid].sum()
+    kl = 0.5 * torch.log(var_p / var_q) + (var_q + (mean_q - data.m_p) ** 2) / (2 * var_p) - 0.5
+    kl = kl[valid].sum()
     return model, guide, data, float(gaussian_loglik(data, sigma).sum()), float(kl)
 
 
@@ -206,7 +207,8 @@ def test_evaluate_with_exact_posterior_matches_closed_forms():
     assert result["loglik_iwae_per_frame"] == pytest.approx(loglik / frames, rel=1e-10)
     assert result["elbo_stderr_per_frame"] < 1e-10
     assert result["kl_per_frame"] == pytest.approx(kl / frames, abs=0.03)
-    assert result["recon_per_frame"] - result["kl_per_frame"] == pytest.approx(result["elbo_per_frame"], rel=1e-10)
+    recon_minus_kl = result["recon_per_frame"] - result["kl_per_frame"]
+    assert recon_minus_kl == pytest.approx(result["elbo_per_frame"], rel=1e-10)
     chunked = evaluate(model, guide, data, num_samples=16, seed=2, batch_size=3)
     assert chunked["elbo_per_frame"] == pytest.approx(loglik / frames, rel=1e-10)
     assert chunked["num_utterances"] == data.n and chunked["num_frames"] == frames

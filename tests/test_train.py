@@ -33,7 +33,8 @@ def build(seed: int = 0, local: bool = False):
 
 
 def quiet_fit(model, guide, data, **kwargs):
-    kwargs = dict(dict(steps=10, lr=1e-2, device="cpu", progress=False, log_every=1000, eval_samples=2), **kwargs)
+    defaults = dict(steps=10, lr=1e-2, device="cpu", progress=False, log_every=1000, eval_samples=2)
+    kwargs = dict(defaults, **kwargs)
     return fit(model, guide, data, **kwargs)
 
 
@@ -45,7 +46,8 @@ def test_loss_decreases(data):
 
 
 def test_bit_for_bit_reproducible_for_the_same_seed(data):
-    runs = [quiet_fit(*build(), data, steps=15, batch_size=5, particles=2, seed=3, log_every=5) for _ in range(2)]
+    settings = dict(steps=15, batch_size=5, particles=2, seed=3, log_every=5)
+    runs = [quiet_fit(*build(), data, **settings) for _ in range(2)]
     assert runs[0].losses == runs[1].losses
     assert [{k: v for k, v in m.items() if k not in ("wall_s", "it_per_s")} for m in runs[0].metrics] == [
         {k: v for k, v in m.items() if k not in ("wall_s", "it_per_s")} for m in runs[1].metrics
@@ -116,8 +118,9 @@ def test_devices_and_validation(data):
         with pytest.raises(ValueError, match="CUDA is not available"):
             resolve_device("cuda")
     model, guide = build()
-    for kwargs, match in [(dict(steps=0), "steps"), (dict(batch_size=0), "batch_size"), (dict(lr=0.0), "lr"),
-                          (dict(lrd=1.5), "lrd"), (dict(log_every=0), "log_every"), (dict(device="tpu"), "device")]:
+    cases = [(dict(steps=0), "steps"), (dict(batch_size=0), "batch_size"), (dict(lr=0.0), "lr"),
+             (dict(lrd=1.5), "lrd"), (dict(log_every=0), "log_every"), (dict(device="tpu"), "device")]
+    for kwargs, match in cases:
         with pytest.raises(ValueError, match=match):
             quiet_fit(model, guide, data, **kwargs)
     with pytest.raises(TypeError, match="Batch"):
