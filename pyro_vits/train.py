@@ -175,7 +175,6 @@ def fit(
     heldout = None if heldout is None else heldout.to(dev)
     subsample_size = None if batch_size is None or batch_size >= data.n else batch_size
     eval_data = data.subset(torch.arange(min(eval_size, data.n), device=dev))
-    total_frames = data.num_frames
     params = list({id(p): p for m in (model, guide) for p in m.parameters() if p.requires_grad}.values())
     optim = ClippedAdam(params, lr=lr, clip_norm=clip_norm, lrd=lrd)
 
