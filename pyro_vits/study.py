@@ -126,8 +126,8 @@ class StudyConfig:
     ``ratio_grid`` the sigma_q / sigma_p values; ``gradient_batch`` /
     ``gradient_replicates`` the clamp/abs gradient study. Training: teacher and students of
     ``train_sizes = (C, hidden, T)``, ``train_utterances = (train, held out)``, ``batch_size`` utterances per
-    step, ``train_budget = K x steps`` for every K, ``train_logs`` logged records per run, ClippedAdam's ``lr``
-    decayed geometrically to ``final_lr_ratio x lr`` over each run's steps,
+    step, ``train_budget = K x steps`` for every K, ``train_logs`` logged records per run, ClippedAdam's
+    ``lr`` decayed geometrically to ``final_lr_ratio x lr`` over each run's steps,
     ``eval_samples`` importance samples for the final held-out IWAE log-likelihood and the prior KL,
     ``psis_samples`` per utterance for k-hat; gradient SNR from ``snr_repeats`` repeats per seed at
     ``snr_batch_sizes``; ``timing_steps`` steps per vectorised/sequential timing.
@@ -193,8 +193,8 @@ PRESETS: dict[str, StudyConfig] = {
         negative_batch_sizes=(1, 4, 16, 64), negative_replicates=256,
         ratio_grid=(0.3, 0.5, 1 / math.sqrt(2), 1.0, 1.5), ratio_draws=2048, gradient_batch=8,
         gradient_replicates=512, train_sizes=(4, 8, 12), train_utterances=(32, 8), batch_size=8,
-        train_budget=64, train_logs=4, lr=1e-2, final_lr_ratio=0.05, eval_samples=32, psis_samples=64, snr_batch_sizes=(8,),
-        snr_repeats=4, timing_steps=2,
+        train_budget=64, train_logs=4, lr=1e-2, final_lr_ratio=0.05, eval_samples=32, psis_samples=64,
+        snr_batch_sizes=(8,), snr_repeats=4, timing_steps=2,
     ),
     "docs": StudyConfig(
         name="docs", seeds=(0, 1, 2), particles=(1, 2, 4, 8, 16), estimator_draws=8192,
@@ -203,7 +203,8 @@ PRESETS: dict[str, StudyConfig] = {
         ratio_grid=tuple(float(r) for r in np.round(np.geomspace(0.2, 2.0, 13), 4)) + (1 / math.sqrt(2),),
         ratio_draws=16384, gradient_batch=16, gradient_replicates=8192, train_sizes=(4, 16, 24),
         train_utterances=(256, 32), batch_size=16, train_budget=1280, train_logs=16, lr=1e-2,
-        final_lr_ratio=0.05, eval_samples=256, psis_samples=400, snr_batch_sizes=(4, 16), snr_repeats=16, timing_steps=20,
+        final_lr_ratio=0.05, eval_samples=256, psis_samples=400, snr_batch_sizes=(4, 16), snr_repeats=16,
+        timing_steps=20,
     ),
 }
 """``quick``: under a minute on one CPU core (the test suite runs it); ``docs``: the documentation numbers."""

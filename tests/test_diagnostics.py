@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -111,10 +112,12 @@ from pyro_vits.diagnostics import (  # noqa: E402
     sweep_to_inference_data,
     trace_arrays,
     utterance_log_weights,
+    write_run_inference_data,
     write_summary,
 )
 
-# N utterances of D elements: z ~ N(0, 1), x ~ N(z, S^2); the exact posterior is N(x / (1 + S^2), S^2 / (1 + S^2)).
+# N utterances of D elements: z ~ N(0, 1), x ~ N(z, S^2); the exact posterior is
+# N(x / (1 + S^2), S^2 / (1 + S^2)).
 N_UTT, DIM = 6, 3
 X_UTT = torch.linspace(-1.0, 1.0, N_UTT * DIM, dtype=D64).reshape(N_UTT, DIM)
 POST_LOC, POST_SCALE = X_UTT / (1 + S**2), S / math.sqrt(1 + S**2)
@@ -143,7 +146,8 @@ def test_utterance_log_weights_are_exact_and_seeded():
     marginal = dist.Normal(torch.zeros_like(X_UTT), math.sqrt(1 + S**2)).log_prob(X_UTT).sum(-1)
     assert torch.allclose(log_w, marginal.expand(7, N_UTT), atol=1e-10)
     again = utterance_log_weights(utterance_model, scaled_guide(0.5), X_UTT, num_samples=7, seed=1)
-    assert torch.equal(again, utterance_log_weights(utterance_model, scaled_guide(0.5), X_UTT, num_samples=7, seed=1))
+    repeat = utterance_log_weights(utterance_model, scaled_guide(0.5), X_UTT, num_samples=7, seed=1)
+    assert torch.equal(again, repeat)
     with pytest.raises(ValueError, match="num_samples"):
         utterance_log_weights(utterance_model, scaled_guide(1.0), X_UTT, num_samples=1)
 
@@ -168,12 +172,14 @@ def test_guide_samples_come_from_the_guide():
 
 def test_run_and_sweep_inference_data_round_trip(tmp_path):
     rng = np.random.default_rng(0)
-    traces = [[{"step": 10 * (i + 1), "elbo": float(rng.normal()), "label": "x"} for i in range(n)] for n in (30, 28)]
+    traces = [[{"step": 10 * (i + 1), "elbo": float(rng.normal()), "label": "x"} for i in range(n)]
+              for n in (30, 28)]
     arrays = trace_arrays(traces)
     assert set(arrays) == {"step", "elbo"} and arrays["elbo"].shape == (2, 28)
     idata = run_to_inference_data(
         traces, posterior={"z": rng.normal(size=(2, 50, N_UTT, DIM))},
-        observed_data={"x": X_UTT.numpy()}, dims={"z": ["utterance", "channel"], "x": ["utterance", "channel"]},
+        observed_data={"x": X_UTT.numpy()},
+        dims={"z": ["utterance", "channel"], "x": ["utterance", "channel"]},
         config={"seed": [0, 1]},
     )
     idata = _arviz_compat.load(_arviz_compat.save(idata, tmp_path / "run.nc"))
@@ -198,3 +204,29 @@ def test_markdown_table_formats_floats():
     frame = pd.DataFrame({"mean": [0.123456789, 2.0], "n": [1, 2]}, index=pd.Index(["a", "b"], name="var"))
     assert markdown_table(frame).splitlines() == ["| var | mean | n |", "|---|---|---|", "| a | 0.1235 | 1 |",
                                                   "| b | 2 | 2 |"]
+
+
+def test_write_run_inference_data_from_a_fit_run(tmp_path):
+    from pyro_vits.guide import PosteriorEncoder
+    from pyro_vits.model import VITSPriorModel, make_teacher, sample_dataset
+    from pyro_vits.train import fit
+
+    teacher = make_teacher(2, 4, kernel_size=3, n_layers=1, n_flows=1, seed=0)
+    data = sample_dataset(teacher, 6, 8, seed=1)
+    model, guide = VITSPriorModel(2, 4, 3, 1, 1, 1), PosteriorEncoder(2, 2, 4, 3, n_layers=1)
+    fit(model, guide, data, steps=8, log_every=1, device="cpu", out_dir=tmp_path, progress=False,
+        eval_samples=2)
+    path = write_run_inference_data(tmp_path, model, guide, data, num_samples=20, max_utterances=3)
+    idata = _arviz_compat.load(path)
+    assert set(_arviz_compat.group_names(idata)) == {"posterior", "sample_stats", "observed_data"}
+    z = _arviz_compat.group(idata, "posterior")["z"]
+    assert z.dims == ("chain", "draw", "utterance", "channel", "frame") and z.shape == (1, 20, 3, 2, 8)
+    stats = _arviz_compat.group(idata, "sample_stats")
+    assert stats["elbo_per_frame"].shape == (1, 8) and list(stats["step"].values[0]) == list(range(1, 9))
+    attrs = stats.attrs
+    assert json.loads(attrs["config"])["steps"] == 8 and len(json.loads(attrs["psis_khat"])) == 3
+    assert _arviz_compat.group(idata, "observed_data")["x"].shape == (3, 2, 8)
+    table = pd.read_csv(tmp_path / "summary.csv", index_col=0)
+    assert "heldout_elbo_per_frame" not in table.index and {"ess_bulk", "r_hat"} <= set(table.columns)
+    with pytest.raises(ValueError, match="run_dir"):
+        write_run_inference_data(tmp_path / "missing", model, guide, data)

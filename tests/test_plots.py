@@ -1,0 +1,105 @@
+"""The study's figure functions on small synthetic inputs: PNGs are written, bad inputs are refused."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pyro_vits import plots
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+PNG = b"\x89PNG\r\n\x1a\n"
+RNG = np.random.default_rng(0)
+
+
+def assert_png(path) -> None:
+    data = path.read_bytes()
+    assert data[:8] == PNG and len(data) > 3000
+
+
+def curve(offset: float) -> dict:
+    steps = [10, 20, 30, 40]
+    elbo = [-20.0 + offset, -10.0 + offset, -8.0 + offset, -7.5 + offset]
+    return {"step": steps, "svi_wall_s": [0.5, 1.0, 1.5, 2.0], "heldout_elbo_per_frame": elbo,
+            "heldout_elbo_per_seed": [elbo, [e - 0.2 for e in elbo]],
+            "heldout_kl_per_frame": [9.0, 8.0, 7.5, 7.4]}
+
+
+def test_estimator_histograms(tmp_path):
+    draws = {s: {e: RNG.normal(0.5, 1.0, size=(2, 200)) for e in ("vits", "mc", "k3", "clamp", "abs")}
+             for s in ("cos2d", "vits")}
+    plots.plot_estimator_histograms(draws, {"cos2d": 0.5, "vits": 0.4}, {"cos2d": 0.3, "vits": 2.0},
+                                    tmp_path / "h.png")
+    assert_png(tmp_path / "h.png")
+    with pytest.raises(ValueError, match="truths lacks keys \\['vits'\\]"):
+        plots.plot_estimator_histograms(draws, {"cos2d": 0.5}, {"cos2d": 0.3, "vits": 2.0}, tmp_path / "x.pn")
+    with pytest.raises(ValueError, match="draws\\['cos2d'\\] lacks keys \\['abs'\\]"):
+        bad = {"cos2d": {e: draws["cos2d"][e] for e in ("vits", "mc", "k3", "clamp")}}
+        plots.plot_estimator_histograms(bad, {"cos2d": 0.5}, {"cos2d": 0.3}, tmp_path / "x.png")
+
+
+def test_negative_vs_batch_size_draws_zero_counts_as_bounds(tmp_path):
+    negative = {
+        "skewness": 2.0,
+        "by_batch_size": {"1": {"p_negative": 0.6, "p_negative_se": 0.01, "num_batches": 1000},
+                          "64": {"p_negative": 0.2, "p_negative_se": 0.01, "num_batches": 1000},
+                          "4096": {"p_negative": 0.0, "p_negative_se": 0.0, "num_batches": 1000}},
+        "normal_approx_curve": {"batch_size": [1, 64, 4096], "p_negative": [0.47, 0.25, 1e-5]},
+    }
+    plots.plot_negative_vs_batch_size(negative, tmp_path / "n.png")
+    assert_png(tmp_path / "n.png")
+    with pytest.raises(ValueError, match="skewness"):
+        no_skew = {k: v for k, v in negative.items() if k != "skewness"}
+        plots.plot_negative_vs_batch_size(no_skew, tmp_path / "x.png")
+    with pytest.raises(TypeError, match="negative must be a mapping"):
+        plots.plot_negative_vs_batch_size([1, 2], tmp_path / "x.png")
+
+
+def test_variance_ratio(tmp_path):
+    r = [0.3, 0.7, 1.5]
+    ratio = {"ratios": r, "theory_crossing": 0.7071, "theory_curve": {"ratios": r, "ratio": [0.1, 1.0, 2.3]},
+             "gaussian": {"ratio": [0.1, 1.0, 2.3], "ratio_se": [0.01, 0.05, 0.1]},
+             "cos": {"ratio": [0.2, 0.9, 1.8], "ratio_se": [0.01, 0.05, 0.1]}}
+    plots.plot_variance_ratio(ratio, tmp_path / "v.png")
+    assert_png(tmp_path / "v.png")
+    with pytest.raises(ValueError, match="cos"):
+        plots.plot_variance_ratio({k: v for k, v in ratio.items() if k != "cos"}, tmp_path / "x.png")
+
+
+def test_snr_vs_particles(tmp_path):
+    def rows(scale: float) -> dict:
+        return {str(k): {g: {"mean": scale * np.sqrt(k), "se": 0.1} for g in ("prior_flow", "guide")}
+                for k in (1, 2, 4)}
+
+    snr = {"by_elbo": {e: {"fixed": {"B8": rows(2.0)}, "minibatch": {"B8": rows(0.5)}}
+                       for e in ("vits", "stl")}}
+    plots.plot_snr_vs_particles(snr, "B8", tmp_path / "s.png")
+    assert_png(tmp_path / "s.png")
+    with pytest.raises(ValueError, match="by_elbo"):
+        plots.plot_snr_vs_particles({}, "B8", tmp_path / "x.png")
+
+
+def test_training_figures(tmp_path):
+    plots.plot_elbo_vs_wall_time({1: curve(0.0), 4: curve(-0.5)}, -6.0, tmp_path / "w.png")
+    plots.plot_coupling_comparison({"VP": curve(0.0), "NVP": curve(-1.0)}, tmp_path / "c.png")
+    assert_png(tmp_path / "w.png")
+    assert_png(tmp_path / "c.png")
+    broken = {k: v for k, v in curve(0.0).items() if k != "svi_wall_s"}
+    with pytest.raises(ValueError, match="svi_wall_s"):
+        plots.plot_elbo_vs_wall_time({1: broken}, -6.0, tmp_path / "x.png")
+    with pytest.raises(ValueError, match="empty"):
+        plots.plot_coupling_comparison({}, tmp_path / "x.png")
+
+
+def test_khat_and_cos_density(tmp_path):
+    plots.plot_khat({"K1_vp": [0.1, 0.6, 0.9], "K1_nvp": [0.3, 0.4]}, (0.5, 0.7), tmp_path / "k.png")
+    x = np.linspace(-3, 3, 31)
+    xx, yy = np.meshgrid(x, x)
+    grid = {"x": x, "log_base": -(xx**2 + yy**2) / 2, "log_prior": -(xx**2 + (yy + np.cos(xx)) ** 2) / 2}
+    plots.plot_cos_density(grid, 1.0, tmp_path / "d.png")
+    assert_png(tmp_path / "k.png")
+    assert_png(tmp_path / "d.png")
+    with pytest.raises(ValueError, match="empty"):
+        plots.plot_khat({}, (0.5, 0.7), tmp_path / "x.png")
+    with pytest.raises(ValueError, match="log_prior"):
+        plots.plot_cos_density({"x": x, "log_base": grid["log_base"]}, 1.0, tmp_path / "x.png")
