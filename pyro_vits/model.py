@@ -124,7 +124,9 @@ def sequence_mask(lengths: Tensor, frames: int) -> Tensor:
     return (torch.arange(frames, device=lengths.device) < lengths[:, None]).unsqueeze(1).float()
 
 
-def utterance_plate(batch: Batch, subsample_size: int | None = None, subsample: Tensor | None = None):
+def utterance_plate(
+    batch: Batch, subsample_size: int | None = None, subsample: Tensor | None = None
+) -> pyro.plate:
     """The ``"utterances"`` plate (dim -1) over ``batch.n``, shared by the model and every guide."""
     return pyro.plate(
         "utterances", batch.n, subsample_size=subsample_size, subsample=subsample, dim=-1,
