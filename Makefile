@@ -24,3 +24,9 @@ run: install
 
 clean:
 	rm -rf $(VENV) .pytest_cache
+
+# The KL-estimator study's documentation numbers and figures (docs/results.json, docs/figures/*.png,
+# docs/tables/*.md, docs/kl_estimators.md rendered from docs/kl_estimators.template.md). CPU, reproducible.
+.PHONY: docs
+docs: install
+	$(BIN)/python examples/compare_kl_estimators.py --preset docs --device cpu --out runs/kl-study-docs --docs docs
