@@ -952,7 +952,8 @@ _PLACEHOLDER = re.compile(r"\{\{\s*([^{}:\s]+)\s*(?::\s*([^{}]*?))?\s*\}\}")
 
 def render_markdown(template: str, results: Mapping[str, Any]) -> str:
     """Replace every ``{{ dotted.path:format }}`` in ``template`` by ``format(results[dotted][path], format)``
-    (e.g. ``{{ quality.cos2d.truth:.4f }}``); a path that does not resolve raises ``KeyError`` naming it."""
+    (e.g. ``{{ quality.cos2d.truth:.4f }}``; an integer part indexes a list); a path that does not resolve
+    raises ``KeyError`` naming it."""
     if not isinstance(template, str):
         raise TypeError(f"template must be a str, got {type(template).__name__}")
 
@@ -960,9 +961,12 @@ def render_markdown(template: str, results: Mapping[str, Any]) -> str:
         path, spec = match.group(1), match.group(2) or ""
         value: Any = results
         for part in path.split("."):
-            if not isinstance(value, Mapping) or part not in value:
+            if isinstance(value, Mapping) and part in value:
+                value = value[part]
+            elif isinstance(value, list) and re.fullmatch(r"-?\d+", part) and -len(value) <= int(part) < len(value):
+                value = value[int(part)]
+            else:
                 raise KeyError(f"placeholder {{{{ {path} }}}}: no key {part!r}")
-            value = value[part]
         return format(value, spec)
 
     return _PLACEHOLDER.sub(lookup, template)

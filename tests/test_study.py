@@ -231,11 +231,13 @@ def test_config_validation_names_the_argument():
 
 
 def test_render_markdown_resolves_dotted_paths():
-    results = {"a": {"b": 0.123456, "n": {"16": 3}}, "name": "x"}
-    text = "v={{ a.b:.3f }} n={{a.n.16}} {{ name }} {not a placeholder}"
-    assert render_markdown(text, results) == "v=0.123 n=3 x {not a placeholder}"
+    results = {"a": {"b": 0.123456, "n": {"16": 3}, "xs": [1.5, 2.5]}, "name": "x"}
+    text = "v={{ a.b:.3f }} n={{a.n.16}} {{ name }} {{ a.xs.-1:.0f }} {not a placeholder}"
+    assert render_markdown(text, results) == "v=0.123 n=3 x 2 {not a placeholder}"
     with pytest.raises(KeyError, match="a.c"):
         render_markdown("{{ a.c }}", results)
+    with pytest.raises(KeyError, match="a.xs.2"):
+        render_markdown("{{ a.xs.2 }}", results)
     with pytest.raises(TypeError, match="template"):
         render_markdown(3, results)
 
