@@ -947,6 +947,15 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
+def _child(value: Any, part: str, path: str) -> Any:
+    """``value[part]`` for a mapping, ``value[int(part)]`` for a list; ``KeyError`` naming ``path`` otherwise."""
+    if isinstance(value, Mapping) and part in value:
+        return value[part]
+    if isinstance(value, list) and re.fullmatch(r"-?\d+", part) and -len(value) <= int(part) < len(value):
+        return value[int(part)]
+    raise KeyError(f"placeholder {{{{ {path} }}}}: no key {part!r}")
+
+
 _PLACEHOLDER = re.compile(r"\{\{\s*([^{}:\s]+)\s*(?::\s*([^{}]*?))?\s*\}\}")
 
 
@@ -961,12 +970,7 @@ def render_markdown(template: str, results: Mapping[str, Any]) -> str:
         path, spec = match.group(1), match.group(2) or ""
         value: Any = results
         for part in path.split("."):
-            if isinstance(value, Mapping) and part in value:
-                value = value[part]
-            elif isinstance(value, list) and re.fullmatch(r"-?\d+", part) and -len(value) <= int(part) < len(value):
-                value = value[int(part)]
-            else:
-                raise KeyError(f"placeholder {{{{ {path} }}}}: no key {part!r}")
+            value = _child(value, part, path)
         return format(value, spec)
 
     return _PLACEHOLDER.sub(lookup, template)
