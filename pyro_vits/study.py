@@ -948,7 +948,7 @@ def _json_default(value: Any) -> Any:
 
 
 def _child(value: Any, part: str, path: str) -> Any:
-    """``value[part]`` for a mapping, ``value[int(part)]`` for a list; ``KeyError`` naming ``path`` otherwise."""
+    """``value[part]`` (mapping) or ``value[int(part)]`` (list); ``KeyError`` naming ``path`` otherwise."""
     if isinstance(value, Mapping) and part in value:
         return value[part]
     if isinstance(value, list) and re.fullmatch(r"-?\d+", part) and -len(value) <= int(part) < len(value):
