@@ -253,20 +253,25 @@ def plot_coupling_comparison(curves: Mapping[str, Mapping[str, Any]], path: str 
 
 
 def plot_khat(
-    khats: Mapping[str, Sequence[float]], thresholds: Sequence[float], path: str | os.PathLike
+    khats: Mapping[str, Sequence[float]], thresholds: Sequence[float], path: str | os.PathLike,
+    clip: float = 2.0,
 ) -> None:
-    """PSIS k-hat per utterance for each run (jittered strip, one row per run) with the threshold lines."""
+    """PSIS k-hat per utterance for each run (jittered strip, one row per run) with the threshold lines;
+    k-hats above ``clip`` are drawn at ``clip`` as triangles."""
     if not khats:
         raise ValueError("khats is empty: nothing to plot")
-    fig, (ax,) = _figure(1, width=5.5, height=0.5 + 0.45 * len(khats))
+    fig, (ax,) = _figure(1, width=5.5, height=0.9 + 0.45 * len(khats))
     rng = np.random.default_rng(0)
     for i, (name, values) in enumerate(khats.items()):
         values = np.asarray(values, dtype=float)
-        ax.plot(values, i + rng.uniform(-0.2, 0.2, values.size), "o", ms=3, alpha=0.6, color=f"C{i}")
+        y = i + rng.uniform(-0.2, 0.2, values.size)
+        inside = values <= clip
+        ax.plot(values[inside], y[inside], "o", ms=3, alpha=0.6, color=f"C{i}")
+        ax.plot(np.full((~inside).sum(), clip), y[~inside], ">", ms=4, alpha=0.6, color=f"C{i}")
     for t, style in zip(thresholds, ("--", "-")):
         ax.axvline(t, color="red", ls=style, label=f"k-hat = {t}")
     ax.set_yticks(range(len(khats)), list(khats))
-    ax.set_xlabel("PSIS k-hat of the guide, per held-out utterance (dimensionless)")
+    ax.set_xlabel(f"PSIS k-hat of the guide per held-out utterance\n(dimensionless; values > {clip:g} drawn at {clip:g})")
     _finish(fig, [ax], path)
 
 
