@@ -271,7 +271,8 @@ def plot_khat(
     for t, style in zip(thresholds, ("--", "-")):
         ax.axvline(t, color="red", ls=style, label=f"k-hat = {t}")
     ax.set_yticks(range(len(khats)), list(khats))
-    ax.set_xlabel(f"PSIS k-hat of the guide per held-out utterance\n(dimensionless; values > {clip:g} drawn at {clip:g})")
+    ax.set_xlabel("PSIS k-hat of the guide per held-out utterance\n"
+                  f"(dimensionless; values > {clip:g} drawn at {clip:g})")
     _finish(fig, [ax], path)
 
 
