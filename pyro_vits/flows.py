@@ -259,13 +259,17 @@ def _flow_entries(obj: Mapping[str, Any]) -> dict[str, Tensor]:
 def load_vits_flow(obj: Mapping[str, Any], dilation_rate: int = 1) -> ResidualCouplingBlock:
     """Build and strictly load a :class:`ResidualCouplingBlock` from a VITS generator state dict.
 
-    Accepts ``{"model": state_dict}`` checkpoints, ``module.`` prefixes and both weight-norm layouts
-    (``weight_g/weight_v`` and ``parametrizations.weight.original0/1``). Sizes are inferred from shapes;
-    the dilation rate is not stored in weights (VITS's prior flow uses 1).
+    Accepts ``{"model": state_dict}`` checkpoints, ``module.`` prefixes, both weight-norm layouts
+    (``weight_g/weight_v`` and ``parametrizations.weight.original0/1``) and both coupling numberings: VITS's
+    ``flow.flows.0, 2, 4, …`` (``Flip`` modules in between) and coqui-TTS's ``flow.flows.0, 1, 2, …``
+    (``ResidualCouplingBlocks`` flips in ``forward``, the same map). Sizes are inferred from shapes; the
+    dilation rate is not stored in weights (VITS's prior flow uses 1).
     """
     entries = _flow_entries(obj)
     try:
         coupling_ids = sorted({int(k.split(".")[1]) for k in entries})
+        if any(i % 2 for i in coupling_ids):  # coqui-TTS numbering: coupling i is VITS's flows.<2 i>
+            entries = {f"flows.{2 * int(k.split('.')[1])}.{k.split('.', 2)[2]}": v for k, v in entries.items()}
         pre_w = entries["flows.0.pre.weight"]
         post_w = entries["flows.0.post.weight"]
         in0 = entries["flows.0.enc.in_layers.0.parametrizations.weight.original1"]

@@ -70,10 +70,14 @@ class PosteriorEncoder(GaussianGuide):
         name: str = "guide",
     ) -> None:
         super().__init__(name)
-        sizes = (("x_channels", x_channels), ("channels", channels), ("hidden_channels", hidden_channels))
+        sizes = (("x_channels", x_channels), ("channels", channels), ("hidden_channels", hidden_channels),
+                 ("kernel_size", kernel_size), ("dilation_rate", dilation_rate), ("n_layers", n_layers))
         for arg, value in sizes:
-            if not isinstance(value, int) or value < 1:
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{arg} must be a positive int, got {value!r}")
+        for arg, value in (("n_speakers", n_speakers), ("gin_channels", gin_channels)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{arg} must be a non-negative int, got {value!r}")
         if (n_speakers > 0) != (gin_channels > 0):
             raise ValueError(f"n_speakers and gin_channels must be both 0 or both positive, got "
                              f"n_speakers={n_speakers}, gin_channels={gin_channels}")

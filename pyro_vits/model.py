@@ -83,6 +83,20 @@ class Batch:
                 raise ValueError(f"{name} must be None or a long tensor of shape ({n},), got {value!r}")
         if self.index is None:
             self.index = torch.arange(n, device=self.x.device)
+        self.check_finite()
+
+    def check_finite(self, name: str = "batch") -> None:
+        """Raise ValueError if ``x``, ``m_p`` or ``logs_p`` holds NaN/Inf (one fused check; ``name`` labels
+        the batch in the message)."""
+        fields = ("x", "m_p", "logs_p")
+        if bool(torch.stack([torch.isfinite(getattr(self, f)).all() for f in fields]).all()):
+            return
+        for f in fields:
+            bad = ~torch.isfinite(getattr(self, f))
+            if bool(bad.any()):
+                n, c, t = bad.nonzero()[0].tolist()
+                raise ValueError(f"{name}.{f} has {int(bad.sum())} non-finite value(s) (NaN/Inf), the first at "
+                                 f"utterance {n}, channel {c}, frame {t}")
 
     @property
     def n(self) -> int:

@@ -37,6 +37,15 @@ def _broadcast_batch(shape: torch.Size, other: torch.Size, name: str) -> torch.S
         ) from err
 
 
+def _check_event(value: Tensor, event_shape: torch.Size, name: str) -> None:
+    """``value`` must be a tensor ending in the event shape ``(C, T)``."""
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{name} must be a Tensor, got {type(value).__name__}")
+    if value.shape[-2:] != event_shape:
+        raise ValueError(f"{name} must have shape (..., C, T) = (..., {', '.join(map(str, event_shape))}), "
+                         f"got {tuple(value.shape)}")
+
+
 class MaskedNormal(TorchDistribution):
     """Diagonal Normal over ``(..., C, T)`` with event shape ``(C, T)`` and a frame mask ``(..., 1, T)``.
 
@@ -85,6 +94,7 @@ class MaskedNormal(TorchDistribution):
         return (self.loc + self.scale * eps) * self.mask
 
     def log_prob(self, value: Tensor) -> Tensor:
+        _check_event(value, self.event_shape, "value")
         if self._validate_args:
             self._validate_sample(value)
         z = (value - self.loc) / self.scale
@@ -137,6 +147,10 @@ class FlowPrior(TransformedDistribution):
                 base = base.expand(batch_shape)
         self.m_p, self.logs_p, self.mask, self.g, self.flow = m_p, logs_p, base.mask, g, flow
         super().__init__(base, [FlowTransform(flow, base.mask, g).inv], validate_args=validate_args)
+
+    def log_prob(self, value: Tensor) -> Tensor:
+        _check_event(value, self.event_shape, "z")
+        return super().log_prob(value)
 
     def expand(self, batch_shape: torch.Size, _instance: FlowPrior | None = None) -> FlowPrior:
         new = self._get_checked_instance(FlowPrior, _instance)
