@@ -9,14 +9,18 @@ log-likelihood (importance sampling with the proposal ``N(x, sigma_x^2)``, exact
 
     python examples/fit_vits_prior.py                      # ~30 s on 2 CPU cores
     python examples/fit_vits_prior.py --steps 3000 --device cuda --affine
+    pyro-vits fit --help                                   # the same options, as a console command
 
 Writes ``config.json``, ``metrics.jsonl``, ``checkpoint.pt``, ``figures/training_curves.png`` and (ArviZ)
-``inference_data.nc`` + ``summary.{csv,md}`` to ``--out``.
+``inference_data.nc`` + ``summary.{csv,md}`` to ``--out`` (refused when it is not empty, unless ``--overwrite``;
+``--resume RUN_DIR`` continues a stopped run). ``--init-flow`` starts the student's flow from a real VITS
+checkpoint, sizing teacher, data and student like it.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import time
 from datetime import datetime
 from pathlib import Path
@@ -25,11 +29,18 @@ from typing import Any
 import pyro
 import torch
 
+from pyro_vits.cli import (
+    configure_logging, device_name, even_positive_int, nonnegative_int, parse_with_config, positive_float,
+    positive_int, unit_interval,
+)
 from pyro_vits.diagnostics import write_run_inference_data
+from pyro_vits.flows import ResidualCouplingBlock
 from pyro_vits.guide import ObservationGuide, PosteriorEncoder
 from pyro_vits.model import VITSPriorModel, evaluate, make_teacher, sample_dataset
 from pyro_vits.plots import plot_training_curves
-from pyro_vits.train import fit
+from pyro_vits.train import ESTIMATORS, NAN_POLICIES, fit, geometric_lrd, make_elbo, read_vits_flow, resolve_device
+
+logger = logging.getLogger("pyro_vits.examples.fit_vits_prior")
 
 
 def format_table(student: dict[str, float], teacher: dict[str, float], args: argparse.Namespace) -> str:
@@ -52,12 +63,35 @@ def format_table(student: dict[str, float], teacher: dict[str, float], args: arg
     return "\n".join(lines)
 
 
+def adopt_flow_sizes(args: argparse.Namespace, flow: ResidualCouplingBlock, checkpoint_speakers: int) -> None:
+    """Size teacher, data and student like ``flow`` (``--init-flow``); speakers from ``--speakers`` or the
+    checkpoint's ``emb_g``."""
+    c = flow.config
+    args.channels, args.hidden, args.kernel_size = c["channels"], c["hidden_channels"], c["kernel_size"]
+    args.n_layers, args.n_flows, args.mean_only = c["n_layers"], c["n_flows"], c["mean_only"]
+    args.speakers = (args.speakers or checkpoint_speakers) if c["gin_channels"] else 0
+    if c["gin_channels"] and not args.speakers:
+        raise ValueError(f"the flow in {args.init_flow} is speaker-conditioned (gin_channels={c['gin_channels']}) "
+                         "and the checkpoint has no emb_g: pass --speakers N")
+    args.gin_channels = c["gin_channels"] or args.gin_channels
+    logger.info("--init-flow %s: channels %d, hidden %d, kernel %d, %d WN layers, %d couplings (%s), %d speakers",
+                args.init_flow, args.channels, args.hidden, args.kernel_size, args.n_layers, args.n_flows,
+                "mean-only" if args.mean_only else "affine", args.speakers)
+
+
 def main(args: argparse.Namespace) -> dict[str, Any]:
     """Run the experiment; returns the held-out measures, the run folder and the wall time."""
     start = time.perf_counter()
+    device = resolve_device(args.device)  # before any work: a missing CUDA fails now
+    if args.init_flow and args.resume:
+        raise ValueError("--init-flow starts a new run and --resume continues one (its flow is in the checkpoint)")
+    init_flow = None
+    if args.init_flow:
+        init_flow, checkpoint_speakers = read_vits_flow(args.init_flow)
+        adopt_flow_sizes(args, init_flow, checkpoint_speakers)
     torch.set_num_threads(args.threads)
     pyro.set_rng_seed(args.seed)  # the student's initial weights
-    out = Path(args.out or Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S"))
+    out = Path(args.resume or args.out or Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S"))
     sizes = dict(kernel_size=args.kernel_size, n_layers=args.n_layers, n_flows=args.n_flows,
                  n_speakers=args.speakers, gin_channels=args.gin_channels if args.speakers else 0,
                  mean_only=args.mean_only, sigma_x=args.sigma_x)
@@ -66,14 +100,17 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     heldout = sample_dataset(teacher, args.n_heldout, args.frames, seed=args.seed + 2)
 
     model = VITSPriorModel(args.channels, args.hidden, **sizes)
+    if init_flow is not None:
+        model.flow.load_state_dict(init_flow.state_dict())
     guide = PosteriorEncoder(args.channels, args.channels, args.hidden, args.kernel_size,
                              n_layers=args.enc_layers, n_speakers=sizes["n_speakers"],
                              gin_channels=sizes["gin_channels"])
     result = fit(
-        model, guide, train, steps=args.steps, particles=args.particles, vectorize=args.vectorize, lr=args.lr,
-        lrd=args.final_lr_ratio ** (1 / args.steps), batch_size=args.batch_size, device=args.device,
-        seed=args.seed, out_dir=out, log_every=args.log_every, progress=args.progress, heldout=heldout,
-        extra_config=vars(args),
+        model, guide, train, steps=args.steps, elbo=make_elbo(args.estimator, args.particles, args.vectorize),
+        lr=args.lr, lrd=geometric_lrd(args.final_lr_ratio, args.steps), batch_size=args.batch_size, device=device,
+        seed=args.seed, out_dir=out, log_every=args.log_every, progress=args.progress and not args.quiet,
+        heldout=heldout, extra_config=vars(args), checkpoint_every=args.checkpoint_every,
+        nan_policy=args.nan_policy, resume=bool(args.resume), overwrite=args.overwrite,
     )
     heldout = heldout.to(result.device)
     student = evaluate(model, guide, heldout, args.eval_samples, seed=args.seed)
@@ -89,41 +126,70 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     return dict(student=student, teacher=teacher_truth, out_dir=out, wall_s=wall_s)
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    """The options (shared with ``pyro-vits fit``); ``--help`` shows each default."""
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0], allow_abbrev=False,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add = parser.add_argument
-    add("--steps", type=int, default=400, help="SVI steps")
-    add("--particles", type=int, default=1, help="ELBO particles per step")
+    add("--steps", type=positive_int, default=400, help="SVI steps")
+    add("--particles", type=positive_int, default=1, help="ELBO particles per step (K)")
     add("--vectorize", action=argparse.BooleanOptionalAction, default=True, help="vectorise ELBO particles")
-    add("--lr", type=float, default=1e-2, help="initial ClippedAdam learning rate")
-    add("--final-lr-ratio", type=float, default=0.05, help="final / initial learning rate (geometric decay)")
-    add("--batch-size", type=int, default=16, help="utterances per SVI step")
-    add("--device", default="auto", help="auto, cpu, cuda or cuda:<i>")
-    add("--seed", type=int, default=0)
-    add("--threads", type=int, default=1,
+    add("--estimator", choices=ESTIMATORS, default="trace",
+        help="ELBO: trace (Trace_ELBO), vits (analytic entropy, VITS's KL), stl (sticking the landing), "
+             "iwae_dreg (importance-weighted, DReG gradients)")
+    add("--lr", type=positive_float, default=1e-2, help="initial ClippedAdam learning rate")
+    add("--final-lr-ratio", type=unit_interval, default=0.05, help="final / initial learning rate (geometric decay)")
+    add("--batch-size", type=positive_int, default=16, help="utterances per SVI step")
+    add("--device", type=device_name, default="auto", help="auto, cpu, cuda or cuda:<i>")
+    add("--seed", type=int, default=0, help="seed of the teacher, the data, the student and SVI")
+    add("--threads", type=positive_int, default=1,
         help="torch intra-op CPU threads (these tensors are tiny: more threads mostly add overhead)")
-    add("--out", default=None, help="run folder (default runs/<timestamp>)")
-    add("--channels", type=int, default=8, help="latent channels C (even)")
-    add("--hidden", type=int, default=32, help="hidden channels of the flow and the encoder")
-    add("--frames", type=int, default=32, help="max frames per utterance T")
-    add("--kernel-size", type=int, default=5)
-    add("--n-layers", type=int, default=2, help="WN layers per coupling")
-    add("--n-flows", type=int, default=4, help="couplings in the flow")
-    add("--enc-layers", type=int, default=4, help="WN layers of the posterior encoder")
+    add("--out", default=None, help="run folder (default runs/<timestamp>); refused when not empty")
+    add("--overwrite", action="store_true", help="replace the run files of a non-empty --out")
+    add("--resume", default=None, metavar="RUN_DIR",
+        help="continue the run in RUN_DIR from its checkpoint.pt; its saved options are the defaults "
+             "(explicit flags win, e.g. a larger --steps)")
+    add("--checkpoint-every", type=positive_int, default=None, metavar="N",
+        help="steps between atomic checkpoints (None: only at the end)")
+    add("--nan-policy", choices=NAN_POLICIES, default="stop",
+        help="on a NaN/Inf loss or gradient: stop (naming step, parameters and sites; the last checkpoint stays) "
+             "or skip that step's update (counted in metrics as skipped_steps)")
+    add("--init-flow", default=None, metavar="PATH",
+        help="start the student's prior flow from a VITS generator checkpoint (jaywalnut310 or coqui-TTS "
+             "layout); channels, hidden, kernel, layers, couplings and speakers then follow it")
+    add("--config", default=None, metavar="PATH",
+        help="TOML or JSON file of option = value (names as the long options, - or _); its values are "
+             "defaults, explicit flags win")
+    add("--channels", type=even_positive_int, default=8, help="latent channels C (even)")
+    add("--hidden", type=positive_int, default=32, help="hidden channels of the flow and the encoder")
+    add("--frames", type=positive_int, default=32, help="max frames per utterance T")
+    add("--kernel-size", type=positive_int, default=5, help="WN kernel size (odd)")
+    add("--n-layers", type=positive_int, default=2, help="WN layers per coupling")
+    add("--n-flows", type=positive_int, default=4, help="couplings in the flow")
+    add("--enc-layers", type=positive_int, default=4, help="WN layers of the posterior encoder")
     add("--mean-only", action=argparse.BooleanOptionalAction, default=True,
         help="mean-only (VITS) or affine couplings, teacher and student alike")
     add("--affine", dest="mean_only", action="store_false", help="same as --no-mean-only")
-    add("--speakers", type=int, default=0, help="number of speakers (0: single speaker)")
-    add("--gin-channels", type=int, default=8, help="speaker embedding size when --speakers > 0")
-    add("--sigma-x", type=float, default=0.1, help="observation noise std")
-    add("--n-train", type=int, default=256, help="training utterances")
-    add("--n-heldout", type=int, default=32, help="held-out utterances")
-    add("--log-every", type=int, default=25, help="steps between logged records")
-    add("--eval-samples", type=int, default=64, help="guide particles for the final held-out measures")
-    add("--teacher-samples", type=int, default=256, help="importance samples for the teacher's log p(x)")
+    add("--speakers", type=nonnegative_int, default=0, help="number of speakers (0: single speaker)")
+    add("--gin-channels", type=positive_int, default=8, help="speaker embedding size when --speakers > 0")
+    add("--sigma-x", type=positive_float, default=0.1, help="observation noise std")
+    add("--n-train", type=positive_int, default=256, help="training utterances")
+    add("--n-heldout", type=positive_int, default=32, help="held-out utterances")
+    add("--log-every", type=positive_int, default=25, help="steps between logged records")
+    add("--eval-samples", type=positive_int, default=64, help="guide particles for the final held-out measures")
+    add("--teacher-samples", type=positive_int, default=256, help="importance samples for the teacher's log p(x)")
     add("--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm progress bar")
-    return parser.parse_args(argv)
+    add("-q", "--quiet", action="store_true", help="only warnings and errors on stderr; no progress bar")
+    add("-v", "--verbose", action="store_true", help="debug messages, e.g. every logged record")
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse ``argv`` with :func:`build_parser`, layering ``--config`` and ``--resume`` defaults."""
+    return parse_with_config(build_parser(), argv)
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    arguments = parse_args()
+    configure_logging(arguments.quiet, arguments.verbose)
+    main(arguments)
