@@ -17,6 +17,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from pyro_vits.study import PRESETS, publish_docs, run_study
 from pyro_vits.train import resolve_device
 
@@ -31,23 +33,27 @@ def headline(results: dict[str, Any]) -> str:
                      f"{vits['bias_mcse']:.4f}  P(<0) {vits['p_negative']:.3f}  "
                      f"Gaussian closed-form error {closed['bias']:+.4f}")
     clamp, abs_ = results["fix_gradient"]["clamp"], results["fix_gradient"]["abs"]
-    lines.append(f"clamp / abs near convergence: loss bias {clamp['loss_bias']:+.4f} / {abs_['loss_bias']:+.4f} "
+    lines.append(f"clamp / abs near convergence: loss bias {clamp['loss_bias']:+.4f} / "
+                 f"{abs_['loss_bias']:+.4f} "
                  f"nats per frame; gradient projection on the true gradient "
                  f"{clamp['projection']:.2f} / {abs_['projection']:.2f} (1 = unbiased)")
     lines.append("training at equal compute (held-out, nats per frame, mean ± SE over seeds):")
     for name, run in runs.items():
         final = run["final"]
         elbo, loglik = final["heldout_elbo_per_frame"], final["heldout_loglik_iwae_per_frame"]
-        lines.append(f"  {name:8s} ELBO {elbo['mean']:8.3f} ± {elbo['se']:.3f}  IWAE log p(x) {loglik['mean']:8.3f}"
+        lines.append(f"  {name:8s} ELBO {elbo['mean']:8.3f} ± {elbo['se']:.3f}  "
+                     f"IWAE log p(x) {loglik['mean']:8.3f}"
                      f"  KL(p_teacher || p) {final['prior_kl_to_teacher_per_frame']['mean']:.3f}"
                      f"  SVI {final['svi_wall_s']['mean']:.1f} s")
-    lines.append(f"teacher's exact held-out log p(x): {results['training']['teacher_heldout_loglik_per_frame']:.3f}")
+    teacher = results["training"]["teacher_heldout_loglik_per_frame"]
+    lines.append(f"teacher's exact held-out log p(x): {teacher:.3f}")
     lines.append(f"wall time: {results['wall_s']['total']:.0f} s on {results['device']}")
     return "\n".join(lines)
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
     """Run the study; returns its results (as written to ``<out>/results.json``)."""
+    torch.set_num_threads(args.threads)
     config = PRESETS[args.preset].with_seed(args.seed)
     out = Path(args.out or Path("runs") / f"kl-study-{args.preset}")
     results = run_study(config, out, device=resolve_device(args.device))
@@ -65,6 +71,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="cpu", help="cpu (reproducible), cuda, cuda:<i> or auto")
     parser.add_argument("--out", default=None, help="output folder (default runs/kl-study-<preset>)")
     parser.add_argument("--seed", type=int, default=0, help="first seed; the preset's seeds count up from it")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch intra-op threads (the tensors are small: 1 is fastest on a busy machine)")
     parser.add_argument("--docs", default=None,
                         help="also publish results.json, figures and tables into this folder and render "
                              "its kl_estimators.template.md into kl_estimators.md")

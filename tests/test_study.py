@@ -258,6 +258,7 @@ def test_example_parses_arguments_and_prints_the_headline(quick):
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)
     args = example.parse_args(["--preset", "docs", "--seed", "3", "--out", "x"])
-    assert (args.preset, args.seed, args.out, args.device, args.docs) == ("docs", 3, "x", "cpu", None)
+    parsed = (args.preset, args.seed, args.out, args.device, args.docs, args.threads)
+    assert parsed == ("docs", 3, "x", "cpu", None, 1)
     text = example.headline(quick[1])
     assert "cos2d" in text and "K16_vp" in text and "teacher" in text
