@@ -291,5 +291,6 @@ def load_vits_flow(obj: Mapping[str, Any], dilation_rate: int = 1) -> ResidualCo
     try:
         block.load_state_dict(entries, strict=True)
     except RuntimeError as err:
-        raise ValueError(f"flow entries do not match a VITS ResidualCouplingBlock: {err}") from err
+        details = " ".join(str(err).split())  # torch lists the mismatches on tab-indented lines
+        raise ValueError(f"flow entries do not match a VITS ResidualCouplingBlock: {details}") from err
     return block

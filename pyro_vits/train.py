@@ -289,7 +289,8 @@ def _restore(checkpoint: Mapping[str, Any], model: nn.Module, guide: nn.Module, 
         model.load_state_dict(checkpoint["model"])
         guide.load_state_dict(checkpoint["guide"])
     except RuntimeError as err:
-        raise ValueError(f"the checkpoint's parameters do not fit this model/guide: {err}") from err
+        details = " ".join(str(err).split())  # torch lists the mismatches on tab-indented lines
+        raise ValueError(f"the checkpoint's parameters do not fit this model/guide: {details}") from err
     saved = checkpoint["param_store"]
     if sorted(saved) != sorted(name for name, _ in extra):
         raise ValueError(f"the checkpoint's pyro.param entries {sorted(saved)} differ from this run's "

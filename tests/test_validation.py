@@ -1,0 +1,239 @@
+"""Bad inputs get a ValueError/TypeError naming the argument and what it expects, from the API and from the
+``pyro-vits`` command line (exit code 2, no traceback)."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from pyro_vits import cli
+from pyro_vits.estimators import kl_estimate
+from pyro_vits.flows import ResidualCouplingBlock, load_vits_flow
+from pyro_vits.guide import PosteriorEncoder
+from pyro_vits.model import Batch, VITSPriorModel, evaluate, make_teacher, sample_dataset
+from pyro_vits.prior import FlowPrior, MaskedNormal
+from pyro_vits.train import fit, geometric_lrd, make_elbo, read_vits_flow, resolve_device
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+C, T, N, HIDDEN = 4, 8, 6, 8
+NO_CUDA = "device='cuda' but CUDA is not available (use 'cpu' or 'auto')"
+
+
+@pytest.fixture(scope="module")
+def data():
+    return sample_dataset(make_teacher(C, HIDDEN, 3, n_layers=1, n_flows=2, seed=0), N, T, seed=1)
+
+
+def build():
+    torch.manual_seed(0)
+    return VITSPriorModel(C, HIDDEN, 3, n_layers=1, n_flows=2), PosteriorEncoder(C, C, HIDDEN, 3, n_layers=1)
+
+
+def quick_fit(data, **kwargs):
+    return fit(*build(), data, **dict(dict(steps=2, device="cpu", progress=False, eval_samples=2), **kwargs))
+
+
+def fields(d, **changes):
+    values = dict(x=d.x, m_p=d.m_p, logs_p=d.logs_p, mask=d.mask, lengths=d.lengths)
+    return Batch(**dict(values, **changes))
+
+
+def cli_error(capsys, *argv: str) -> str:
+    """Run ``pyro-vits fit ARGV`` expecting exit code 2; returns stderr."""
+    with pytest.raises(SystemExit) as info:
+        cli.main(["fit", *argv])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return " ".join(err.split())
+
+
+def test_odd_channel_count():
+    message = "channels must be even (the coupling splits them in halves), got 5"
+    for build_odd in (lambda: VITSPriorModel(5, 8), lambda: make_teacher(5, 8), lambda: ResidualCouplingBlock(5, 8, 3, 1, 1)):
+        with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+            build_odd()
+
+
+def test_odd_channel_count_cli(capsys):
+    err = cli_error(capsys, "--channels", "5")
+    assert "argument --channels: must be an even positive int (couplings split it in halves), got '5'" in err
+
+
+def test_mismatched_shapes_of_m_p_logs_p_mask_and_z(data):
+    d = data
+    with pytest.raises(ValueError, match=r"m_p must have the shape of x \(6, 4, 8\), got \(6, 4, 7\)"):
+        fields(d, m_p=d.m_p[..., :-1])
+    with pytest.raises(ValueError, match=r"logs_p must have the shape of x \(6, 4, 8\), got \(6, 3, 8\)"):
+        fields(d, logs_p=d.logs_p[:, :-1])
+    with pytest.raises(ValueError, match=r"mask must have shape \(N=6, 1, T=8\), got \(6, 1, 7\)"):
+        fields(d, mask=d.mask[..., :-1])
+    flow = ResidualCouplingBlock(C, HIDDEN, 3, 1, 1)
+    with pytest.raises(ValueError, match=r"m_p must have shape \(\.\.\., C=4, T\), got \(6, 3, 8\)"):
+        FlowPrior(d.m_p[:, :3], d.logs_p[:, :3], flow)
+    with pytest.raises(ValueError, match=r"logs_p must have the shape of m_p \(6, 4, 8\), got \(6, 4, 7\)"):
+        FlowPrior(d.m_p, d.logs_p[..., :-1], flow)
+    with pytest.raises(ValueError, match=r"mask must have shape \(\.\.\., 1, T=8\), got \(6, 2, 8\)"):
+        FlowPrior(d.m_p, d.logs_p, flow, mask=torch.ones(6, 2, 8))
+    prior = FlowPrior(d.m_p, d.logs_p, flow, d.mask, validate_args=False)
+    with pytest.raises(ValueError, match=r"z must have shape \(\.\.\., C, T\) = \(\.\.\., 4, 8\), got \(6, 4, 7\)"):
+        prior.log_prob(torch.zeros(6, 4, 7))
+    normal = MaskedNormal(d.m_p, torch.ones_like(d.m_p), d.mask, validate_args=False)
+    with pytest.raises(ValueError, match=r"value must have shape \(\.\.\., C, T\) = \(\.\.\., 4, 8\), got \(6, 8, 4\)"):
+        normal.log_prob(torch.zeros(6, 8, 4))
+    with pytest.raises(TypeError, match="z must be a Tensor, got list"):
+        prior.log_prob([0.0])
+
+
+def test_mask_not_zero_one_or_wrong_shape(data):
+    d = data
+    with pytest.raises(ValueError, match="mask must contain only 0 and 1"):
+        fields(d, mask=d.mask * 0.5)
+    with pytest.raises(ValueError, match="mask must contain only 0 and 1"):
+        MaskedNormal(d.m_p, torch.ones_like(d.m_p), d.mask * 2)
+    with pytest.raises(ValueError, match=r"mask must have shape \(\.\.\., 1, T=8\), got \(6, 1, 5\)"):
+        MaskedNormal(d.m_p, torch.ones_like(d.m_p), d.mask[..., :5])
+    with pytest.raises(ValueError, match="mask must equal the prefix mask of lengths"):
+        fields(d, mask=d.mask.flip(-1))
+
+
+@pytest.mark.parametrize("field, bad", [("x", math.nan), ("m_p", math.inf), ("logs_p", -math.inf)])
+def test_nan_or_inf_in_data(data, field, bad):
+    values = getattr(data, field).clone()
+    values[1, 2, 3] = bad
+    with pytest.raises(ValueError, match=rf"batch\.{field} has 1 non-finite value\(s\) \(NaN/Inf\), the first at "
+                                         r"utterance 1, channel 2, frame 3"):
+        fields(data, **{field: values})
+    poisoned = data.subset(torch.arange(N))  # derived batches skip validation; fit checks again
+    setattr(poisoned, field, values)
+    with pytest.raises(ValueError, match=rf"^data\.{field} has 1 non-finite"):
+        quick_fit(poisoned)
+    with pytest.raises(ValueError, match=rf"^heldout\.{field} has 1 non-finite"):
+        quick_fit(data, heldout=poisoned)
+
+
+def test_nan_or_inf_cli_values(capsys):
+    assert "argument --lr: must be a positive float, got 'inf'" in cli_error(capsys, "--lr", "inf")
+    assert "argument --sigma-x: must be a positive float, got 'nan'" in cli_error(capsys, "--sigma-x", "nan")
+
+
+def test_particles_k_below_one(data):
+    with pytest.raises(ValueError, match="particles must be a positive int or None, got 0"):
+        quick_fit(data, particles=0)
+    with pytest.raises(ValueError, match="particles must be a positive int, got 0"):
+        make_elbo("trace", particles=0)
+    with pytest.raises(ValueError, match="num_samples must be a positive int, got 0"):
+        evaluate(*build(), data, num_samples=0)
+
+
+def test_particles_k_below_one_cli(capsys):
+    assert "argument --particles: must be a positive int, got '0'" in cli_error(capsys, "--particles", "0")
+
+
+def test_negative_steps_and_other_counts(data):
+    for kwargs, message in [(dict(steps=-1), "steps must be a positive int, got -1"),
+                            (dict(steps=2.5), "steps must be a positive int, got 2.5"),
+                            (dict(log_every=0), "log_every must be a positive int, got 0"),
+                            (dict(checkpoint_every=-2, out_dir="x"), "checkpoint_every must be a positive int or None"),
+                            (dict(checkpoint_every=2), "resume and checkpoint_every need out_dir"),
+                            (dict(resume=True), "resume and checkpoint_every need out_dir")]:
+        with pytest.raises(ValueError, match=message):
+            quick_fit(data, **kwargs)
+    with pytest.raises(ValueError, match="steps must be a positive int, got -1"):
+        geometric_lrd(0.05, -1)
+    with pytest.raises(ValueError, match=r"final_lr_ratio must be in \(0, 1\], got -0.5"):
+        geometric_lrd(-0.5, 10)
+
+
+def test_negative_steps_cli(capsys):
+    assert "argument --steps: must be a positive int, got '-3'" in cli_error(capsys, "--steps", "-3")
+    assert "argument --checkpoint-every: must be a positive int, got '0'" in cli_error(capsys, "--checkpoint-every", "0")
+    assert "argument --final-lr-ratio: must be a float in (0, 1], got '0'" in cli_error(capsys, "--final-lr-ratio", "0")
+
+
+def test_unknown_estimator_nan_policy_and_device(data):
+    with pytest.raises(ValueError, match=r"estimator must be one of \('trace', 'vits', 'stl', 'iwae_dreg'\), got 'foo'"):
+        make_elbo("foo")
+    with pytest.raises(ValueError, match="name must be one of"):
+        kl_estimate("foo", data.x, data.m_p, data.logs_p, MaskedNormal(data.m_p, torch.ones_like(data.m_p)))
+    with pytest.raises(TypeError, match="elbo must be a pyro.infer.ELBO, got str"):
+        quick_fit(data, elbo="trace")
+    with pytest.raises(ValueError, match=r"nan_policy must be one of \('stop', 'skip'\), got 'ignore'"):
+        quick_fit(data, nan_policy="ignore")
+    with pytest.raises(ValueError, match=r"device must be 'auto', 'cpu', 'cuda' or 'cuda:<i>', got 'tpu'"):
+        quick_fit(data, device="tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match=NO_CUDA.replace("(", r"\(").replace(")", r"\)")):
+            quick_fit(data, device="cuda")
+    elif torch.cuda.device_count() < 9:
+        with pytest.raises(ValueError, match="CUDA device"):
+            resolve_device("cuda:9")
+
+
+def test_unknown_estimator_nan_policy_and_device_cli(capsys):
+    assert ("argument --estimator: invalid choice: 'foo' (choose from 'trace', 'vits', 'stl', 'iwae_dreg')"
+            in cli_error(capsys, "--estimator", "foo"))
+    assert "argument --nan-policy: invalid choice: 'ignore'" in cli_error(capsys, "--nan-policy", "ignore")
+    assert ("argument --device: device must be 'auto', 'cpu', 'cuda' or 'cuda:<i>', got 'tpu'"
+            in cli_error(capsys, "--device", "tpu"))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_without_cuda_cli_exits_2_without_traceback(capsys):
+    assert f"argument --device: {NO_CUDA}" in cli_error(capsys, "--device", "cuda")
+    script = Path(sys.executable).with_name("pyro-vits")
+    command = [str(script)] if script.is_file() else [sys.executable, "-m", "pyro_vits.cli"]
+    proc = subprocess.run([*command, "fit", "--device", "cuda"], capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 2 and f"argument --device: {NO_CUDA}" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def vits_state(block: ResidualCouplingBlock) -> dict[str, torch.Tensor]:
+    return {f"flow.{k}": v for k, v in block.state_dict().items()}
+
+
+def test_state_dict_without_flow_or_with_wrong_shapes(tmp_path):
+    with pytest.raises(ValueError, match="no flow found: expected keys 'flow.flows.<i>.…'"):
+        load_vits_flow({"model": {"enc_p.emb.weight": torch.zeros(3, 2)}})
+    state = vits_state(ResidualCouplingBlock(C, HIDDEN, 3, 1, 2, n_flows=2))
+    state["flow.flows.2.pre.weight"] = torch.zeros(HIDDEN, C // 2 + 1, 1)
+    with pytest.raises(ValueError, match="flow entries do not match a VITS ResidualCouplingBlock.*size mismatch "
+                                         "for flows.2.pre.weight"):
+        load_vits_flow({"model": state})
+    torch.save({"model": state}, tmp_path / "bad.pth")
+    with pytest.raises(ValueError, match=f"^{tmp_path / 'bad.pth'}: flow entries do not match"):
+        read_vits_flow(tmp_path / "bad.pth")
+    with pytest.raises(TypeError, match="expected a state dict"):
+        load_vits_flow([1, 2])
+
+
+def test_state_dict_without_flow_or_with_wrong_shapes_cli(tmp_path, capsys):
+    state = vits_state(ResidualCouplingBlock(C, HIDDEN, 3, 1, 2, n_flows=2))
+    state["flow.flows.0.enc.in_layers.0.bias"] = torch.zeros(3)
+    torch.save({"model": state}, tmp_path / "bad.pth")
+    assert cli.main(["fit", "--init-flow", str(tmp_path / "bad.pth")]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'bad.pth'}: flow entries do not match a VITS ResidualCouplingBlock" in err
+    assert "size mismatch for flows.0.enc.in_layers.0.bias" in err and "Traceback" not in err
+
+
+def test_resume_from_a_checkpoint_with_wrong_shapes(data, tmp_path):
+    out = tmp_path / "run"
+    quick_fit(data, out_dir=out)
+    checkpoint = torch.load(out / "checkpoint.pt", weights_only=True)
+    checkpoint["model"]["dec.weight"] = torch.zeros(C, C, 3)
+    torch.save(checkpoint, out / "checkpoint.pt")
+    with pytest.raises(ValueError, match="the checkpoint's parameters do not fit this model/guide.*dec.weight"):
+        quick_fit(data, out_dir=out, resume=True, steps=3)
+    del checkpoint["model"]
+    torch.save(checkpoint, out / "checkpoint.pt")
+    with pytest.raises(ValueError, match=r"is not a resumable pyro_vits checkpoint: it lacks \['model'\]"):
+        quick_fit(data, out_dir=out, resume=True, steps=3)
