@@ -12,9 +12,9 @@ log-likelihood (importance sampling with the proposal ``N(x, sigma_x^2)``, exact
     pyro-vits fit --help                                   # the same options, as a console command
 
 Writes ``config.json``, ``metrics.jsonl``, ``checkpoint.pt``, ``figures/training_curves.png`` and (ArviZ)
-``inference_data.nc`` + ``summary.{csv,md}`` to ``--out`` (refused when it is not empty, unless ``--overwrite``;
-``--resume RUN_DIR`` continues a stopped run). ``--init-flow`` starts the student's flow from a real VITS
-checkpoint, sizing teacher, data and student like it.
+``inference_data.nc`` + ``summary.{csv,md}`` to ``--out`` (refused when it is not empty, unless
+``--overwrite``; ``--resume RUN_DIR`` continues a stopped run). ``--init-flow`` starts the student's flow from
+a real VITS checkpoint, sizing teacher, data and student like it.
 """
 
 from __future__ import annotations
@@ -38,7 +38,9 @@ from pyro_vits.flows import ResidualCouplingBlock
 from pyro_vits.guide import ObservationGuide, PosteriorEncoder
 from pyro_vits.model import VITSPriorModel, evaluate, make_teacher, sample_dataset
 from pyro_vits.plots import plot_training_curves
-from pyro_vits.train import ESTIMATORS, NAN_POLICIES, fit, geometric_lrd, make_elbo, read_vits_flow, resolve_device
+from pyro_vits.train import (
+    ESTIMATORS, NAN_POLICIES, fit, geometric_lrd, make_elbo, read_vits_flow, resolve_device,
+)
 
 logger = logging.getLogger("pyro_vits.examples.fit_vits_prior")
 
@@ -71,12 +73,13 @@ def adopt_flow_sizes(args: argparse.Namespace, flow: ResidualCouplingBlock, chec
     args.n_layers, args.n_flows, args.mean_only = c["n_layers"], c["n_flows"], c["mean_only"]
     args.speakers = (args.speakers or checkpoint_speakers) if c["gin_channels"] else 0
     if c["gin_channels"] and not args.speakers:
-        raise ValueError(f"the flow in {args.init_flow} is speaker-conditioned (gin_channels={c['gin_channels']}) "
-                         "and the checkpoint has no emb_g: pass --speakers N")
+        raise ValueError(f"the flow in {args.init_flow} is speaker-conditioned "
+                         f"(gin_channels={c['gin_channels']}) and the checkpoint has no emb_g: "
+                         "pass --speakers N")
     args.gin_channels = c["gin_channels"] or args.gin_channels
-    logger.info("--init-flow %s: channels %d, hidden %d, kernel %d, %d WN layers, %d couplings (%s), %d speakers",
-                args.init_flow, args.channels, args.hidden, args.kernel_size, args.n_layers, args.n_flows,
-                "mean-only" if args.mean_only else "affine", args.speakers)
+    logger.info("--init-flow %s: channels %d, hidden %d, kernel %d, %d WN layers, %d couplings (%s), "
+                "%d speakers", args.init_flow, args.channels, args.hidden, args.kernel_size, args.n_layers,
+                args.n_flows, "mean-only" if args.mean_only else "affine", args.speakers)
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
@@ -84,7 +87,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     start = time.perf_counter()
     device = resolve_device(args.device)  # before any work: a missing CUDA fails now
     if args.init_flow and args.resume:
-        raise ValueError("--init-flow starts a new run and --resume continues one (its flow is in the checkpoint)")
+        raise ValueError("--init-flow starts a new run and --resume continues one (its flow is in the "
+                         "checkpoint)")
     init_flow = None
     if args.init_flow:
         init_flow, checkpoint_speakers = read_vits_flow(args.init_flow)
@@ -107,9 +111,10 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                              gin_channels=sizes["gin_channels"])
     result = fit(
         model, guide, train, steps=args.steps, elbo=make_elbo(args.estimator, args.particles, args.vectorize),
-        lr=args.lr, lrd=geometric_lrd(args.final_lr_ratio, args.steps), batch_size=args.batch_size, device=device,
-        seed=args.seed, out_dir=out, log_every=args.log_every, progress=args.progress and not args.quiet,
-        heldout=heldout, extra_config=vars(args), checkpoint_every=args.checkpoint_every,
+        lr=args.lr, lrd=geometric_lrd(args.final_lr_ratio, args.steps), batch_size=args.batch_size,
+        device=device, seed=args.seed, out_dir=out, log_every=args.log_every,
+        progress=args.progress and not args.quiet, heldout=heldout, extra_config=vars(args),
+        checkpoint_every=args.checkpoint_every,
         nan_policy=args.nan_policy, resume=bool(args.resume), overwrite=args.overwrite,
     )
     heldout = heldout.to(result.device)
@@ -138,7 +143,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         help="ELBO: trace (Trace_ELBO), vits (analytic entropy, VITS's KL), stl (sticking the landing), "
              "iwae_dreg (importance-weighted, DReG gradients)")
     add("--lr", type=positive_float, default=1e-2, help="initial ClippedAdam learning rate")
-    add("--final-lr-ratio", type=unit_interval, default=0.05, help="final / initial learning rate (geometric decay)")
+    add("--final-lr-ratio", type=unit_interval, default=0.05,
+        help="final / initial learning rate (geometric decay)")
     add("--batch-size", type=positive_int, default=16, help="utterances per SVI step")
     add("--device", type=device_name, default="auto", help="auto, cpu, cuda or cuda:<i>")
     add("--seed", type=int, default=0, help="seed of the teacher, the data, the student and SVI")
@@ -152,8 +158,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     add("--checkpoint-every", type=positive_int, default=None, metavar="N",
         help="steps between atomic checkpoints (None: only at the end)")
     add("--nan-policy", choices=NAN_POLICIES, default="stop",
-        help="on a NaN/Inf loss or gradient: stop (naming step, parameters and sites; the last checkpoint stays) "
-             "or skip that step's update (counted in metrics as skipped_steps)")
+        help="on a NaN/Inf loss or gradient: stop (naming step, parameters and sites; the last checkpoint "
+             "stays) or skip that step's update (counted in metrics as skipped_steps)")
     add("--init-flow", default=None, metavar="PATH",
         help="start the student's prior flow from a VITS generator checkpoint (jaywalnut310 or coqui-TTS "
              "layout); channels, hidden, kernel, layers, couplings and speakers then follow it")
@@ -176,8 +182,10 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     add("--n-train", type=positive_int, default=256, help="training utterances")
     add("--n-heldout", type=positive_int, default=32, help="held-out utterances")
     add("--log-every", type=positive_int, default=25, help="steps between logged records")
-    add("--eval-samples", type=positive_int, default=64, help="guide particles for the final held-out measures")
-    add("--teacher-samples", type=positive_int, default=256, help="importance samples for the teacher's log p(x)")
+    add("--eval-samples", type=positive_int, default=64,
+        help="guide particles for the final held-out measures")
+    add("--teacher-samples", type=positive_int, default=256,
+        help="importance samples for the teacher's log p(x)")
     add("--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm progress bar")
     add("-q", "--quiet", action="store_true", help="only warnings and errors on stderr; no progress bar")
     add("-v", "--verbose", action="store_true", help="debug messages, e.g. every logged record")

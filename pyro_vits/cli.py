@@ -1,11 +1,11 @@
 """``pyro-vits``: the project's command line.
 
-    pyro-vits fit --steps 2000 --device cuda --out runs/a   # examples/fit_vits_prior.py (teacher -> student SVI)
-    pyro-vits fit --config fit.toml --steps 100              # file values are defaults, explicit flags win
-    pyro-vits fit --resume runs/a                            # continue a stopped run from its checkpoint
-    pyro-vits fit --init-flow G_100000.pth                   # start the prior flow from a VITS checkpoint
-    pyro-vits study --preset quick                           # the KL-estimator study
-    pyro-vits bench --quick                                  # benchmarks/run.py
+    pyro-vits fit --steps 2000 --device cuda --out runs/a  # examples/fit_vits_prior.py: teacher -> student
+    pyro-vits fit --config fit.toml --steps 100             # file values are defaults, explicit flags win
+    pyro-vits fit --resume runs/a                           # continue a stopped run from its checkpoint
+    pyro-vits fit --init-flow G_100000.pth                  # start the prior flow from a VITS checkpoint
+    pyro-vits study --preset quick                          # the KL-estimator study
+    pyro-vits bench --quick                                 # benchmarks/run.py
 
 ``fit``, ``study`` and ``bench`` run the repository's scripts (a source checkout installed with
 ``pip install -e .``); ``pyro-vits COMMAND --help`` lists each command's options with their defaults.
@@ -56,8 +56,8 @@ logger = logging.getLogger("pyro_vits")
 REPO = Path(__file__).resolve().parents[1]
 # options of a saved run that describe how it was invoked, not what it computes: never replayed by --resume
 RUN_CONTROL = frozenset({"config", "resume", "overwrite", "init_flow", "quiet", "verbose"})
-USAGE_ERRORS = (ValueError, TypeError, FileExistsError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
-                PermissionError)
+USAGE_ERRORS = (ValueError, TypeError, FileExistsError, FileNotFoundError, NotADirectoryError,
+                IsADirectoryError, PermissionError)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -87,7 +87,8 @@ def nonnegative_int(text: str) -> int:
 
 def even_positive_int(text: str) -> int:
     """argparse type: an even int >= 2 (VITS's couplings split the channels in halves)."""
-    return _typed(text, int, lambda v: v >= 2 and v % 2 == 0, "an even positive int (couplings split it in halves)")
+    return _typed(text, int, lambda v: v >= 2 and v % 2 == 0,
+                  "an even positive int (couplings split it in halves)")
 
 
 def positive_float(text: str) -> float:
@@ -128,7 +129,8 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     except ValueError as err:  # TOMLDecodeError and JSONDecodeError are ValueErrors
         raise ValueError(f"config file {path} is not valid {path.suffix[1:].upper()}: {err}") from err
     if not isinstance(values, dict):
-        raise ValueError(f"config file {path} must hold a table of option = value, got {type(values).__name__}")
+        raise ValueError(f"config file {path} must hold a table of option = value, "
+                         f"got {type(values).__name__}")
     return values
 
 
@@ -136,7 +138,8 @@ def _saved_run_options(run_dir: str | Path) -> dict[str, Any]:
     """The options a ``fit`` run was started with (``config.json``'s ``extra``)."""
     path = Path(run_dir) / "config.json"
     if not path.is_file():
-        raise FileNotFoundError(f"cannot resume {run_dir}: it has no config.json (not a pyro-vits fit run folder)")
+        raise FileNotFoundError(f"cannot resume {run_dir}: it has no config.json "
+                                "(not a pyro-vits fit run folder)")
     try:
         extra = json.loads(path.read_text()).get("extra")
     except (ValueError, AttributeError) as err:
@@ -146,7 +149,10 @@ def _saved_run_options(run_dir: str | Path) -> dict[str, Any]:
     return extra
 
 
-def _options(parser: argparse.ArgumentParser) -> tuple[dict[str, argparse.Action], dict[str, argparse.Action]]:
+Actions = dict[str, argparse.Action]
+
+
+def _options(parser: argparse.ArgumentParser) -> tuple[Actions, Actions]:
     """``(by long option name without '--', by dest)`` of the user-settable options; a dest with several
     options maps to its ``--x/--no-x`` action if it has one, else to its first."""
     by_option: dict[str, argparse.Action] = {}
@@ -177,8 +183,8 @@ def _tokens(action: argparse.Action, value: Any, option: str | None, where: str)
             action, argparse.BooleanOptionalAction)):
         raise ValueError(f"{where} must be true or false, got {value!r}")
     if isinstance(action, argparse.BooleanOptionalAction):
-        on = value != (option is not None and option.startswith("no-") and f"--{option}" in action.option_strings)
-        return [flag if on else "--no-" + flag[2:]]
+        negated = option is not None and option.startswith("no-") and f"--{option}" in action.option_strings
+        return [flag if value != negated else "--no-" + flag[2:]]
     if action.nargs == 0:  # store_true / store_false / store_const
         if option is not None:
             return [f"--{option}"] if value else []
@@ -250,7 +256,8 @@ def layered_argv(parser: argparse.ArgumentParser, argv: Sequence[str]) -> list[s
         values = load_config_file(config)
         for key in ("config", "resume"):
             if key in values:
-                raise ValueError(f"config file {config}: {key!r} cannot be set in a config file; pass --{key}")
+                raise ValueError(f"config file {config}: {key!r} cannot be set in a config file; "
+                                 f"pass --{key}")
         layers += config_argv(parser, values, f"config file {config}", skip=_explicit_dests(parser, argv))
     resume = _pop_option(argv, "--resume")[0] if "resume" in dests else None
     if resume is not None:
@@ -260,7 +267,8 @@ def layered_argv(parser: argparse.ArgumentParser, argv: Sequence[str]) -> list[s
     return layers + argv
 
 
-def parse_with_config(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> argparse.Namespace:
+def parse_with_config(parser: argparse.ArgumentParser,
+                      argv: Sequence[str] | None = None) -> argparse.Namespace:
     """``parser.parse_args`` of :func:`layered_argv` (``argv`` defaults to ``sys.argv[1:]``)."""
     argv = sys.argv[1:] if argv is None else argv
     return parser.parse_args(layered_argv(parser, argv))
@@ -356,8 +364,10 @@ class Command:
 
 
 COMMANDS: dict[str, Command] = {
-    "fit": Command("fit a student VITS prior by SVI to a teacher's data (examples/fit_vits_prior.py)", _run_fit),
-    "study": Command("the KL-estimator study (pyro_vits.study; examples/compare_kl_estimators.py)", _run_study),
+    "fit": Command("fit a student VITS prior by SVI to a teacher's data (examples/fit_vits_prior.py)",
+                   _run_fit),
+    "study": Command("the KL-estimator study (pyro_vits.study; examples/compare_kl_estimators.py)",
+                     _run_study),
     "bench": Command("time the Pyro KL step against the hand-written one (benchmarks/run.py)", _run_bench),
 }
 
@@ -382,7 +392,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="commands:\n" + "\n".join(f"  {name:6s} {c.summary}" for name, c in COMMANDS.items())
         + "\n\nexamples:\n" + "\n\n".join(paragraphs[1:3]).replace("``", ""),
     )
-    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors on stderr; no progress bar")
+    parser.add_argument("-q", "--quiet", action="store_true",
+                        help="only warnings and errors on stderr; no progress bar")
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="debug messages (fit: every logged record) and tracebacks of errors")
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")

@@ -269,7 +269,8 @@ def load_vits_flow(obj: Mapping[str, Any], dilation_rate: int = 1) -> ResidualCo
     try:
         coupling_ids = sorted({int(k.split(".")[1]) for k in entries})
         if any(i % 2 for i in coupling_ids):  # coqui-TTS numbering: coupling i is VITS's flows.<2 i>
-            entries = {f"flows.{2 * int(k.split('.')[1])}.{k.split('.', 2)[2]}": v for k, v in entries.items()}
+            entries = {f"flows.{2 * int(k.split('.')[1])}.{k.split('.', 2)[2]}": v
+                       for k, v in entries.items()}
         pre_w = entries["flows.0.pre.weight"]
         post_w = entries["flows.0.post.weight"]
         in0 = entries["flows.0.enc.in_layers.0.parametrizations.weight.original1"]

@@ -95,8 +95,8 @@ class Batch:
             bad = ~torch.isfinite(getattr(self, f))
             if bool(bad.any()):
                 n, c, t = bad.nonzero()[0].tolist()
-                raise ValueError(f"{name}.{f} has {int(bad.sum())} non-finite value(s) (NaN/Inf), the first at "
-                                 f"utterance {n}, channel {c}, frame {t}")
+                raise ValueError(f"{name}.{f} has {int(bad.sum())} non-finite value(s) (NaN/Inf), the first "
+                                 f"at utterance {n}, channel {c}, frame {t}")
 
     @property
     def n(self) -> int:

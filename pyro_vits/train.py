@@ -57,7 +57,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-METRIC_KEYS = ("elbo_per_frame", "elbo_stderr_per_frame", "kl_per_frame", "recon_per_frame", "loglik_iwae_per_frame")
+METRIC_KEYS = ("elbo_per_frame", "elbo_stderr_per_frame", "kl_per_frame", "recon_per_frame",
+               "loglik_iwae_per_frame")
 ESTIMATORS: dict[str, type[ELBO]] = {
     "trace": Trace_ELBO, "vits": HybridEntropyELBO, "stl": STL_ELBO, "iwae_dreg": IWAE_DReG,
 }
@@ -67,8 +68,9 @@ RUN_FILES = ("config.json", "metrics.jsonl", CHECKPOINT)
 CHECKPOINT_FORMAT = 1
 CHECKPOINT_KEYS = ("format", "step", "model", "guide", "optimizer", "param_store", "losses", "metrics",
                    "window_first", "skipped", "wall_s", "rng", "config")
-# config entries a resumed run must share with its checkpoint (the optimiser and its schedule continue as saved)
+# config entries a resumed run must share with its checkpoint (optimiser and schedule continue as saved)
 RESUME_KEYS = ("model", "guide", "elbo", "data", "heldout", "batch_size", "seed")
+Named = list[tuple[str, Tensor]]  # (name, tensor) pairs of trainable parameters
 
 
 @dataclass
@@ -145,9 +147,10 @@ def geometric_lrd(final_lr_ratio: float, steps: int) -> float:
     """``ClippedAdam``'s per-step decay ``lrd`` that takes the learning rate to ``final_lr_ratio`` times its
     initial value over ``steps`` steps."""
     _positive_int("steps", steps)
-    if isinstance(final_lr_ratio, bool) or not isinstance(final_lr_ratio, (int, float)) or not 0 < final_lr_ratio <= 1:
-        raise ValueError(f"final_lr_ratio must be in (0, 1], got {final_lr_ratio!r}")
-    return final_lr_ratio ** (1 / steps)
+    ratio = final_lr_ratio
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
+        raise ValueError(f"final_lr_ratio must be in (0, 1], got {ratio!r}")
+    return ratio ** (1 / steps)
 
 
 def _atomic_write(path: Path, write: Callable[[Any], None], mode: str = "w") -> None:
@@ -216,7 +219,8 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     if missing:
         raise ValueError(f"{path} is not a resumable pyro_vits checkpoint: it lacks {missing}")
     if state["format"] != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path} has checkpoint format {state['format']!r}, this version reads {CHECKPOINT_FORMAT}")
+        raise ValueError(f"{path} has checkpoint format {state['format']!r}; this version reads "
+                         f"{CHECKPOINT_FORMAT}")
     return state
 
 
@@ -239,8 +243,8 @@ def read_vits_flow(path: str | os.PathLike, dilation_rate: int = 1) -> tuple[Res
     except (TypeError, ValueError) as err:
         raise type(err)(f"{path}: {err}") from err
     state = obj.get("model", obj)
-    emb = next((v for k, v in state.items() if isinstance(k, str) and k.removeprefix("module.") == "emb_g.weight"),
-               None)
+    emb = next((v for k, v in state.items()
+                if isinstance(k, str) and k.removeprefix("module.") == "emb_g.weight"), None)
     return flow, 0 if emb is None else int(emb.shape[0])
 
 
@@ -270,7 +274,7 @@ def _set_rng_state(state: Mapping[str, Any], dev: torch.device) -> None:
 
 
 def _save_checkpoint(out: Path, progress: _Progress, model: nn.Module, guide: nn.Module, optim: ClippedAdam,
-                     extra: list[tuple[str, Tensor]], config: Mapping[str, Any], dev: torch.device) -> None:
+                     extra: Named, config: Mapping[str, Any], dev: torch.device) -> None:
     checkpoint = dict(
         format=CHECKPOINT_FORMAT, step=progress.step, model=model.state_dict(), guide=guide.state_dict(),
         optimizer=optim.state_dict(), param_store={name: p.detach() for name, p in extra},
@@ -283,7 +287,7 @@ def _save_checkpoint(out: Path, progress: _Progress, model: nn.Module, guide: nn
 
 
 def _restore(checkpoint: Mapping[str, Any], model: nn.Module, guide: nn.Module, optim: ClippedAdam,
-             extra: list[tuple[str, Tensor]], dev: torch.device) -> _Progress:
+             extra: Named, dev: torch.device) -> _Progress:
     """Load parameters, optimiser state and random states; return the loop's position."""
     try:
         model.load_state_dict(checkpoint["model"])
@@ -307,8 +311,9 @@ def _restore(checkpoint: Mapping[str, Any], model: nn.Module, guide: nn.Module, 
         raise ValueError(f"the checkpoint's optimiser state does not fit these parameters: {err}") from err
     _set_rng_state(checkpoint["rng"], dev)
     return _Progress(step=int(checkpoint["step"]), losses=checkpoint["losses"].tolist(),
-                     metrics=[dict(r) for r in checkpoint["metrics"]], window_first=int(checkpoint["window_first"]),
-                     skipped=int(checkpoint["skipped"]), wall_s=float(checkpoint["wall_s"]))
+                     metrics=[dict(r) for r in checkpoint["metrics"]],
+                     window_first=int(checkpoint["window_first"]), skipped=int(checkpoint["skipped"]),
+                     wall_s=float(checkpoint["wall_s"]))
 
 
 def _resumed_config(saved: Mapping[str, Any], config: dict[str, Any], step: int) -> dict[str, Any]:
@@ -318,7 +323,8 @@ def _resumed_config(saved: Mapping[str, Any], config: dict[str, Any], step: int)
 
     differ = [k for k in RESUME_KEYS if norm(saved.get(k)) != norm(config.get(k))]
     if differ:
-        details = "; ".join(f"{k}: checkpoint {norm(saved.get(k))} vs now {norm(config.get(k))}" for k in differ)
+        details = "; ".join(f"{k}: checkpoint {norm(saved.get(k))} vs now {norm(config.get(k))}"
+                            for k in differ)
         raise ValueError(f"cannot resume: this run differs from the checkpoint's in {details}")
     resumed = [*saved.get("resumed", []), dict(step=step, utc=config["created_utc"])]
     return dict(config, created_utc=saved.get("created_utc"), resumed=resumed)
@@ -332,8 +338,8 @@ def _check_out_dir(out: Path, overwrite: bool) -> None:
     if entries and not overwrite:
         shown = ", ".join(entries[:4]) + (f" and {len(entries) - 4} more" if len(entries) > 4 else "")
         raise FileExistsError(
-            f"out_dir {out} is not empty ({shown}); refusing to overwrite it: pass overwrite=True (--overwrite) "
-            f"to replace its run files, or resume=True (--resume {out}) to continue the run"
+            f"out_dir {out} is not empty ({shown}); refusing to overwrite it: pass overwrite=True "
+            f"(--overwrite) to replace its run files, or resume=True (--resume {out}) to continue the run"
         )
 
 
@@ -352,7 +358,8 @@ def _remove_run_files(out: Path, keep_checkpoint: bool) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-def _prime(model: nn.Module, guide: nn.Module, data: Batch, subsample_size: int | None, dev: torch.device) -> None:
+def _prime(model: nn.Module, guide: nn.Module, data: Batch, subsample_size: int | None,
+           dev: torch.device) -> None:
     """Run guide and model once (no gradients, random state untouched) so that ``pyro.module`` and
     ``pyro.param`` register every parameter before the optimiser is built."""
     with torch.random.fork_rng(devices=_cuda_devices(dev)), torch.no_grad():
@@ -360,7 +367,7 @@ def _prime(model: nn.Module, guide: nn.Module, data: Batch, subsample_size: int 
         poutine.replay(model, trace=guide_trace)(data, subsample_size=subsample_size)
 
 
-def _trainable(model: nn.Module, guide: nn.Module) -> tuple[list[tuple[str, Tensor]], list[tuple[str, Tensor]]]:
+def _trainable(model: nn.Module, guide: nn.Module) -> tuple[Named, Named]:
     """``(named, extra)``: every trainable tensor named ``<pyro name>.<parameter>`` (model's, then guide's,
     each once), then the param store's other entries as ``param_store.<name>``; ``extra`` lists the latter
     under their store names."""
@@ -416,8 +423,8 @@ def _nonfinite_sites(model: nn.Module, guide: nn.Module, data: Batch, subsample_
     return f"non-finite sample sites: {_listed(bad)}"
 
 
-def _nonfinite_report(step: int, loss: float, named: list[tuple[str, Tensor]], sites: Callable[[], str]) -> str:
-    """What went wrong at ``step``: the loss, the parameters with non-finite gradients or values, the sites."""
+def _nonfinite_report(step: int, loss: float, named: Named, sites: Callable[[], str]) -> str:
+    """What went wrong at ``step``: the loss, parameters with non-finite values or gradients, the sites."""
     parts = [f"step {step}: loss = {loss}"]
     bad_values = [name for name, p in named if not bool(torch.isfinite(p).all())]
     if bad_values:
@@ -505,12 +512,14 @@ def fit(
     elif not isinstance(elbo, ELBO):
         raise TypeError(f"elbo must be a pyro.infer.ELBO, got {type(elbo).__name__}")
     elif particles is not None or vectorize is not None:
-        raise ValueError("particles/vectorize configure the default Trace_ELBO; set them on the elbo you pass")
+        raise ValueError("particles/vectorize configure the default Trace_ELBO; set them on the elbo you "
+                         "pass")
     out = None if out_dir is None else Path(out_dir)
     if out is None and (resume or checkpoint_every is not None):
         raise ValueError("resume and checkpoint_every need out_dir (the run folder)")
     if resume and overwrite:
-        raise ValueError("resume=True continues the run in out_dir and overwrite=True would delete it: pass one")
+        raise ValueError("resume=True continues the run in out_dir and overwrite=True would delete it: "
+                         "pass one")
     dev = resolve_device(device)
     data.check_finite("data")
     if heldout is not None:
@@ -560,7 +569,8 @@ def fit(
         out.mkdir(parents=True, exist_ok=True)
         _remove_run_files(out, keep_checkpoint=resume)
         _atomic_write(out / "config.json", _json_dump(config))
-        _atomic_write(out / "metrics.jsonl", lambda f: f.writelines(json.dumps(r) + "\n" for r in state.metrics))
+        lines = [json.dumps(r) + "\n" for r in state.metrics]
+        _atomic_write(out / "metrics.jsonl", lambda f: f.writelines(lines))
     logger.info("SVI on %s: %d utterances, steps %d..%d, %s with %d particle(s)", dev, data.n, state.step + 1,
                 steps, type(elbo).__name__, elbo.num_particles)
 

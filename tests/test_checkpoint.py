@@ -46,7 +46,8 @@ class ParamStoreGuide(nn.Module):
         scale = pyro.param("scale", lambda: torch.full((batch.n, C, T), 0.5), constraint=constraints.positive)
         with utterance_plate(batch, subsample_size, subsample) as idx:
             sub = batch.subset(idx)
-            return pyro.sample("z", MaskedNormal(loc[sub.index], scale[sub.index], sub.mask, validate_args=False))
+            q = MaskedNormal(loc[sub.index], scale[sub.index], sub.mask, validate_args=False)
+            return pyro.sample("z", q)
 
 
 def build(guide_kind: str = "encoder"):
@@ -109,7 +110,8 @@ def test_interrupted_and_resumed_run_is_bit_identical(data, tmp_path, monkeypatc
     resumed = fit(*build(guide_kind), data, heldout=data, out_dir=tmp_path / "cut", resume=True, **RUN)
     assert resumed.resumed_from == 4 and resumed.config["resumed"][0]["step"] == 4
     assert resumed.losses == full.losses and len(full.losses) == 12
-    assert untimed(resumed.metrics) == untimed(full.metrics) and [r["step"] for r in full.metrics] == [3, 6, 9, 12]
+    assert untimed(resumed.metrics) == untimed(full.metrics)
+    assert [r["step"] for r in full.metrics] == [3, 6, 9, 12]
     for a, b in ((full.model, resumed.model), (full.guide, resumed.guide)):
         assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
     lines = [json.loads(line) for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
@@ -174,21 +176,22 @@ KILL_SCRIPT = textwrap.dedent("""
 def test_killed_during_a_checkpoint_write_keeps_the_previous_checkpoint(data, tmp_path):
     out = tmp_path / "run"
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-c", KILL_SCRIPT, str(out)], capture_output=True, text=True, env=env,
-                          timeout=120)
+    proc = subprocess.run([sys.executable, "-c", KILL_SCRIPT, str(out)], capture_output=True, text=True,
+                          env=env, timeout=120)
     assert proc.returncode == 3, proc.stderr
     assert [p.name for p in out.glob(".checkpoint.pt.*.tmp")], "the half-written temporary file"
     checkpoint = load_checkpoint(out)  # weights_only=True
     assert checkpoint["step"] == 2 and len(checkpoint["losses"]) == 2
     torch.manual_seed(0)
-    model, guide = VITSPriorModel(C, HIDDEN, 3, n_layers=1, n_flows=2), PosteriorEncoder(C, C, HIDDEN, 3, n_layers=2)
+    model, guide = build()
     resumed = fit(model, guide, data, steps=6, device="cpu", progress=False, log_every=2, eval_samples=2,
                   checkpoint_every=2, out_dir=out, resume=True)
     assert resumed.resumed_from == 2 and load_checkpoint(out)["step"] == 6
     assert not list(out.glob(".checkpoint.pt.*.tmp"))
 
 
-def test_nonfinite_gradient_stops_naming_step_and_parameter_and_keeps_the_checkpoint(data, tmp_path, monkeypatch):
+def test_nonfinite_gradient_stops_naming_step_and_parameter_keeping_the_checkpoint(data, tmp_path,
+                                                                                    monkeypatch):
     model, guide = build()
     poison_grad(monkeypatch, {6}, model)
     out = tmp_path / "run"
@@ -229,7 +232,7 @@ def test_nan_policy_skip_drops_the_update_and_counts_it(data, monkeypatch, caplo
 def test_grads_finite_is_exact():
     a, b = torch.zeros(3, requires_grad=True), torch.zeros(2, dtype=torch.float64, requires_grad=True)
     assert _grads_finite([a, b])  # no gradients yet
-    a.grad, b.grad = torch.full((3,), 1e30), torch.ones(2, dtype=torch.float64)  # huge but finite: no false alarm
+    a.grad, b.grad = torch.full((3,), 1e30), torch.ones(2, dtype=torch.float64)  # huge but finite: fine
     assert _grads_finite([a, b])
     for bad in (math.nan, math.inf, -math.inf):
         b.grad = torch.tensor([1.0, bad], dtype=torch.float64)

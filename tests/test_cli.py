@@ -19,8 +19,9 @@ from pyro_vits.train import load_checkpoint, read_vits_flow
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-TINY = ["--steps", "2", "--n-train", "8", "--n-heldout", "4", "--frames", "8", "--hidden", "8", "--channels", "4",
-        "--kernel-size", "3", "--n-layers", "1", "--n-flows", "2", "--enc-layers", "1", "--eval-samples", "2",
+TINY = ["--steps", "2", "--n-train", "8", "--n-heldout", "4", "--frames", "8", "--hidden", "8",
+        "--channels", "4", "--kernel-size", "3", "--n-layers", "1", "--n-flows", "2", "--enc-layers", "1",
+        "--eval-samples", "2",
         "--teacher-samples", "4", "--log-every", "1", "--batch-size", "4", "--device", "cpu", "--no-progress"]
 
 
@@ -68,11 +69,12 @@ def test_fit_refuses_a_used_folder_then_resumes_and_overwrites(tmp_path, capsys)
     assert f"ERROR: pyro-vits fit: out_dir {out} is not empty" in err and "--overwrite" in err
     assert "Traceback" not in err and [r["step"] for r in records(out)] == [1, 2]
 
-    assert cli.main(["-v", "fit", "--resume", str(out), "--steps", "3"]) == 0  # the saved options, 1 more step
+    assert cli.main(["-v", "fit", "--resume", str(out), "--steps", "3"]) == 0  # saved options, one more step
     err = capsys.readouterr().err
     assert f"resuming {out} at step 2 of 3" in err and "DEBUG: step 3:" in err
     config = json.loads((out / "config.json").read_text())
-    assert config["resumed"][0]["step"] == 2 and config["extra"]["steps"] == 3 and config["extra"]["n_train"] == 8
+    assert config["resumed"][0]["step"] == 2
+    assert config["extra"]["steps"] == 3 and config["extra"]["n_train"] == 8
     assert [r["step"] for r in records(out)] == [1, 2, 3] and load_checkpoint(out)["step"] == 3
     assert cli.main(["fit", "--resume", str(out), "--init-flow", "G.pth"]) == 2
     assert "--init-flow starts a new run and --resume continues one" in capsys.readouterr().err
@@ -80,7 +82,8 @@ def test_fit_refuses_a_used_folder_then_resumes_and_overwrites(tmp_path, capsys)
     assert cli.main(["fit", *TINY, "--out", str(out), "--overwrite", "--quiet"]) == 0
     err = capsys.readouterr().err
     assert "INFO" not in err and "WARNING: overwriting the run files" in err
-    assert [r["step"] for r in records(out)] == [1, 2] and "resumed" not in json.loads((out / "config.json").read_text())
+    assert [r["step"] for r in records(out)] == [1, 2]
+    assert "resumed" not in json.loads((out / "config.json").read_text())
 
     checkpoint = torch.load(out / "checkpoint.pt", weights_only=True)  # a checkpoint of another shape
     checkpoint["model"]["dec.weight"] = torch.zeros(4, 4, 3)
@@ -94,8 +97,10 @@ def test_config_file_values_are_defaults_and_flags_win(tmp_path, example):
     toml = tmp_path / "fit.toml"
     toml.write_text('steps = 7\nbatch-size = 3\nn_train = 9\nmean_only = false\nprogress = false\n'
                     'device = "cpu"\nlr = 0.5\nestimator = "vits"\n')
-    args = cli.parse_with_config(example.build_parser(), ["--config", str(toml), "--steps", "2", "--mean-only"])
-    assert (args.steps, args.batch_size, args.n_train, args.mean_only, args.progress) == (2, 3, 9, True, False)
+    argv = ["--config", str(toml), "--steps", "2", "--mean-only"]
+    args = cli.parse_with_config(example.build_parser(), argv)
+    assert (args.steps, args.batch_size, args.n_train) == (2, 3, 9)
+    assert (args.mean_only, args.progress) == (True, False)
     assert (args.device, args.lr, args.estimator, args.config) == ("cpu", 0.5, "vits", str(toml))
     js = tmp_path / "fit.json"
     js.write_text(json.dumps({"affine": True, "speakers": 2, "out": "-odd-name"}))
@@ -137,8 +142,14 @@ def vits_flow_block(gin: int = 0) -> ResidualCouplingBlock:
 
 def weight_g_layout(module: nn.Module) -> dict[str, torch.Tensor]:
     """``module``'s state dict as torch's old ``weight_norm`` names it (``weight_g``/``weight_v``)."""
-    return {k.replace("parametrizations.weight.original0", "weight_g")
-            .replace("parametrizations.weight.original1", "weight_v"): v for k, v in module.state_dict().items()}
+    renamed = {"parametrizations.weight.original0": "weight_g",
+               "parametrizations.weight.original1": "weight_v"}
+    state = {}
+    for key, value in module.state_dict().items():
+        for new, old in renamed.items():
+            key = key.replace(new, old)
+        state[key] = value
+    return state
 
 
 def original_vits_checkpoint(path: Path, block: ResidualCouplingBlock, speakers: int) -> None:
@@ -152,7 +163,7 @@ def original_vits_checkpoint(path: Path, block: ResidualCouplingBlock, speakers:
 
 
 class CoquiFlow(nn.Module):
-    """coqui-TTS's ``ResidualCouplingBlocks``: couplings only (flows.0, 1, …), flipping inside ``forward``."""
+    """coqui-TTS's ``ResidualCouplingBlocks``: couplings only (flows.0, 1, …), flips inside ``forward``."""
 
     def __init__(self, block: ResidualCouplingBlock) -> None:
         super().__init__()
@@ -188,13 +199,15 @@ def test_load_vits_flow_reads_original_and_coqui_layouts(tmp_path):
     mean_only = vits_flow_block()
     reference = CoquiFlow(mean_only)
     # coqui-tts with torch >= 2.1 saves parametrizations.weight.original0/1, older coqui weight_g/weight_v
-    for name, state in (("parametrizations", reference.state_dict()), ("weight_g", weight_g_layout(reference))):
+    layouts = (("parametrizations", reference.state_dict()), ("weight_g", weight_g_layout(reference)))
+    for name, state in layouts:
         coqui_checkpoint(tmp_path / f"coqui_{name}.pth", state)
         flow, speakers = read_vits_flow(tmp_path / f"coqui_{name}.pth")
         assert speakers == 0 and flow.config == mean_only.config
         with torch.no_grad():
             for reverse in (False, True):
-                torch.testing.assert_close(flow(x, mask, reverse=reverse), reference(x, mask, reverse=reverse))
+                expected = reference(x, mask, reverse=reverse)
+                torch.testing.assert_close(flow(x, mask, reverse=reverse), expected)
 
 
 @pytest.mark.parametrize("layout", ["original", "coqui"])
@@ -220,7 +233,8 @@ def test_fit_init_flow_sizes_the_run_like_the_checkpoint(tmp_path, capsys, layou
 def test_init_flow_errors_exit_2(tmp_path, capsys):
     torch.save({"model": {"enc_p.emb.weight": torch.zeros(2, 2)}}, tmp_path / "no_flow.pth")
     assert cli.main(["fit", "--init-flow", str(tmp_path / "no_flow.pth")]) == 2
-    assert f"{tmp_path / 'no_flow.pth'}: no flow found: expected keys 'flow.flows.<i>.…'" in capsys.readouterr().err
+    expected = f"{tmp_path / 'no_flow.pth'}: no flow found: expected keys 'flow.flows.<i>.…'"
+    assert expected in capsys.readouterr().err
     torch.save({"model": {}, "args": types.SimpleNamespace(a=1)}, tmp_path / "pickled.pth")
     assert cli.main(["fit", "--init-flow", str(tmp_path / "pickled.pth")]) == 2
     assert "with torch.load(weights_only=True) (UnpicklingError: WeightsUnpickler" in capsys.readouterr().err

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -56,9 +57,10 @@ def cli_error(capsys, *argv: str) -> str:
 
 
 def test_odd_channel_count():
-    message = "channels must be even (the coupling splits them in halves), got 5"
-    for build_odd in (lambda: VITSPriorModel(5, 8), lambda: make_teacher(5, 8), lambda: ResidualCouplingBlock(5, 8, 3, 1, 1)):
-        with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+    message = re.escape("channels must be even (the coupling splits them in halves), got 5")
+    for build_odd in (lambda: VITSPriorModel(5, 8), lambda: make_teacher(5, 8),
+                      lambda: ResidualCouplingBlock(5, 8, 3, 1, 1)):
+        with pytest.raises(ValueError, match=message):
             build_odd()
 
 
@@ -83,10 +85,12 @@ def test_mismatched_shapes_of_m_p_logs_p_mask_and_z(data):
     with pytest.raises(ValueError, match=r"mask must have shape \(\.\.\., 1, T=8\), got \(6, 2, 8\)"):
         FlowPrior(d.m_p, d.logs_p, flow, mask=torch.ones(6, 2, 8))
     prior = FlowPrior(d.m_p, d.logs_p, flow, d.mask, validate_args=False)
-    with pytest.raises(ValueError, match=r"z must have shape \(\.\.\., C, T\) = \(\.\.\., 4, 8\), got \(6, 4, 7\)"):
+    message = re.escape("z must have shape (..., C, T) = (..., 4, 8), got (6, 4, 7)")
+    with pytest.raises(ValueError, match=message):
         prior.log_prob(torch.zeros(6, 4, 7))
     normal = MaskedNormal(d.m_p, torch.ones_like(d.m_p), d.mask, validate_args=False)
-    with pytest.raises(ValueError, match=r"value must have shape \(\.\.\., C, T\) = \(\.\.\., 4, 8\), got \(6, 8, 4\)"):
+    message = re.escape("value must have shape (..., C, T) = (..., 4, 8), got (6, 8, 4)")
+    with pytest.raises(ValueError, match=message):
         normal.log_prob(torch.zeros(6, 8, 4))
     with pytest.raises(TypeError, match="z must be a Tensor, got list"):
         prior.log_prob([0.0])
@@ -108,8 +112,9 @@ def test_mask_not_zero_one_or_wrong_shape(data):
 def test_nan_or_inf_in_data(data, field, bad):
     values = getattr(data, field).clone()
     values[1, 2, 3] = bad
-    with pytest.raises(ValueError, match=rf"batch\.{field} has 1 non-finite value\(s\) \(NaN/Inf\), the first at "
-                                         r"utterance 1, channel 2, frame 3"):
+    message = f"batch.{field} has 1 non-finite value(s) (NaN/Inf), the first at utterance 1, channel 2, " \
+              "frame 3"
+    with pytest.raises(ValueError, match=re.escape(message)):
         fields(data, **{field: values})
     poisoned = data.subset(torch.arange(N))  # derived batches skip validation; fit checks again
     setattr(poisoned, field, values)
@@ -141,7 +146,8 @@ def test_negative_steps_and_other_counts(data):
     for kwargs, message in [(dict(steps=-1), "steps must be a positive int, got -1"),
                             (dict(steps=2.5), "steps must be a positive int, got 2.5"),
                             (dict(log_every=0), "log_every must be a positive int, got 0"),
-                            (dict(checkpoint_every=-2, out_dir="x"), "checkpoint_every must be a positive int or None"),
+                            (dict(checkpoint_every=-2, out_dir="x"),
+                             "checkpoint_every must be a positive int or None"),
                             (dict(checkpoint_every=2), "resume and checkpoint_every need out_dir"),
                             (dict(resume=True), "resume and checkpoint_every need out_dir")]:
         with pytest.raises(ValueError, match=message):
@@ -154,12 +160,15 @@ def test_negative_steps_and_other_counts(data):
 
 def test_negative_steps_cli(capsys):
     assert "argument --steps: must be a positive int, got '-3'" in cli_error(capsys, "--steps", "-3")
-    assert "argument --checkpoint-every: must be a positive int, got '0'" in cli_error(capsys, "--checkpoint-every", "0")
-    assert "argument --final-lr-ratio: must be a float in (0, 1], got '0'" in cli_error(capsys, "--final-lr-ratio", "0")
+    err = cli_error(capsys, "--checkpoint-every", "0")
+    assert "argument --checkpoint-every: must be a positive int, got '0'" in err
+    err = cli_error(capsys, "--final-lr-ratio", "0")
+    assert "argument --final-lr-ratio: must be a float in (0, 1], got '0'" in err
 
 
 def test_unknown_estimator_nan_policy_and_device(data):
-    with pytest.raises(ValueError, match=r"estimator must be one of \('trace', 'vits', 'stl', 'iwae_dreg'\), got 'foo'"):
+    message = "estimator must be one of ('trace', 'vits', 'stl', 'iwae_dreg'), got 'foo'"
+    with pytest.raises(ValueError, match=re.escape(message)):
         make_elbo("foo")
     with pytest.raises(ValueError, match="name must be one of"):
         kl_estimate("foo", data.x, data.m_p, data.logs_p, MaskedNormal(data.m_p, torch.ones_like(data.m_p)))
@@ -170,7 +179,7 @@ def test_unknown_estimator_nan_policy_and_device(data):
     with pytest.raises(ValueError, match=r"device must be 'auto', 'cpu', 'cuda' or 'cuda:<i>', got 'tpu'"):
         quick_fit(data, device="tpu")
     if not torch.cuda.is_available():
-        with pytest.raises(ValueError, match=NO_CUDA.replace("(", r"\(").replace(")", r"\)")):
+        with pytest.raises(ValueError, match=re.escape(NO_CUDA)):
             quick_fit(data, device="cuda")
     elif torch.cuda.device_count() < 9:
         with pytest.raises(ValueError, match="CUDA device"):
@@ -205,8 +214,8 @@ def test_state_dict_without_flow_or_with_wrong_shapes(tmp_path):
         load_vits_flow({"model": {"enc_p.emb.weight": torch.zeros(3, 2)}})
     state = vits_state(ResidualCouplingBlock(C, HIDDEN, 3, 1, 2, n_flows=2))
     state["flow.flows.2.pre.weight"] = torch.zeros(HIDDEN, C // 2 + 1, 1)
-    with pytest.raises(ValueError, match="flow entries do not match a VITS ResidualCouplingBlock.*size mismatch "
-                                         "for flows.2.pre.weight"):
+    message = "flow entries do not match a VITS ResidualCouplingBlock.*size mismatch for flows.2.pre.weight"
+    with pytest.raises(ValueError, match=message):
         load_vits_flow({"model": state})
     torch.save({"model": state}, tmp_path / "bad.pth")
     with pytest.raises(ValueError, match=f"^{tmp_path / 'bad.pth'}: flow entries do not match"):
@@ -231,7 +240,8 @@ def test_resume_from_a_checkpoint_with_wrong_shapes(data, tmp_path):
     checkpoint = torch.load(out / "checkpoint.pt", weights_only=True)
     checkpoint["model"]["dec.weight"] = torch.zeros(C, C, 3)
     torch.save(checkpoint, out / "checkpoint.pt")
-    with pytest.raises(ValueError, match="the checkpoint's parameters do not fit this model/guide.*dec.weight"):
+    message = "the checkpoint's parameters do not fit this model/guide.*dec.weight"
+    with pytest.raises(ValueError, match=message):
         quick_fit(data, out_dir=out, resume=True, steps=3)
     del checkpoint["model"]
     torch.save(checkpoint, out / "checkpoint.pt")
