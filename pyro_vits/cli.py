@@ -352,6 +352,11 @@ def _run_bench(argv: list[str], top: argparse.Namespace) -> None:
     make_parser = getattr(bench, "build_parser", None) or getattr(bench, "_parser", None)
     if make_parser is not None:
         argv = layered_argv(make_parser(), argv)
+        device = getattr(make_parser().parse_args(argv), "device", None)
+        if device is not None:  # a missing CUDA is a usage error (exit code 2) here as in fit and study
+            from .train import resolve_device
+
+            resolve_device(device)
     elif _pop_option(argv, "--config")[0] is not None:
         raise ValueError("bench --config needs benchmarks/run.py to expose its argument parser")
     bench.main(argv)

@@ -251,6 +251,7 @@ def _parser():
     p = argparse.ArgumentParser(prog="benchmarks/run.py")
     p.add_argument("--quick", action="store_true", help="tiny sizes")
     p.add_argument("--repeats", type=int, default=None, help="rounds")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"], help="where")
     return p
 def main(argv=None):
     _parser().parse_args(argv)
@@ -279,6 +280,9 @@ def test_bench_and_study_dispatch(tmp_path, monkeypatch, capsys):
     (tmp_path / "bench.toml").write_text("repeats = 3\nquick = false\n")
     assert cli.main(["bench", "--config", str(tmp_path / "bench.toml"), "--quick"]) == 0
     assert json.loads((tmp_path / "benchmarks" / "called.json").read_text()) == ["--repeats=3", "--quick"]
+    if not torch.cuda.is_available():
+        assert cli.main(["bench", "--device", "cuda"]) == 2
+        assert "ERROR: pyro-vits bench: device='cuda' but CUDA is not available" in capsys.readouterr().err
 
     calls = []
     study = types.ModuleType("pyro_vits.study")
