@@ -210,9 +210,20 @@ PRESETS: dict[str, StudyConfig] = {
 """``quick``: under a minute on one CPU core (the test suite runs it); ``docs``: the documentation numbers."""
 
 
-def _col(*values: float, device: torch.device | str = "cpu") -> Tensor:
+def _check_config(config: Any) -> None:
+    if not isinstance(config, StudyConfig):
+        raise TypeError(f"config must be a StudyConfig (e.g. PRESETS['quick']), got {type(config).__name__}")
+
+
+def _positive_ints(**values: Any) -> None:
+    for name, value in values.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def _col(*values: float) -> Tensor:
     """One frame of ``len(values)`` channels: ``(C, 1)`` float64."""
-    return torch.tensor(values, dtype=D64, device=device).reshape(-1, 1)
+    return torch.tensor(values, dtype=D64).reshape(-1, 1)
 
 
 def _teacher_flow(
@@ -297,7 +308,7 @@ def _particle_batch_loss(per_utt: Tensor, frames: Tensor, k: int, name: str) -> 
     """``(n, B)`` one-particle per-utterance draws -> ``(n // k,)`` K-particle batch losses per frame;
     ``clamp``/``abs`` fix the K-particle vits loss, as VITS users did."""
     per_utt = per_utt.reshape(per_utt.shape[0] // k, k, -1).mean(1)
-    return batch_kl({"clamp": "clamp", "abs": "abs"}.get(name, "mean"), per_utt, frames)
+    return batch_kl(name if name in ("clamp", "abs") else "mean", per_utt, frames)
 
 
 def _by_seed(draws: list[Tensor]) -> np.ndarray:
@@ -321,6 +332,7 @@ def estimator_quality_study(config: StudyConfig, device: torch.device | str = "c
     InferenceData ``quality_<setting>``: ``<estimator>`` -> one-particle batch losses per frame
     ``(seed, draw)`` (the deterministic closed form is left out).
     """
+    _check_config(config)
     device = torch.device(device)
     results: dict[str, Any] = {}
     sweep = Sweep(results)
@@ -380,6 +392,7 @@ def negative_batch_study(config: StudyConfig) -> Sweep:
 
     InferenceData ``negative``: ``N<n>`` -> batch means per frame ``(seed, negative_replicates)``.
     """
+    _check_config(config)
     m_q, logs_q, prior = _near_convergence()
     q = MaskedNormal(m_q, logs_q.exp())
     truth, error = quadrature_kl_2d(q, prior, num_points=config.quadrature_points)
@@ -445,6 +458,7 @@ def variance_ratio_study(config: StudyConfig) -> Sweep:
 
     InferenceData ``variance_ratio``: ``<prior>__<estimator>`` -> ``(seed, ratio_draws, ratio)``.
     """
+    _check_config(config)
     ratios = np.sort(np.array(config.ratio_grid, dtype=float))
     m_q, logs_q = _ratio_posteriors(ratios)
     dense = np.geomspace(ratios[0], ratios[-1], 200)
@@ -511,14 +525,14 @@ def fix_gradient_study(config: StudyConfig) -> Sweep:
     InferenceData ``fix_gradient``: ``<reduction>__loss`` ``(seed, R)``, ``<reduction>__grad``
     ``(seed, R, param)``.
     """
-    prior = _near_convergence()[2]
+    _check_config(config)
+    m_q, logs_q, prior = _near_convergence()
     per_seed = [_batch_gradients(prior, config.gradient_batch, config.gradient_replicates, seed)
                 for seed in config.seeds]
     draws: Draws = {}
     for reduction in ("mean", "clamp", "abs"):
         draws[f"{reduction}__loss"] = _by_seed([d[reduction][0] for d in per_seed])
         draws[f"{reduction}__grad"] = _by_seed([d[reduction][1] for d in per_seed])
-    m_q, logs_q, _ = _near_convergence()
     truth = quadrature_kl_2d(MaskedNormal(m_q, logs_q.exp()), prior, num_points=config.quadrature_points)[0]
     true_grad = draws["mean__grad"].mean(axis=(0, 1))
     results: dict[str, Any] = {
@@ -553,6 +567,9 @@ def fix_gradient_study(config: StudyConfig) -> Sweep:
 def logdet_study(num_inputs: int = 4, channels: int = 4, frames: int = 6, seed: int = 0) -> dict:
     """``log|det J|`` of random VITS blocks by autograd (dense ``(C T) x (C T)`` Jacobian) against the
     block's own ``logdet``: exactly 0 for mean-only couplings, data-dependent for affine ones."""
+    _positive_ints(num_inputs=num_inputs, channels=channels, frames=frames)
+    if channels % 2:
+        raise ValueError(f"channels must be even (couplings split them in halves), got {channels}")
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(num_inputs, channels, frames, generator=gen, dtype=D64)
     out: dict[str, Any] = {"inputs": num_inputs, "shape": [channels, frames]}
@@ -572,6 +589,9 @@ def cos_density_grid(a: float = COS_A, num_points: int = 121, width: float = 3.5
     """Log-densities on a ``num_points``-square grid over ``[-width, width]^2`` of the cos-flow prior
     (``a``, standard-normal base) and of its Gaussian base: ``{"x": (P,), "log_prior": (P, P),
     "log_base": (P, P)}`` indexed ``[x1, x0]``."""
+    _positive_ints(num_points=num_points)
+    if not width > 0:
+        raise ValueError(f"width must be positive, got {width!r}")
     u = torch.linspace(-width, width, num_points, dtype=D64)
     x1, x0 = torch.meshgrid(u, u, indexing="ij")
     z = torch.stack([x0, x1], -1).reshape(-1, 2, 1)
@@ -599,6 +619,7 @@ def training_data(
 ) -> tuple[VITSPriorModel, Batch, Batch]:
     """The mean-only teacher (``train_sizes``, 2 WN layers, 4 couplings) and its training and held-out
     utterances, on ``device``; the same for every seed."""
+    _check_config(config)
     c, hidden, frames = config.train_sizes
     teacher = make_teacher(c, hidden, kernel_size=5, n_layers=2, n_flows=4, seed=TEACHER_SEED)
     n_train, n_heldout = config.train_utterances
@@ -612,6 +633,7 @@ def student(
 ) -> tuple[VITSPriorModel, PosteriorEncoder]:
     """A student prior (the teacher's architecture and identity decoder, VITS's zero-initialised couplings,
     mean-only or affine) and a VITS posterior encoder guide (2 WN layers). Built under the global RNG."""
+    _check_config(config)
     c, hidden, _ = config.train_sizes
     model = VITSPriorModel(c, hidden, 5, 1, 2, 4, mean_only=mean_only, sigma_x=teacher.sigma_x,
                            decoder="identity")
@@ -720,6 +742,7 @@ def training_study(config: StudyConfig, device: torch.device | str = "cpu") -> t
     ``_POSTERIOR_UTTERANCES`` held-out utterances as ``posterior``) and the fitted ``(model, guide)`` of
     each configuration's first seed.
     """
+    _check_config(config)
     device = torch.device(device)
     data = training_data(config, device)
     teacher, _, heldout = data
@@ -760,6 +783,7 @@ def training_study(config: StudyConfig, device: torch.device | str = "cpu") -> t
 def timing_study(config: StudyConfig, device: torch.device | str = "cpu") -> Sweep:
     """Milliseconds per SVI step with K particles, vectorised vs sequential (``timing_steps`` steps from a
     fresh student, one logged window, seed 0). ``draws``: none (single timings)."""
+    _check_config(config)
     device = torch.device(device)
     data = training_data(config, device)
     out: dict[str, Any] = {"unit": "milliseconds per SVI step", "steps": config.timing_steps,
@@ -807,6 +831,7 @@ def snr_study(config: StudyConfig, model: Any, guide: Any, data: Batch) -> Sweep
     InferenceData ``snr``: ``<elbo>__<noise>__B<b>__K<k>__<group>`` -> SNR ``(1, seed)`` (one chain, one
     draw per seed: there is nothing to run ESS/R-hat on).
     """
+    _check_config(config)
     draws: Draws = {}
     out: dict[str, Any] = {"unit": "dimensionless", "repeats_per_seed": config.snr_repeats, "by_elbo": {}}
     for elbo_name, elbo_cls in SNR_ELBOS.items():
@@ -897,8 +922,7 @@ def run_study(
     ``netcdf/<stem>.nc`` (every sweep's and training configuration's InferenceData, seeds as chains),
     ``tables/<name>.{csv,md}`` (``az.summary``) and ``figures/<name>.png`` (:data:`FIGURES`). The 2-D
     sweeps run on the CPU; the VITS-sized setting and the training on ``device``. Returns the results."""
-    if not isinstance(config, StudyConfig):
-        raise TypeError(f"config must be a StudyConfig, got {type(config).__name__}")
+    _check_config(config)
     device = torch.device(device)
     out = Path(out_dir)
     for sub in ("netcdf", "tables", "figures"):

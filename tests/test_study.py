@@ -19,6 +19,8 @@ from pyro_vits.study import (
     PRESETS,
     QUALITY_ESTIMATORS,
     StudyConfig,
+    cos_density_grid,
+    logdet_study,
     negative_batch_study,
     prior_kl_to_teacher,
     publish_docs,
@@ -226,8 +228,14 @@ def test_config_validation_names_the_argument():
     with pytest.raises(ValueError, match="seed"):
         QUICK.with_seed(-1)
     assert QUICK.with_seed(10).seeds == (10, 11)
-    with pytest.raises(TypeError, match="config"):
+    with pytest.raises(TypeError, match="config must be a StudyConfig"):
         run_study(fields, "unused")
+    with pytest.raises(TypeError, match="config must be a StudyConfig"):
+        negative_batch_study("quick")
+    with pytest.raises(ValueError, match="channels must be even"):
+        logdet_study(channels=3)
+    with pytest.raises(ValueError, match="num_points"):
+        cos_density_grid(num_points=0)
 
 
 def test_render_markdown_resolves_dotted_paths():
