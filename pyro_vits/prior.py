@@ -7,6 +7,7 @@ import math
 import torch
 from pyro.distributions import TorchDistribution, TransformedDistribution, constraints
 from torch import Tensor
+from torch.distributions import Distribution
 
 from .flows import ResidualCouplingBlock
 from .transforms import FlowTransform, VITSFlow
@@ -64,8 +65,8 @@ class MaskedNormal(TorchDistribution):
         loc, scale = torch.broadcast_tensors(loc, scale)
         if mask is None:
             mask = loc.new_ones(loc.shape[:-2] + (1, loc.shape[-1]))
-        elif validate_args is not False:
-            mask = check_mask(mask, loc)
+        elif validate_args or (validate_args is None and Distribution._validate_args):
+            mask = check_mask(mask, loc)  # a data-dependent scan: a host sync on CUDA, so only when validating
         self.loc, self.scale, self.mask = loc, scale, mask.to(loc.dtype)
         batch_shape = _broadcast_batch(loc.shape[:-2], mask.shape[:-2], "mask")
         super().__init__(batch_shape, loc.shape[-2:], validate_args=validate_args)
