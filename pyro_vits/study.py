@@ -408,8 +408,13 @@ def negative_batch_study(config: StudyConfig) -> Sweep:
         draws[f"N{n}"] = means
         p, se = prob_negative(means)
         approx = float(prob_negative_normal_approx(truth, sigma, n))
-        by_n[str(n)] = {"p_negative": p, "p_negative_se": se, "num_batches": int(means.size),
-                        "p_normal_approx": approx, "approx_over_measured": approx / p if p > 0 else None}
+        by_n[str(n)] = {
+            "p_negative": p, "p_negative_se": se, "num_batches": int(means.size), "p_normal_approx": approx,
+            "approx_over_measured": approx / p if p > 0 else None,
+            "expected_negatives_normal_approx": approx * means.size,
+            # exact one-sided 95 % upper bound when no batch was negative: (1 - p)^n = 0.05
+            "p_upper_95": 1.0 - 0.05 ** (1.0 / means.size) if p == 0 else None,
+        }
     curve_n = np.unique(np.geomspace(1, n_max, 200).round().astype(int))
     sweep = Sweep({
         "description": f"q = N(0, I) on one 2-channel frame per utterance, cos prior with a = {NEAR_A}",
@@ -876,11 +881,18 @@ def _derived(results: Mapping[str, Any], config: StudyConfig) -> dict[str, Any]:
     """Headline comparisons quoted by the docs (each from the numbers above it in ``results``)."""
     k_max, b_max = str(max(config.particles)), f"B{max(config.snr_batch_sizes)}"
     runs = results["training"]["runs"]
-    snr = results["snr"]["by_elbo"]["vits"]
+    by_elbo = results["snr"]["by_elbo"]
+    snr = by_elbo["vits"]
     gain = {noise: {group: snr[noise][b_max][k_max][group]["mean"] / snr[noise][b_max]["1"][group]["mean"]
                     for group in PARAM_GROUPS} for noise in SNR_NOISE}
+    stl_gain = {noise: by_elbo["stl"][noise][b_max]["1"]["guide"]["mean"]
+                / snr[noise][b_max]["1"]["guide"]["mean"] for noise in SNR_NOISE}
+    vp = {k: runs[f"K{k}_vp"]["final"] for k in config.particles}
     return {
         "snr_gain_kmax": gain,
+        "stl_over_vits_guide_snr_k1": stl_gain,
+        "best_k_heldout_elbo": max(vp, key=lambda k: vp[k]["heldout_elbo_per_frame"]["mean"]),
+        "best_k_prior_kl": min(vp, key=lambda k: vp[k]["prior_kl_to_teacher_per_frame"]["mean"]),
         "sqrt_kmax": math.sqrt(max(config.particles)),
         "elbo_gap_k1_minus_kmax": runs["K1_vp"]["final"]["heldout_elbo_per_frame"]["mean"]
         - runs[f"K{k_max}_vp"]["final"]["heldout_elbo_per_frame"]["mean"],

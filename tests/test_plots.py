@@ -41,9 +41,9 @@ def test_estimator_histograms(tmp_path):
 def test_negative_vs_batch_size_draws_zero_counts_as_bounds(tmp_path):
     negative = {
         "skewness": 2.0,
-        "by_batch_size": {"1": {"p_negative": 0.6, "p_negative_se": 0.01, "num_batches": 1000},
-                          "64": {"p_negative": 0.2, "p_negative_se": 0.01, "num_batches": 1000},
-                          "4096": {"p_negative": 0.0, "p_negative_se": 0.0, "num_batches": 1000}},
+        "by_batch_size": {"1": {"p_negative": 0.6, "p_negative_se": 0.01, "p_upper_95": None},
+                          "64": {"p_negative": 0.2, "p_negative_se": 0.01, "p_upper_95": None},
+                          "4096": {"p_negative": 0.0, "p_negative_se": 0.0, "p_upper_95": 0.003}},
         "normal_approx_curve": {"batch_size": [1, 64, 4096], "p_negative": [0.47, 0.25, 1e-5]},
     }
     plots.plot_negative_vs_batch_size(negative, tmp_path / "n.png")
