@@ -727,10 +727,13 @@ def _run_results(config: StudyConfig, records: list[dict], fits: list[Any], idat
     finals = ("heldout_elbo_per_frame", "heldout_loglik_iwae_per_frame", "heldout_kl_per_frame",
               "prior_kl_to_teacher_per_frame", "svi_wall_s", "wall_s")
     khat = np.concatenate([r["psis_khat"] for r in records])
+    best = int(np.argmax(curve["heldout_elbo_per_frame"]))
     return {
         "per_seed": records, "final": {k: _mean_se([r[k] for r in records]) for k in finals},
-        "khat_counts": diagnostics.khat_counts(khat), "khat_max": float(khat.max()),
-        "trace_tail_summary": trace, "curve": curve,
+        "khat_counts": diagnostics.khat_counts(khat), "khat_median": float(np.median(khat)),
+        "khat_max": float(khat.max()), "trace_tail_summary": trace, "curve": curve,
+        "curve_best": {"heldout_elbo_per_frame": curve["heldout_elbo_per_frame"][best],
+                       "step": int(curve["step"][best])},
     }
 
 
