@@ -10,11 +10,13 @@ log-likelihood (importance sampling with the proposal ``N(x, sigma_x^2)``, exact
     python examples/fit_vits_prior.py                      # ~30 s on 2 CPU cores
     python examples/fit_vits_prior.py --steps 3000 --device cuda --affine
     pyro-vits fit --help                                   # the same options, as a console command
+    torchrun --nproc_per_node 2 examples/fit_vits_prior.py --distributed   # data-parallel, 2 processes
 
 Writes ``config.json``, ``metrics.jsonl``, ``checkpoint.pt``, ``figures/training_curves.png`` and (ArviZ)
 ``inference_data.nc`` + ``summary.{csv,md}`` to ``--out`` (refused when it is not empty, unless
 ``--overwrite``; ``--resume RUN_DIR`` continues a stopped run). ``--init-flow`` starts the student's flow from
-a real VITS checkpoint, sizing teacher, data and student like it.
+a real VITS checkpoint, sizing teacher, data and student like it. ``--distributed`` (under ``torchrun``)
+splits every minibatch over the processes (``pyro_vits.distributed``); rank 0 alone writes and prints.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from __future__ import annotations
 import argparse
 import logging
 import time
+import warnings
+from contextlib import nullcontext
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -34,6 +38,7 @@ from pyro_vits.cli import (
     positive_int, unit_interval,
 )
 from pyro_vits.diagnostics import write_run_inference_data
+from pyro_vits.distributed import DistributedContext, distributed_context
 from pyro_vits.flows import ResidualCouplingBlock
 from pyro_vits.guide import ObservationGuide, PosteriorEncoder
 from pyro_vits.model import VITSPriorModel, evaluate, make_teacher, sample_dataset
@@ -83,9 +88,19 @@ def adopt_flow_sizes(args: argparse.Namespace, flow: ResidualCouplingBlock, chec
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
-    """Run the experiment; returns the held-out measures, the run folder and the wall time."""
-    start = time.perf_counter()
+    """Run the experiment; returns the held-out measures, the run folder and the wall time. With
+    ``--distributed`` every process trains its share; ranks other than 0 return ``student``/``teacher``
+    None and ``out_dir`` None."""
     device = resolve_device(args.device)  # before any work: a missing CUDA fails now
+    with distributed_context(args.device) if args.distributed else nullcontext() as ctx:
+        if ctx is not None and not ctx.is_main:
+            warnings.simplefilter("ignore")  # rank 0 reports the same warnings
+        return _run(args, device if ctx is None else ctx.device, ctx)
+
+
+def _run(args: argparse.Namespace, device: torch.device, ctx: DistributedContext | None) -> dict[str, Any]:
+    """:func:`main` on ``device``, in the process group ``ctx`` (or alone)."""
+    start = time.perf_counter()
     if args.init_flow and args.resume:
         raise ValueError("--init-flow starts a new run and --resume continues one (its flow is in the "
                          "checkpoint)")
@@ -96,6 +111,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     pyro.set_rng_seed(args.seed)  # the student's initial weights
     out = Path(args.resume or args.out or Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S"))
+    if ctx is not None:
+        out = ctx.broadcast_object(out)  # rank 0's (its default is a timestamp)
     sizes = dict(kernel_size=args.kernel_size, n_layers=args.n_layers, n_flows=args.n_flows,
                  n_speakers=args.speakers, gin_channels=args.gin_channels if args.speakers else 0,
                  mean_only=args.mean_only, sigma_x=args.sigma_x)
@@ -115,8 +132,10 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         device=device, seed=args.seed, out_dir=out, log_every=args.log_every,
         progress=args.progress and not args.quiet, heldout=heldout, extra_config=vars(args),
         checkpoint_every=args.checkpoint_every,
-        nan_policy=args.nan_policy, resume=bool(args.resume), overwrite=args.overwrite,
+        nan_policy=args.nan_policy, resume=bool(args.resume), overwrite=args.overwrite, distributed=ctx,
     )
+    if ctx is not None and not ctx.is_main:
+        return dict(student=None, teacher=None, out_dir=None, wall_s=time.perf_counter() - start)
     heldout = heldout.to(result.device)
     student = evaluate(model, guide, heldout, args.eval_samples, seed=args.seed)
     teacher_truth = evaluate(teacher.to(result.device), ObservationGuide.for_teacher(teacher), heldout,
@@ -186,6 +205,10 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         help="guide particles for the final held-out measures")
     add("--teacher-samples", type=positive_int, default=256,
         help="importance samples for the teacher's log p(x)")
+    add("--distributed", action=argparse.BooleanOptionalAction, default=False,
+        help="data-parallel SVI over the processes torchrun starts (torchrun --nproc_per_node N ...; gloo on "
+             "CPU, nccl on CUDA, one process per GPU): --batch-size is the combined minibatch, split over "
+             "the processes; rank 0 alone writes the run folder and prints")
     add("--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm progress bar")
     add("-q", "--quiet", action="store_true", help="only warnings and errors on stderr; no progress bar")
     add("-v", "--verbose", action="store_true", help="debug messages, e.g. every logged record")

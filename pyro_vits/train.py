@@ -26,7 +26,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyro
@@ -41,6 +41,9 @@ from tqdm.auto import tqdm
 from .elbo import IWAE_DReG, STL_ELBO, HybridEntropyELBO
 from .flows import ResidualCouplingBlock, load_vits_flow
 from .model import Batch, _vectorised, evaluate
+
+if TYPE_CHECKING:
+    from .distributed import DistributedContext
 
 __all__ = [
     "ESTIMATORS",
@@ -131,6 +134,13 @@ def resolve_device(device: str | torch.device) -> torch.device:
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise ValueError(f"device={device!r} but only {torch.cuda.device_count()} CUDA device(s) exist")
     return dev
+
+
+def _distributed_device(device: str | torch.device, context: DistributedContext) -> torch.device:
+    """The context's device, after checking that ``device`` ("auto" or the same type) agrees with it."""
+    if device != "auto" and resolve_device(device).type != context.device.type:
+        raise ValueError(f"device={device!r} but this distributed process runs on {context.device}")
+    return context.device
 
 
 def make_elbo(estimator: str = "trace", particles: int = 1, vectorize: bool = True) -> ELBO:
@@ -471,6 +481,7 @@ def fit(
     nan_policy: str = "stop",
     resume: bool = False,
     overwrite: bool = False,
+    distributed: DistributedContext | None = None,
 ) -> FitResult:
     """Fit ``model`` and ``guide`` (both called as ``f(batch, subsample_size=...)``) to ``data`` by SVI.
 
@@ -491,6 +502,12 @@ def fit(
     as saved). ``checkpoint_every`` steps (and at the end) the checkpoint is replaced atomically.
     A NaN/Inf loss or gradient raises :class:`NonFiniteError` (``nan_policy="stop"``; the last checkpoint is
     untouched) or drops that step's update (``"skip"``, counted in ``skipped_steps``).
+
+    ``distributed`` (a :class:`~pyro_vits.distributed.DistributedContext`, every rank of a ``torchrun``
+    launch calling ``fit`` alike): data-parallel SVI, ``batch_size`` being the combined minibatch of all ranks
+    (see :mod:`pyro_vits.distributed`); the process runs on the context's device (``device`` must be
+    ``"auto"`` or of its type). Only rank 0 writes ``out_dir``, evaluates and logs records (other ranks
+    return no ``metrics`` and ``out_dir=None``); ``losses`` are the combined minibatch's on every rank.
     """
     if not isinstance(data, Batch) or (heldout is not None and not isinstance(heldout, Batch)):
         raise TypeError("data (and heldout, when given) must be pyro_vits.model.Batch instances")
@@ -520,7 +537,7 @@ def fit(
     if resume and overwrite:
         raise ValueError("resume=True continues the run in out_dir and overwrite=True would delete it: "
                          "pass one")
-    dev = resolve_device(device)
+    dev = resolve_device(device) if distributed is None else _distributed_device(device, distributed)
     data.check_finite("data")
     if heldout is not None:
         heldout.check_finite("heldout")
@@ -537,6 +554,13 @@ def fit(
     subsample_size = None if batch_size is None or batch_size >= data.n else batch_size
     eval_data = data.subset(torch.arange(min(eval_size, data.n), device=dev))
     _prime(model, guide, data, subsample_size, dev)
+    # --- data-parallel hook (pyro_vits.distributed): the DDP-wrapped ELBO; only rank 0 writes and logs ---
+    parallel = None if distributed is None else distributed.data_parallel(model, guide, elbo, data,
+                                                                          subsample_size, seed)
+    main = distributed is None or distributed.is_main
+    out = out if main else None
+    step_args: tuple[Batch, int | None] = (data, subsample_size)  # what a re-trace of a step runs on
+    # ---
     named, extra = _trainable(model, guide)
     params = [p for _, p in named]
     optim = ClippedAdam(params, lr=lr, clip_norm=clip_norm, lrd=lrd)
@@ -555,6 +579,8 @@ def fit(
                       platform=platform.platform()),
         created_utc=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )
+    if distributed is not None:
+        config["distributed"] = distributed.describe()
     state = _Progress()
     if checkpoint is not None:
         config = _resumed_config(checkpoint["config"], config, int(checkpoint["step"]))
@@ -577,30 +603,33 @@ def fit(
     start = time.perf_counter() - state.wall_s
     window_start = time.perf_counter()
     timed_from = state.step
-    bar = tqdm(range(state.step + 1, steps + 1), initial=state.step, total=steps, disable=not progress,
-               desc="SVI", unit="step", dynamic_ncols=True)
+    bar = tqdm(range(state.step + 1, steps + 1), initial=state.step, total=steps,
+               disable=not (progress and main), desc="SVI", unit="step", dynamic_ncols=True)
     try:
         for step in bar:
+            if parallel is not None:  # seeds this rank's noise for the step, picks its utterances
+                step_args = (parallel.begin(step), None)
             rng = _torch_rng(dev)
             with warnings.catch_warnings():  # Pyro's "Encountered NaN": the guard below names step and sites
                 warnings.filterwarnings("ignore", "Encountered NaN", UserWarning, r".*[\\/]pyro[\\/]")
-                loss = elbo.loss_and_grads(model, guide, data, subsample_size=subsample_size)
+                loss = (elbo.loss_and_grads(model, guide, data, subsample_size=subsample_size)
+                        if parallel is None else parallel.loss_and_grads())
             if math.isfinite(loss) and _grads_finite(params):
                 optim.step()
             else:
                 report = _nonfinite_report(step, loss, named, lambda: _nonfinite_sites(
-                    model, guide, data, subsample_size, rng, dev, elbo))
+                    model, guide, *step_args, rng, dev, elbo))
                 optim.zero_grad(set_to_none=True)
                 if nan_policy == "stop":
                     kept = (f"; the last checkpoint ({out / CHECKPOINT}, step {saved_step}) is intact"
-                            if saved_step is not None else "")
+                            if saved_step is not None and out is not None else "")
                     raise NonFiniteError(f"{report}; training stopped (nan_policy='stop'){kept}", step)
                 state.skipped += 1
                 logger.warning("%s; update skipped (nan_policy='skip', %d so far)", report, state.skipped)
             optim.zero_grad(set_to_none=True)
             state.losses.append(loss)
             state.step = step
-            if step % log_every == 0 or step == steps:
+            if main and (step % log_every == 0 or step == steps):
                 window_s = time.perf_counter() - window_start
                 window = [x for x in state.losses[state.window_first:] if math.isfinite(x)]
                 record: dict[str, float] = {"step": step,
@@ -632,5 +661,7 @@ def fit(
         raise
     finally:
         bar.close()
+    if distributed is not None:
+        distributed.barrier()  # every rank returns once rank 0's run files are complete
     return FitResult(model, guide, state.losses, state.metrics, config, dev, time.perf_counter() - start, out,
                      state.skipped, None if checkpoint is None else int(checkpoint["step"]))
