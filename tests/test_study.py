@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -270,3 +271,18 @@ def test_example_parses_arguments_and_prints_the_headline(quick):
     assert parsed == ("docs", 3, "x", "cpu", None, 1)
     text = example.headline(quick[1])
     assert "cos2d" in text and "K16_vp" in text and "teacher" in text
+
+
+def test_committed_docs_are_rendered_from_the_committed_results():
+    """docs/kl_estimators.md is exactly its template filled from docs/results.json (both written by
+    ``make docs``), and every figure it shows is committed, small, and listed in FIGURES."""
+    docs = EXAMPLE.parents[1] / "docs"
+    results = json.loads((docs / "results.json").read_text())
+    rendered = render_markdown((docs / "kl_estimators.template.md").read_text(), results)
+    assert (docs / "kl_estimators.md").read_text() == rendered
+    assert results["config"]["name"] == "docs" and "{{" not in rendered
+    shown = set(re.findall(r"\(figures/([\w]+)\.png\)", rendered))
+    assert shown == set(FIGURES)
+    for name in FIGURES:
+        size = (docs / "figures" / f"{name}.png").stat().st_size
+        assert 5_000 < size < 250_000, name
