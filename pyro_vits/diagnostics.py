@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -223,7 +224,11 @@ def summary_table(
             raise ValueError(f"var_names {missing} are not in group {group!r}")
         data = data[list(var_names)]
     draws = data.sizes["draw"]
-    return _arviz_compat.summary(data.isel(draw=slice(draws - max(4, round(tail_fraction * draws)), None)))
+    tail = data.isel(draw=slice(max(0, draws - max(4, round(tail_fraction * draws))), None))
+    with warnings.catch_warnings():
+        # a short run (one chain, a few logged steps) has no ESS/R-hat: ArviZ returns NaN, numpy warns
+        warnings.filterwarnings("ignore", category=RuntimeWarning, module="numpy")
+        return _arviz_compat.summary(tail)
 
 
 def markdown_table(frame: pd.DataFrame, digits: int = 4) -> str:
