@@ -451,9 +451,11 @@ def _log_crossing(ratios: np.ndarray, values: np.ndarray) -> float | None:
     """Where ``values`` crosses 1 (``log values`` linear in ``log ratios``); None if it does not."""
     order = np.argsort(ratios)
     r, v = np.log(ratios[order]), np.log(values[order])
-    for i in np.flatnonzero(np.sign(v[:-1]) != np.sign(v[1:])):
-        return float(np.exp(r[i] - v[i] * (r[i + 1] - r[i]) / (v[i + 1] - v[i])))
-    return None
+    crossings = np.flatnonzero(np.sign(v[:-1]) != np.sign(v[1:]))
+    if crossings.size == 0:
+        return None
+    i = crossings[0]
+    return float(np.exp(r[i] - v[i] * (r[i + 1] - r[i]) / (v[i + 1] - v[i])))
 
 
 def variance_ratio_study(config: StudyConfig) -> Sweep:
