@@ -7,8 +7,10 @@ Only the portable core is used: ``convert_to_dataset``, ``ess``/``rhat``/``mcse`
 from __future__ import annotations
 
 import json
+import logging
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -124,9 +126,26 @@ def mcse(data: xr.Dataset, method: str = "mean") -> xr.Dataset:
     return az.mcse(data, method=method)
 
 
+class _DropShapeWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Shape validation failed")
+
+
+@contextmanager
+def _quiet_shape_check() -> Iterator[None]:
+    """ArviZ logs "Shape validation failed" for one chain or < 4 draws: R-hat is then undefined (NaN)."""
+    logger, flt = logging.getLogger("arviz.stats.stats_utils"), _DropShapeWarning()
+    logger.addFilter(flt)
+    try:
+        yield
+    finally:
+        logger.removeFilter(flt)
+
+
 def summary(data: xr.Dataset) -> pd.DataFrame:
-    """``az.summary`` unrounded (mean, sd, ESS, R-hat, MCSE columns)."""
-    return az.summary(data, round_to="none")
+    """``az.summary`` unrounded (mean, sd, ESS, R-hat, MCSE columns); R-hat is NaN for a single chain."""
+    with _quiet_shape_check():
+        return az.summary(data, round_to="none")
 
 
 def psis_khat(log_weights: np.ndarray) -> np.ndarray:

@@ -53,3 +53,11 @@ def test_psis_khat_small_for_exact_proposal_and_large_for_heavy_tail():
     assert np.all(compat.psis_khat(heavy_lw) > 0.7)
     with pytest.raises(ValueError, match="log_weights"):
         compat.psis_khat(np.zeros(3))
+
+
+def test_single_chain_summary_has_nan_rhat_and_logs_no_shape_warning(caplog):
+    data = compat.make_inference_data({"sample_stats": {"elbo": np.random.default_rng(2).normal(size=(1, 8))}})
+    with caplog.at_level("WARNING", logger="arviz"):
+        table = compat.summary(compat.group(data, "sample_stats"))
+    assert np.isnan(table.loc["elbo", "r_hat"])
+    assert not [r for r in caplog.records if "Shape validation" in r.getMessage()]
