@@ -1,19 +1,29 @@
 #!/usr/bin/env python
 """Cost of the Pyro formulation of VITS's KL step against the hand-written step, and of K particles.
 
-    python benchmarks/run.py [--device cpu|cuda|auto] [--quick] [--repeats N] [--out PATH] [--ablations]
+    python benchmarks/run.py [--device cpu|cuda|auto] [--guide encoder|free|both] [--quick] [--repeats N]
+                             [--threads N] [--clock auto|wall|cpu] [--out PATH] [--ablations] [--profile]
 
 Every configuration is measured in the same process, interleaved: each round runs every configuration
 once in a (seeded) shuffled order, and the raw/Pyro K=1 pair in A-B-B-A order, after warm-up steps.
 Ratios are computed per round and summarised by their median, so slow drift of a shared machine
-cancels out. Absolute times are reported but never judged. Memory is measured in one fresh subprocess
-per K (peak RSS growth over a step on CPU, ``torch.cuda.max_memory_allocated`` on CUDA), and a leak
-check runs 1,000 small steps in a subprocess (RSS at step 100 vs step 1,000).
+cancels out; on CPU with one torch thread steps are timed in process CPU seconds, which preemption by
+other jobs does not inflate. Absolute times are reported but never judged. Memory is measured in one
+fresh subprocess per guide and K (peak RSS growth over a step on CPU, ``torch.cuda.max_memory_allocated``
+on CUDA), and a leak check runs 1,000 small steps per guide in a subprocess (RSS and live objects at step
+100 vs step 1,000).
 
 The Pyro step is ``SVI(model, guide, pyro.optim.Adam, Trace_ELBO(num_particles=K))`` with
-``model: z ~ FlowPrior(m_p, logs_p, flow, mask)`` and ``guide: z ~ MaskedNormal(m_q, exp(logs_q), mask)``
-under ``pyro.plate`` over the batch. The raw step is VITS's ``kl_loss`` written from its formula on the
-same flow weights and batch. Both are minimal and written here (no project estimators are used).
+``model: z ~ FlowPrior(m_p, logs_p, flow, mask)`` under ``pyro.plate`` over the batch and one of two guides:
+
+* ``encoder`` (VITS): ``m_q, logs_q = PosteriorEncoder(x)`` (``pyro_vits.guide.PosteriorEncoder``, VITS's
+  ``enc_q``: 513 linear-spectrogram channels, 16 WN layers), ``z ~ MaskedNormal(m_q, exp(logs_q), mask)``.
+  The encoder runs once per step whatever K: vectorised particles share its output (the particle plate
+  broadcasts it), sequential particles rerun it K times.
+* ``free``: ``m_q``/``logs_q`` are learnable ``(B, C, T)`` tensors; every particle's cost is the flow.
+
+The raw step is VITS's ``kl_loss`` written from its formula on the same weights and batch (with the same
+encoder for ``encoder``). Both are minimal and written here (no project estimators are used).
 """
 
 from __future__ import annotations
@@ -46,13 +56,16 @@ import torch  # noqa: E402
 from pyro.infer import SVI, Trace_ELBO  # noqa: E402
 
 from pyro_vits.flows import ResidualCouplingBlock  # noqa: E402
+from pyro_vits.guide import PosteriorEncoder  # noqa: E402
 from pyro_vits.prior import FlowPrior, MaskedNormal  # noqa: E402
 
 __all__ = [
     "FULL_SIZE",
     "QUICK_SIZE",
+    "GUIDES",
     "Problem",
     "make_problem",
+    "vits_posterior",
     "vits_kl_sum",
     "raw_loss",
     "make_model_guide",
@@ -61,16 +74,31 @@ __all__ = [
     "main",
 ]
 
-# VITS prior flow (configs/ljs_base.json: inter/hidden 192, kernel 5, dilation 1, 4 WN layers, 4 flows).
-FULL_SIZE = dict(channels=192, hidden=192, kernel_size=5, dilation_rate=1, n_layers=4, n_flows=4, T=200, B=8)
-# Tiny sizes for --quick (the test) and for the 1,000-step leak check.
-QUICK_SIZE = dict(channels=8, hidden=16, kernel_size=3, dilation_rate=1, n_layers=2, n_flows=2, T=24, B=3)
-# Smallest flow for the 1,000-step leak check (the per-step cost is then mostly Pyro's own).
-LEAK_SIZE = dict(channels=4, hidden=4, kernel_size=3, dilation_rate=1, n_layers=1, n_flows=1, T=8, B=2)
+# VITS prior flow (configs/ljs_base.json: inter/hidden 192, kernel 5, dilation 1, 4 WN layers, 4 flows) and
+# posterior encoder enc_q (513 = n_fft/2 + 1 linear-spectrogram channels, hidden 192, kernel 5, dilation 1,
+# 16 WN layers; the encoder shares hidden/kernel/dilation with the flow, as in VITS).
+FULL_SIZE = dict(channels=192, hidden=192, kernel_size=5, dilation_rate=1, n_layers=4, n_flows=4, T=200, B=8,
+                 x_channels=513, enc_layers=16)
+# Tiny sizes for --quick (the test) and for the leak check.
+QUICK_SIZE = dict(channels=8, hidden=16, kernel_size=3, dilation_rate=1, n_layers=2, n_flows=2, T=24, B=3,
+                  x_channels=10, enc_layers=2)
+# Smallest flow for the leak check (the per-step cost is then mostly Pyro's own).
+LEAK_SIZE = dict(channels=4, hidden=4, kernel_size=3, dilation_rate=1, n_layers=1, n_flows=1, T=8, B=2,
+                 x_channels=4, enc_layers=1)
 PARTICLES = (1, 2, 4, 8)
+# K at which the vectorised step is also timed with the flow run per particle (_chunked_flow, a proposal)
+CHUNKED_K = (8,)
+# "encoder": VITS's amortised guide, run once per step; "free": learnable (B, C, T) m_q/logs_q tensors.
+GUIDES = ("encoder", "free")
+GUIDE_DESCRIPTIONS = {
+    "encoder": "m_q, logs_q = PosteriorEncoder(x) (pyro_vits.guide, VITS enc_q: x_channels -> pre 1x1 -> WN "
+               "(enc_layers) -> proj 1x1), computed once per step and shared by vectorised particles",
+    "free": "m_q, logs_q learnable (B, C, T) tensors (no encoder): every particle's cost is the flow",
+}
 # VITS's optimiser hyper-parameters (AdamW there; Adam here, identical in both steps).
 OPTIM = dict(lr=2e-4, betas=(0.8, 0.99), eps=1e-9)
 LEAK_STEPS = (100, 1000)
+QUICK_LEAK_STEPS = (40, 200)  # --quick (the test): a per-step object leak still adds >= 160
 RSS_LINEAR_SLACK = 1.10  # growth(K) <= 1.10 * K * growth(1)
 MEMORY_SLACK_BYTES = 1024 * 1024  # absolute slack for the linear-growth check (RSS page noise)
 LEAK_TOLERANCE_BYTES = 4 * 1024 * 1024
@@ -95,18 +123,46 @@ class Problem:
     mask: torch.Tensor  # (B, 1, T) 0/1, variable lengths
     m_p: torch.Tensor  # (B, C, T) prior stats (fixed inputs, as if from the text encoder)
     logs_p: torch.Tensor
-    m_q0: torch.Tensor  # (B, C, T) initial posterior stats (learnable in both steps)
+    m_q0: torch.Tensor  # (B, C, T) initial posterior stats (the free guide's learnable tensors)
     logs_q0: torch.Tensor
     size: dict
     device: torch.device
+    guide: str = "free"
+    encoder: PosteriorEncoder | None = None  # guide == "encoder": VITS's enc_q
+    x: torch.Tensor | None = None  # (B, x_channels, T) linear spectrogram (encoder input), 0 on padding
 
     @property
     def B(self) -> int:
         return self.size["B"]
 
 
-def make_problem(size: dict, device: str | torch.device = "cpu", seed: int = 0) -> Problem:
-    """Flow with VITS's layout, a batch of B sequences of variable length (longest = T), seeded."""
+@dataclass
+class SpecBatch:
+    """What ``PosteriorEncoder.posterior`` reads from a batch: ``x (B, x_channels, T)`` and ``mask``.
+
+    (``pyro_vits.model.Batch`` requires ``x`` to have the latent's shape ``(B, C, T)``; VITS's encoder reads
+    a 513-channel spectrogram.)
+    """
+
+    x: torch.Tensor
+    mask: torch.Tensor
+    speaker: None = None
+
+    @property
+    def channels(self) -> int:
+        return self.x.shape[1]
+
+
+def make_problem(
+    size: dict, device: str | torch.device = "cpu", seed: int = 0, guide: str = "free"
+) -> Problem:
+    """Flow with VITS's layout, a batch of B sequences of variable length (longest = T), seeded.
+
+    ``guide="encoder"`` adds VITS's posterior encoder and a spectrogram ``x``; the flow, mask and
+    prior/free-guide tensors are the same as for ``guide="free"`` with the same seed.
+    """
+    if guide not in GUIDES:
+        raise ValueError(f"guide must be one of {GUIDES}, got {guide!r}")
     device = torch.device(device)
     seed_all(seed)
     flow = ResidualCouplingBlock(
@@ -132,8 +188,29 @@ def make_problem(size: dict, device: str | torch.device = "cpu", seed: int = 0) 
     logs_p = 0.1 * torch.randn(B, C, T)
     m_q0 = m_p + 0.5 * torch.randn(B, C, T)
     logs_q0 = -0.5 + 0.1 * torch.randn(B, C, T)
-    to = lambda x: x.to(device)  # noqa: E731
-    return Problem(flow, to(mask), to(m_p), to(logs_p), to(m_q0), to(logs_q0), dict(size), device)
+    encoder = x = None
+    if guide == "encoder":
+        encoder = PosteriorEncoder(
+            size["x_channels"], C, size["hidden"], size["kernel_size"], size["dilation_rate"],
+            size["enc_layers"],
+        ).to(device)
+        # log-magnitude-like spectrogram values; only the shapes matter for the cost
+        x = (torch.randn(B, size["x_channels"], T) * mask).to(device)
+    to = lambda t: t.to(device)  # noqa: E731
+    return Problem(
+        flow, to(mask), to(m_p), to(logs_p), to(m_q0), to(logs_q0), dict(size), device, guide, encoder, x
+    )
+
+
+def vits_posterior(
+    encoder: PosteriorEncoder, x: torch.Tensor, mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """VITS ``PosteriorEncoder.forward`` up to the sample: ``pre -> mask -> WN -> proj -> mask -> split``."""
+    h = encoder.pre(x) * mask
+    h = encoder.enc(h, mask)
+    stats = encoder.proj(h) * mask
+    m_q, logs_q = torch.split(stats, encoder.channels, dim=1)
+    return m_q, logs_q
 
 
 def vits_kl_sum(
@@ -161,36 +238,53 @@ def raw_loss(
 
 
 class RawStep:
-    """Hand-written VITS KL step: zero_grad, forward, backward, ``torch.optim.Adam`` step."""
+    """Hand-written VITS KL step: zero_grad, [encoder,] forward, backward, ``torch.optim.Adam`` step."""
 
     def __init__(self, prob: Problem) -> None:
         self.prob = prob
-        self.m_q = prob.m_q0.clone().requires_grad_()
-        self.logs_q = prob.logs_q0.clone().requires_grad_()
-        self.opt = torch.optim.Adam([*prob.flow.parameters(), self.m_q, self.logs_q], **OPTIM)
+        if prob.encoder is not None:
+            params = [*prob.flow.parameters(), *prob.encoder.parameters()]
+        else:
+            self.m_q = prob.m_q0.clone().requires_grad_()
+            self.logs_q = prob.logs_q0.clone().requires_grad_()
+            params = [*prob.flow.parameters(), self.m_q, self.logs_q]
+        self.opt = torch.optim.Adam(params, **OPTIM)
 
     def __call__(self) -> torch.Tensor:
         p = self.prob
         self.opt.zero_grad(set_to_none=True)
-        eps = torch.randn_like(self.m_q)
-        loss = raw_loss(p.flow, self.m_q, self.logs_q, p.m_p, p.logs_p, p.mask, eps)
+        if p.encoder is not None:
+            m_q, logs_q = vits_posterior(p.encoder, p.x, p.mask)
+        else:
+            m_q, logs_q = self.m_q, self.logs_q
+        eps = torch.randn_like(m_q)
+        loss = raw_loss(p.flow, m_q, logs_q, p.m_p, p.logs_p, p.mask, eps)
         loss.backward()
         self.opt.step()
         return loss.detach()
 
 
 def make_model_guide(prob: Problem, prefix: str = "") -> tuple[Callable, Callable]:
-    """Minimal Pyro model/guide: ``z ~ FlowPrior`` under a batch plate; ``z ~ MaskedNormal`` guide."""
-    flow, B = prob.flow, prob.B
+    """Minimal Pyro model/guide: ``z ~ FlowPrior`` under a batch plate; ``z ~ MaskedNormal`` guide.
+
+    ``prefix`` names the free guide's tensors (one pair per step object). The modules are registered
+    under ``"<guide>.flow"`` / ``"<guide>.enc_q"``, so problems of both guides can share a param store.
+    """
+    flow, B, encoder = prob.flow, prob.B, prob.encoder
+    spec = SpecBatch(prob.x, prob.mask) if encoder is not None else None
 
     def model(m_p: torch.Tensor, logs_p: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        pyro.module("flow", flow)
+        pyro.module(prob.guide + ".flow", flow)
         with pyro.plate("batch", B, dim=-1):
             return pyro.sample("z", FlowPrior(m_p, logs_p, flow, mask))
 
     def guide(m_p: torch.Tensor, logs_p: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        m_q = pyro.param(prefix + "m_q", lambda: prob.m_q0.clone())
-        logs_q = pyro.param(prefix + "logs_q", lambda: prob.logs_q0.clone())
+        if encoder is not None:
+            pyro.module(prob.guide + ".enc_q", encoder)
+            m_q, logs_q = encoder.posterior(spec)  # once per call: vectorised particles share it
+        else:
+            m_q = pyro.param(prefix + "m_q", lambda: prob.m_q0.clone())
+            logs_q = pyro.param(prefix + "logs_q", lambda: prob.logs_q0.clone())
         with pyro.plate("batch", B, dim=-1):
             return pyro.sample("z", MaskedNormal(m_q, torch.exp(logs_q), mask))
 
@@ -263,13 +357,17 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _time(fn: Callable[[], Any], n: int, device: torch.device) -> float:
+CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def _time(fn: Callable[[], Any], n: int, device: torch.device, clock: str = "wall") -> float:
+    now = CLOCKS[clock]
     _sync(device)
-    t0 = time.perf_counter()
+    t0 = now()
     for _ in range(n):
         fn()
     _sync(device)
-    return (time.perf_counter() - t0) / n
+    return (now() - t0) / n
 
 
 # --------------------------------------------------------------------------------------------------
@@ -293,9 +391,12 @@ def _reset_hwm() -> bool:
         return False
 
 
-def _saved_tensor_bytes(step: Callable[[], Any]) -> int:
-    """Bytes of distinct storages autograd saves for backward during one step (device independent)."""
+@contextlib.contextmanager
+def _saved_tensor_bytes():
+    """Yields a one-element list that receives the bytes of the distinct storages autograd saves for backward
+    inside the block (device independent). The hooks keep no tensor alive."""
     seen: dict[tuple[int, int], int] = {}
+    out = [0]
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         s = t.untyped_storage()
@@ -303,23 +404,24 @@ def _saved_tensor_bytes(step: Callable[[], Any]) -> int:
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        step()
-    return int(sum(seen.values()))
+        yield out
+    out[0] = int(sum(seen.values()))
 
 
-def _memory_worker(size: dict, device: torch.device, k: int, seed: int) -> dict:
-    prob = make_problem(size, device, seed)
+def _memory_worker(size: dict, device: torch.device, k: int, seed: int, guide: str) -> dict:
+    prob = make_problem(size, device, seed, guide)
     pyro.clear_param_store()
     step = PyroStep(prob, num_particles=k, vectorize=True)
     for _ in range(2):  # Adam states, grads, allocator caches
         step()
     gc.collect()
-    out: dict[str, Any] = {"k": k}
+    out: dict[str, Any] = {"guide": guide, "k": k}
+    # one measured step (the third: steady state), which also records what autograd saves
     if device.type == "cuda":
         _sync(device)
         base = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
-        for _ in range(2):
+        with _saved_tensor_bytes() as saved:
             step()
         _sync(device)
         out.update(base_bytes=base, peak_bytes=torch.cuda.max_memory_allocated(device))
@@ -327,7 +429,7 @@ def _memory_worker(size: dict, device: torch.device, k: int, seed: int) -> dict:
         hwm_reset = _reset_hwm()
         base = _proc_status_kb("VmRSS") * 1024
         hwm_before = _proc_status_kb("VmHWM") * 1024
-        for _ in range(2):
+        with _saved_tensor_bytes() as saved:
             step()
         out.update(
             base_bytes=base,
@@ -336,27 +438,30 @@ def _memory_worker(size: dict, device: torch.device, k: int, seed: int) -> dict:
             hwm_before_bytes=hwm_before,
         )
     out["growth_bytes"] = out["peak_bytes"] - out["base_bytes"]
-    out["autograd_saved_bytes"] = _saved_tensor_bytes(step)
+    out["autograd_saved_bytes"] = saved[0]
     return out
 
 
-def _leak_worker(size: dict, device: torch.device, seed: int) -> dict:
-    prob = make_problem(size, device, seed)
+def _leak_worker(size: dict, device: torch.device, seed: int, guide: str, steps: tuple[int, int]) -> dict:
+    prob = make_problem(size, device, seed, guide)
     pyro.clear_param_store()
     step = PyroStep(prob, num_particles=1)
     samples = {}
+    every = math.gcd(*steps)
     t0 = time.perf_counter()
-    for i in range(1, LEAK_STEPS[-1] + 1):
+    for i in range(1, steps[-1] + 1):
         step()
-        if i % 100 == 0:
+        if i % every == 0:
             gc.collect()
             rec = {"rss_bytes": _proc_status_kb("VmRSS") * 1024, "gc_objects": len(gc.get_objects())}
             if device.type == "cuda":
                 rec["cuda_allocated_bytes"] = torch.cuda.memory_allocated(device)
             samples[str(i)] = rec
-    a, b = samples[str(LEAK_STEPS[0])], samples[str(LEAK_STEPS[1])]
+    a, b = samples[str(steps[0])], samples[str(steps[1])]
     out = {
-        "steps": LEAK_STEPS[-1],
+        "guide": guide,
+        "steps": steps[-1],
+        "compared_steps": list(steps),
         "size": size,
         "samples": samples,
         "rss_growth_bytes": b["rss_bytes"] - a["rss_bytes"],
@@ -370,10 +475,10 @@ def _leak_worker(size: dict, device: torch.device, seed: int) -> dict:
 
 
 def _worker_cmd(
-    kind: str, size: dict, device: torch.device, seed: int, k: int, threads: int | None
+    kind: str, size: dict, device: torch.device, seed: int, k: int, threads: int | None, guide: str
 ) -> list[str]:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--_worker", kind, "--_size", json.dumps(size)]
-    cmd += ["--device", device.type, "--seed", str(seed), "--_k", str(k)]
+    cmd += ["--device", device.type, "--seed", str(seed), "--_k", str(k), "--guide", guide]
     if threads:
         cmd += ["--threads", str(threads)]
     return cmd
@@ -389,22 +494,28 @@ def _set_malloc_thresholds() -> None:
         libc.mallopt(-1, 131072)  # M_TRIM_THRESHOLD
 
 
-def _run_worker(kind: str, size: dict, device: torch.device, seed: int, k: int) -> dict:
+def _run_worker(kind: str, size: dict, device: torch.device, seed: int, k: int, guide: str) -> dict:
+    """``mem``: memory at K particles; ``leak``: the leak check over ``k`` steps (LEAK_STEPS[-1] or the
+    quick QUICK_LEAK_STEPS[-1])."""
     if kind == "mem":
-        return _memory_worker(size, device, k, seed)
+        return _memory_worker(size, device, k, seed, guide)
     if kind == "leak":
-        return _leak_worker(size, device, seed)
+        steps = LEAK_STEPS if k == LEAK_STEPS[-1] else QUICK_LEAK_STEPS
+        return _leak_worker(size, device, seed, guide, steps)
     raise ValueError(f"unknown worker {kind}")
 
 
 def _forked_entry(
-    conn: Any, kind: str, size: dict, device: str, seed: int, k: int, threads: int | None
+    conn: Any, jobs: list[tuple[str, dict, str, int]], device: str, seed: int, threads: int | None
 ) -> None:
+    """Run ``(kind, size, guide, K)`` jobs one after the other; sends one result per job."""
     try:
         _set_malloc_thresholds()
         if threads:
             torch.set_num_threads(threads)
-        conn.send(("ok", _run_worker(kind, size, torch.device(device), seed, k)))
+        dev = torch.device(device)
+        outs = [_run_worker(kind, size, dev, seed, k, guide) for kind, size, guide, k in jobs]
+        conn.send(("ok", outs))
     except BaseException:  # noqa: BLE001 - reported to the parent
         import traceback
 
@@ -413,54 +524,60 @@ def _forked_entry(
         conn.close()
 
 
-def start_workers(specs: list[tuple[str, int]], size_for: dict[str, dict], device: torch.device, seed: int,
-                  threads: int | None = None, quick: bool = False) -> Callable[[], list[dict]]:
-    """Run ``(kind, K)`` workers, one subprocess each; returns a function collecting their results.
+def start_workers(
+    specs: list[tuple[str, str, int]],
+    size_for: dict[str, dict],
+    device: torch.device,
+    seed: int,
+    threads: int | None = None,
+    quick: bool = False,
+) -> Callable[[], list[dict]]:
+    """Run ``(kind, guide, K)`` workers in subprocesses; returns a function collecting their results (in
+    the order of ``specs``).
 
-    Full mode: fresh interpreters, one at a time, started when collected (after the timing), with glibc's
-    mmap threshold fixed at 128 KiB so that freed tensors are unmapped and leave the RSS. Quick mode on
-    CPU: all are forked now, before this process has run any torch op (so no OpenMP pool exists yet),
-    and run concurrently with the timing, which saves one interpreter start per worker.
+    Full mode: fresh interpreters, one per spec, one at a time, started when collected (after the timing),
+    with glibc's mmap threshold fixed at 128 KiB so that freed tensors are unmapped and leave the RSS.
+    Quick mode on CPU: all run one after the other in one forked process (which pays torch's first-op
+    warm-up once), forked now, before this process has run any torch op (so no OpenMP pool exists yet),
+    and concurrently with the timing; its numbers only show that the machinery works.
     """
+    if not specs:
+        return lambda: []
     if quick and device.type == "cpu" and "fork" in multiprocessing.get_all_start_methods():
+        # torch.optim imports torch._dynamo on first use (~1.5 s): import it once, here, for both processes
+        import torch._dynamo  # noqa: F401
+
         ctx = multiprocessing.get_context("fork")
-        forked = []
-        for kind, k in specs:
-            recv, send = ctx.Pipe(duplex=False)
-            proc = ctx.Process(
-                target=_forked_entry,
-                args=(send, kind, size_for[kind], device.type, seed, k, threads),
-                daemon=True,
-            )
-            proc.start()
-            send.close()
-            forked.append((proc, recv))
+        jobs = [(kind, size_for[kind], guide, k) for kind, guide, k in specs]
+        recv, send = ctx.Pipe(duplex=False)
+        proc = ctx.Process(target=_forked_entry, args=(send, jobs, device.type, seed, threads), daemon=True)
+        proc.start()
+        send.close()
 
         def collect_forked() -> list[dict]:
-            outs = []
-            for (kind, k), (proc, recv) in zip(specs, forked):
-                try:
-                    status, payload = recv.recv()
-                except EOFError:
-                    status, payload = "error", "worker exited without a result"
-                proc.join()
-                if status != "ok":
-                    raise RuntimeError(f"worker {kind} K={k} failed (exit {proc.exitcode}):\n{payload}")
-                outs.append(payload)
-            return outs
+            try:
+                status, payload = recv.recv()
+            except EOFError:
+                status, payload = "error", "worker exited without a result"
+            proc.join()
+            if status != "ok":
+                raise RuntimeError(f"memory/leak workers failed (exit {proc.exitcode}):\n{payload}")
+            return payload
 
         return collect_forked
 
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESHOLD_="131072")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH", "")]))
-    cmds = [_worker_cmd(kind, size_for[kind], device, seed, k, threads) for kind, k in specs]
+    cmds = [_worker_cmd(kind, size_for[kind], device, seed, k, threads, guide) for kind, guide, k in specs]
 
     def collect() -> list[dict]:
         outs = []
-        for (kind, k), cmd in zip(specs, cmds):
+        for (kind, guide, k), cmd in zip(specs, cmds):
             proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
             if proc.returncode != 0:
-                raise RuntimeError(f"worker {kind} K={k} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+                raise RuntimeError(
+                    f"worker {kind} {guide} K={k} failed ({proc.returncode}):\n{proc.stderr[-4000:]}"
+                )
             outs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
         return outs
 
@@ -535,6 +652,55 @@ def _torch_optim_step(prob: Problem, name: str = "topt") -> Callable[[], Any]:
     return run
 
 
+@contextlib.contextmanager
+def _chunked_flow():
+    """Proposal for ``pyro_vits.flows`` (not edited: a local monkeypatch, restored on exit).
+
+    ``ResidualCouplingBlock.forward_and_logdet`` flattens the leading dims of ``x (..., C, T)`` into one
+    conv batch: K vectorised particles of B sequences become one batch of K*B rows, whose activations
+    (K*B*hidden*T floats per conv) leave the per-core cache. Here the flattened rows run in chunks of the
+    mask's own rows (the data batch B: Pyro's particle plate broadcasts ``z`` to ``(K, B, C, T)`` but the
+    flow's mask stays ``(B, 1, T)``), under ``torch.nn.utils.parametrize.cached()`` so that each
+    weight-normed conv's weight is still computed once per call. Same values and gradients.
+    """
+    import pyro_vits.flows as flows_mod
+    from torch.nn.utils import parametrize
+
+    block = flows_mod.ResidualCouplingBlock
+    original = block.forward_and_logdet
+
+    def forward_and_logdet(self, x, x_mask=None, g=None, reverse=False):  # noqa: ANN001, ANN202
+        if x_mask is None or x.dim() < 2:
+            return original(self, x, x_mask, g, reverse)
+        rows = math.prod(x_mask.shape[:-2])  # the mask's own (un-broadcast) rows
+        h, mask, g, lead = flows_mod.flatten_leading(x, x_mask, g)
+        if not 0 < rows < h.shape[0]:
+            return original(self, x, x_mask, g, reverse)
+        ys, logdets = [], []
+        with parametrize.cached():
+            for i in range(0, h.shape[0], rows):
+                g_i = None if g is None else g[i : i + rows]
+                y, ld = original(self, h[i : i + rows], mask[i : i + rows], g_i, reverse)
+                ys.append(y)
+                logdets.append(ld)
+        y, logdet = torch.cat(ys), torch.cat(logdets)
+        return y.reshape(lead + y.shape[-2:]), logdet.reshape(lead)
+
+    block.forward_and_logdet = forward_and_logdet
+    try:
+        yield
+    finally:
+        block.forward_and_logdet = original
+
+
+def _chunked_step(step: Callable[[], Any]) -> Callable[[], Any]:
+    def run() -> Any:
+        with _chunked_flow():
+            return step()
+
+    return run
+
+
 # name -> (description, factory); each is the K=1 Pyro step with one proposed change (or all of them)
 ABLATIONS: dict[str, tuple[str, Callable[[Problem], Callable[[], Any]]]] = {
     "abl_noval": (
@@ -561,65 +727,81 @@ ABLATIONS: dict[str, tuple[str, Callable[[Problem], Callable[[], Any]]]] = {
 
 
 def measure(
-    prob: Problem, repeats: int, warmup: int, inner: int, seed: int, ablations: bool = False
-) -> tuple[dict[str, list[float]], dict[tuple[str, str], list[float]]]:
-    """Interleaved timing rounds.
+    probs: dict[str, Problem], repeats: int, warmup: int, inner: int, seed: int, ablations: bool = False,
+    clock: str = "wall",
+) -> tuple[dict[str, dict[str, list[float]]], dict[str, dict[tuple[str, str], list[float]]]]:
+    """Interleaved timing rounds over every guide's configurations.
 
-    Each round runs a seeded shuffle of blocks; inside a block the compared steps run back to back:
-    ``raw | pyro_k1`` and ``pyro_k1 | ablation`` as A-B-B-A (B-A-A-B on odd rounds), and for each K
-    ``pyro_k1, vec_kK, seq_kK, pyro_k1`` (vec/seq swapped on odd rounds). Returns per-config per-round
-    seconds/step (mean of the round's measurements) and the within-block ratios per round.
+    Each round runs a seeded shuffle of blocks (the blocks of all guides mixed); inside a block the compared
+    steps run back to back: ``raw | pyro_k1`` and ``pyro_k1 | ablation`` as A-B-B-A (B-A-A-B on odd
+    rounds), and for each K ``pyro_k1, vec_kK, seq_kK[, vec_kK_chunked], pyro_k1`` (the middle reversed
+    on odd rounds). Returns,
+    per guide, per-config per-round seconds/step (mean of the round's measurements) and the within-block
+    ratios per round. ``clock``: ``"wall"`` (``perf_counter``) or ``"cpu"`` (``process_time``: this
+    process's CPU seconds, which a preempted single-threaded step does not accrue on a shared machine).
     """
-    device = prob.device
+    device = next(iter(probs.values())).device
     pyro.clear_param_store()
-    configs: dict[str, Callable[[], Any]] = {"raw": RawStep(prob), "pyro_k1": PyroStep(prob, 1, name="k1")}
-    for k in PARTICLES:
-        configs[f"vec_k{k}"] = PyroStep(prob, k, vectorize=True, name=f"vec{k}")
-        if k > 1:
-            configs[f"seq_k{k}"] = PyroStep(prob, k, vectorize=False, name=f"seq{k}")
-    if ablations:
-        for name, (_, factory) in ABLATIONS.items():
-            configs[name] = factory(prob)
+    configs: dict[tuple[str, str], Callable[[], Any]] = {}
+    for g, prob in probs.items():
+        configs[(g, "raw")] = RawStep(prob)
+        configs[(g, "pyro_k1")] = PyroStep(prob, 1, name="k1")
+        for k in PARTICLES:
+            configs[(g, f"vec_k{k}")] = PyroStep(prob, k, vectorize=True, name=f"vec{k}")
+            if k > 1:
+                configs[(g, f"seq_k{k}")] = PyroStep(prob, k, vectorize=False, name=f"seq{k}")
+            if k in CHUNKED_K:
+                step = PyroStep(prob, k, vectorize=True, name=f"vecc{k}")
+                configs[(g, f"vec_k{k}_chunked")] = _chunked_step(step)
+        if ablations:
+            for name, (_, factory) in ABLATIONS.items():
+                configs[(g, name)] = factory(prob)
     for _ in range(warmup):
         for fn in configs.values():
             fn()
     _sync(device)
 
-    blocks: list[tuple[str, ...]] = [("pyro_k1", "raw"), ("vec_k1", "pyro_k1")]
-    blocks += [(f"vec_k{k}", f"seq_k{k}") for k in PARTICLES[1:]]
-    if ablations:
-        blocks += [(name, "pyro_k1") for name in ABLATIONS]
-    times: dict[str, list[float]] = {name: [] for name in configs}
-    paired: dict[tuple[str, str], list[float]] = {}
-
-    def add(num: str, den: str, value: float) -> None:
-        paired.setdefault((num, den), []).append(value)
+    blocks: list[tuple[str, str, str]] = []
+    for g in probs:
+        blocks += [(g, "pyro_k1", "raw"), (g, "vec_k1", "pyro_k1")]
+        blocks += [(g, f"vec_k{k}", f"seq_k{k}") for k in PARTICLES[1:]]
+        if ablations:
+            blocks += [(g, name, "pyro_k1") for name in ABLATIONS]
+    times: dict[str, dict[str, list[float]]] = {g: {} for g in probs}
+    for g, name in configs:
+        times[g][name] = []
+    paired: dict[str, dict[tuple[str, str], list[float]]] = {g: {} for g in probs}
 
     rng = random.Random(seed)
     for r in range(repeats):
         rng.shuffle(blocks)
-        round_t: dict[str, list[float]] = {name: [] for name in configs}
-        for a, b in blocks:
+        round_t: dict[tuple[str, str], list[float]] = {key: [] for key in configs}
+        for g, a, b in blocks:
+            extra: list[str] = []
             if a.startswith("vec_k") and b.startswith("seq_k"):
-                mid = [a, b] if r % 2 == 0 else [b, a]
+                extra = [f"{a}_chunked"] if (g, f"{a}_chunked") in configs else []
+                mid = [a, b, *extra] if r % 2 == 0 else [*extra, b, a]
                 seq = ["pyro_k1", *mid, "pyro_k1"]
             else:
                 seq = [a, b, b, a] if r % 2 == 0 else [b, a, a, b]
-            t = {name: [] for name in set(seq)}
+            t: dict[str, list[float]] = {name: [] for name in set(seq)}
             for name in seq:
-                t[name].append(_time(configs[name], inner, device))
-                round_t[name].append(t[name][-1])
+                t[name].append(_time(configs[(g, name)], inner, device, clock))
+                round_t[(g, name)].append(t[name][-1])
             mean = {name: statistics.fmean(v) for name, v in t.items()}
-            if "seq" in b:
-                add(a, "pyro_k1", mean[a] / mean["pyro_k1"])
-                add(b, "pyro_k1", mean[b] / mean["pyro_k1"])
-                add(a, b, mean[a] / mean[b])
-            else:
-                add(a, b, mean[a] / mean[b])
-        for name, v in round_t.items():
-            times[name].append(statistics.fmean(v))
-        line = ", ".join(f"{a}/{b} {v[-1]:.3f}" for (a, b), v in list(paired.items())[:4])
-        print(f"  round {r + 1}/{repeats}: {line} ...", flush=True)
+            pairs = [(a, "pyro_k1"), (b, "pyro_k1"), (a, b)] if "seq" in b else [(a, b)]
+            for c in extra:
+                pairs += [(c, "pyro_k1"), (c, b), (c, a)]
+            for num, den in pairs:
+                paired[g].setdefault((num, den), []).append(mean[num] / mean[den])
+        for (g, name), v in round_t.items():
+            times[g][name].append(statistics.fmean(v))
+        line = "; ".join(
+            f"{g} " + ", ".join(f"{a}/{b} {paired[g][(a, b)][-1]:.3f}" for a, b in
+                                [("pyro_k1", "raw"), ("vec_k4", "pyro_k1"), ("vec_k8", "seq_k8")])
+            for g in probs
+        )
+        print(f"  round {r + 1}/{repeats}: {line}", flush=True)
     return times, paired
 
 
@@ -682,13 +864,15 @@ def profile_steps(prob: Problem, steps: int = 3, top: int = 20) -> dict:
 
 
 def _target(
-    name: str, description: str, value: float | None, threshold: float, op: str, applicable: bool
+    name: str, description: str, value: float | None, threshold: float, op: str, applicable: bool,
+    guide: str | None = None,
 ) -> dict:
     ok = None
     if applicable and value is not None and math.isfinite(value):
         ok = bool(value <= threshold) if op == "<=" else bool(value < threshold)
     return {
         "name": name,
+        "guide": guide,
         "description": description,
         "value": value,
         "op": op,
@@ -706,17 +890,31 @@ def _target(
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="benchmarks/run.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="auto", choices=["cpu", "cuda", "auto"])
+    p.add_argument(
+        "--guide",
+        default="both",
+        choices=[*GUIDES, "both"],
+        help="encoder: VITS's PosteriorEncoder guide; free: learnable m_q/logs_q tensors; both (default): "
+        "both, the particle-scaling targets judged on the encoder guide",
+    )
     p.add_argument("--quick", action="store_true", help="tiny sizes (for tests); ratios are not meaningful")
-    p.add_argument("--repeats", type=int, default=None, help="timing rounds (default 7, quick 3)")
-    p.add_argument("--warmup", type=int, default=None, help="warm-up steps per config (default 2, quick 1)")
+    p.add_argument("--repeats", type=int, default=None, help="timing rounds (default 5, quick 2)")
+    p.add_argument("--warmup", type=int, default=None, help="warm-up steps per config (default 1)")
     p.add_argument("--inner", type=int, default=None, help="steps per timed call (1 on CPU, 5 on CUDA)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--threads", type=int, default=None, help="torch.set_num_threads (default: torch's; 1 if --quick)"
     )
+    p.add_argument(
+        "--clock",
+        default="auto",
+        choices=["auto", "wall", "cpu"],
+        help="step timer: wall (perf_counter) or cpu (process_time, this process's CPU seconds); auto: cpu "
+        "on a CPU device with 1 torch thread (a shared machine's preemption then costs nothing), else wall",
+    )
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/<device>.json)")
     p.add_argument("--no-memory", action="store_true", help="skip the per-K memory subprocesses")
-    p.add_argument("--no-leak", action="store_true", help="skip the 1,000-step leak check")
+    p.add_argument("--no-leak", action="store_true", help="skip the leak check")
     p.add_argument(
         "--ablations", action="store_true", help="also time K=1 variants standing for proposed changes"
     )
@@ -731,58 +929,8 @@ def _fmt_bytes(n: float) -> str:
     return f"{n / 2**20:8.1f} MiB"
 
 
-def main(argv: Sequence[str] | None = None) -> dict:
-    args = _parser().parse_args(argv)
-    device = resolve_device(args.device)
-    threads = args.threads or (1 if args.quick and device.type == "cpu" else None)
-    if threads:
-        torch.set_num_threads(threads)
-    if args._worker:
-        res = _run_worker(args._worker, json.loads(args._size), device, args.seed, args._k)
-        print(json.dumps(res))
-        return res
-
-    t_start = time.perf_counter()
-    size = QUICK_SIZE if args.quick else FULL_SIZE
-    repeats = args.repeats or (3 if args.quick else 7)
-    warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
-    inner = args.inner or (5 if device.type == "cuda" else 1)
-    out_path = Path(args.out) if args.out else REPO / "benchmarks" / "results" / f"{device.type}.json"
-
-    result: dict[str, Any] = {
-        "schema": 1,
-        "mode": "quick" if args.quick else "full",
-        **environment(device),
-        "size": size,
-        "particles": list(PARTICLES),
-        "repeats": repeats,
-        "warmup": warmup,
-        "inner_steps": inner,
-        "seed": args.seed,
-        "optimizer": {k: list(v) if isinstance(v, tuple) else v for k, v in OPTIM.items()},
-        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "loadavg_start": list(os.getloadavg()),
-    }
-    print(f"device: {result['device']['name']} ({device.type}, {torch.get_num_threads()} threads)")
-    print(f"torch {torch.__version__}, pyro {pyro.__version__}; size {size}")
-    print(f"{repeats} rounds, {warmup} warm-up steps per config")
-
-    specs = [] if args.no_memory else [("mem", k) for k in PARTICLES]
-    specs += [] if args.no_leak else [("leak", 1)]
-    # quick mode: workers run concurrently with the (then meaningless) timing to keep the test short
-    collect_workers = start_workers(
-        specs, {"mem": size, "leak": LEAK_SIZE}, device, args.seed, threads, quick=args.quick
-    )
-    prob = make_problem(size, device, args.seed)
-    seed_all(args.seed)
-    times, paired = measure(prob, repeats, warmup, inner, args.seed, ablations=args.ablations)
-    if args.profile:
-        print("profile: torch.profiler, raw vs Pyro K=1 ...", flush=True)
-        result["profile"] = profile_steps(prob)
-    result["timings"] = {
-        name: {"repeats_s": ts, "median_s": statistics.median(ts)} for name, ts in times.items()
-    }
-
+def _guide_ratios(times: dict[str, list[float]], paired: dict[tuple[str, str], list[float]],
+                  ablations: bool) -> dict:
     def ratio(num: str, den: str, description: str) -> dict:
         return _ratio(times, paired, num, den, description)
 
@@ -792,118 +940,236 @@ def main(argv: Sequence[str] | None = None) -> dict:
     for k in PARTICLES[1:]:
         ratios[f"seq_k{k}_over_k1"] = ratio(f"seq_k{k}", "pyro_k1", f"sequential K={k} / K=1 step")
         ratios[f"vec_over_seq_k{k}"] = ratio(f"vec_k{k}", f"seq_k{k}", f"vectorised / sequential, K={k}")
-    if args.ablations:
+    for k in CHUNKED_K:
+        c = f"vec_k{k}_chunked"
+        desc = f"vectorised K={k}, flow run per particle (proposal)"
+        ratios[f"{c}_over_k1"] = ratio(c, "pyro_k1", f"{desc} / K=1 step")
+        ratios[f"{c}_over_seq_k{k}"] = ratio(c, f"seq_k{k}", f"{desc} / sequential K={k}")
+        ratios[f"{c}_over_vec_k{k}"] = ratio(c, f"vec_k{k}", f"{desc} / vectorised K={k}")
+    if ablations:
         for name, (desc, _) in ABLATIONS.items():
             ratios[f"{name}_over_k1"] = ratio(name, "pyro_k1", f"K=1 with {desc} / K=1 default")
             ratios[f"{name}_over_raw"] = ratio(name, "raw", f"K=1 with {desc} / raw (unpaired)")
-    result["ratios"] = ratios
+    return ratios
 
+
+def _particle_checks(ratios: dict, guide: str, suffix: str, device: torch.device) -> list[dict]:
     cpu, cuda = device.type == "cpu", device.type == "cuda"
-    targets = [
+    checks = [
         _target(
-            "pyro_step_overhead",
-            "Pyro Trace_ELBO K=1 SVI step <= 1.05x the raw VITS KL step",
-            ratios["pyro_k1_over_raw"]["median"],
-            1.05,
-            "<=",
-            True,
-        ),
-        _target(
-            "vectorised_k4_cpu",
-            "vectorised K=4 step <= 3.2x the K=1 step (CPU)",
+            "vectorised_k4_cpu" + suffix,
+            f"vectorised K=4 step <= 3.2x the K=1 step (CPU; {guide} guide)",
             ratios["vec_k4_over_k1"]["median"],
             3.2,
             "<=",
             cpu,
+            guide,
         ),
         _target(
-            "vectorised_k8_gpu",
-            "vectorised K=8 step <= 2.8x the K=1 step (GPU)",
+            "vectorised_k8_gpu" + suffix,
+            f"vectorised K=8 step <= 2.8x the K=1 step (GPU; {guide} guide)",
             ratios["vec_k8_over_k1"]["median"],
             2.8,
             "<=",
             cuda,
+            guide,
         ),
     ]
     for k in PARTICLES[1:]:
-        targets.append(
+        checks.append(
             _target(
-                f"vectorised_beats_sequential_k{k}",
-                f"vectorised K={k} faster than sequential K={k}",
+                f"vectorised_beats_sequential_k{k}" + suffix,
+                f"vectorised K={k} faster than sequential K={k} ({guide} guide)",
                 ratios[f"vec_over_seq_k{k}"]["median"],
                 1.0,
                 "<",
                 True,
+                guide,
             )
         )
+    return checks
 
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    args = _parser().parse_args(argv)
+    device = resolve_device(args.device)
+    threads = args.threads or (1 if args.quick and device.type == "cpu" else None)
+    if threads:
+        torch.set_num_threads(threads)
+    if args._worker:
+        guide = "encoder" if args.guide == "both" else args.guide
+        res = _run_worker(args._worker, json.loads(args._size), device, args.seed, args._k, guide)
+        print(json.dumps(res))
+        return res
+
+    t_start = time.perf_counter()
+    guides = list(GUIDES) if args.guide == "both" else [args.guide]
+    primary = guides[0]  # the particle-scaling targets are judged on it (encoder when selected)
+    size = QUICK_SIZE if args.quick else FULL_SIZE
+    repeats = args.repeats or (2 if args.quick else 5)
+    warmup = args.warmup if args.warmup is not None else 1
+    inner = args.inner or (5 if device.type == "cuda" else 1)
+    leak_steps = QUICK_LEAK_STEPS if args.quick else LEAK_STEPS
+    clock = args.clock
+    if clock == "auto":
+        clock = "cpu" if device.type == "cpu" and torch.get_num_threads() == 1 else "wall"
+    if clock == "cpu" and device.type == "cuda":
+        raise SystemExit("--clock cpu measures host CPU time only; use --clock wall on CUDA")
+    out_path = Path(args.out) if args.out else REPO / "benchmarks" / "results" / f"{device.type}.json"
+
+    result: dict[str, Any] = {
+        "schema": 2,
+        "mode": "quick" if args.quick else "full",
+        **environment(device),
+        "size": size,
+        "guides": guides,
+        "primary_guide": primary,
+        "guide_descriptions": {g: GUIDE_DESCRIPTIONS[g] for g in guides},
+        "particles": list(PARTICLES),
+        "repeats": repeats,
+        "warmup": warmup,
+        "inner_steps": inner,
+        "clock": clock,
+        "seed": args.seed,
+        "optimizer": {k: list(v) if isinstance(v, tuple) else v for k, v in OPTIM.items()},
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "loadavg_start": list(os.getloadavg()),
+    }
+    print(f"device: {result['device']['name']} ({device.type}, {torch.get_num_threads()} threads)")
+    print(f"torch {torch.__version__}, pyro {pyro.__version__}; size {size}; guides {guides}")
+    print(f"{repeats} rounds, {warmup} warm-up steps per config, {clock} clock")
+
+    specs = [] if args.no_memory else [("mem", g, k) for g in guides for k in PARTICLES]
+    specs += [] if args.no_leak else [("leak", g, leak_steps[-1]) for g in guides]
+    # quick mode: workers run concurrently with the (then meaningless) timing to keep the test short
+    collect_workers = start_workers(
+        specs, {"mem": size, "leak": LEAK_SIZE}, device, args.seed, threads, quick=args.quick
+    )
+    probs = {g: make_problem(size, device, args.seed, g) for g in guides}
+    seed_all(args.seed)
+    times, paired = measure(probs, repeats, warmup, inner, args.seed, ablations=args.ablations, clock=clock)
+    if args.profile:
+        result["profile"] = {}
+        for g in guides:
+            print(f"profile: torch.profiler, raw vs Pyro K=1, {g} guide ...", flush=True)
+            result["profile"][g] = profile_steps(probs[g])
+    result["timings"] = {
+        g: {name: {"repeats_s": ts, "median_s": statistics.median(ts)} for name, ts in times[g].items()}
+        for g in guides
+    }
+    ratios = {g: _guide_ratios(times[g], paired[g], args.ablations) for g in guides}
+    result["ratios"] = ratios
+
+    def suffix(g: str) -> str:
+        return "" if g == primary else f"_{g}"
+
+    targets = [
+        _target(
+            "pyro_step_overhead" + suffix(g),
+            f"Pyro Trace_ELBO K=1 SVI step <= 1.05x the raw VITS KL step ({g} guide)",
+            ratios[g]["pyro_k1_over_raw"]["median"],
+            1.05,
+            "<=",
+            True,
+            g,
+        )
+        for g in guides
+    ]
+    targets += _particle_checks(ratios[primary], primary, "", device)
+    # the other guide's particle-scaling checks, and the chunked-flow proposal: reported, not judged
+    reference = [c for g in guides if g != primary for c in _particle_checks(ratios[g], g, suffix(g), device)]
+    for g in guides:
+        for k in CHUNKED_K:
+            reference.append(
+                _target(
+                    f"vectorised_chunked_beats_sequential_k{k}" + suffix(g),
+                    f"proposal: vectorised K={k} with the flow run per particle faster than sequential K={k} "
+                    f"({g} guide)",
+                    ratios[g][f"vec_k{k}_chunked_over_seq_k{k}"]["median"],
+                    1.0,
+                    "<",
+                    True,
+                    g,
+                )
+            )
+
+    outs = []
     if specs:
         print(f"memory/leak: {len(specs)} subprocesses ...", flush=True)
         outs = collect_workers()
+    cuda = device.type == "cuda"
     if not args.no_memory:
-        per_k = {str(o["k"]): o for o in outs[: len(PARTICLES)]}
-        g1 = per_k["1"]["growth_bytes"]
-        s1 = per_k["1"]["autograd_saved_bytes"]
         result["memory"] = {
             "method": (
-                "torch.cuda.max_memory_allocated - memory_allocated over 2 steps after 2 warm-up steps"
+                "torch.cuda.max_memory_allocated - memory_allocated over 1 step after 2 warm-up steps"
                 if cuda
-                else "VmHWM - VmRSS over 2 steps after 2 warm-up steps (VmHWM reset via "
+                else "VmHWM - VmRSS over 1 step after 2 warm-up steps (VmHWM reset via "
                 "/proc/self/clear_refs; MALLOC_MMAP_THRESHOLD_=131072 so freed tensors leave the RSS); "
-                "one subprocess per K"
+                "one subprocess per guide and K"
             ),
             "mode": "vectorised",
             "linear_bound": (
                 f"growth(K) <= {RSS_LINEAR_SLACK} * K * growth(1) + {MEMORY_SLACK_BYTES // 2**20} MiB"
             ),
-            "per_k": per_k,
         }
-        for k in PARTICLES[1:]:
-            m = per_k[str(k)]
-            gk = m["growth_bytes"]
-            bound = RSS_LINEAR_SLACK * k * max(g1, 0) + MEMORY_SLACK_BYTES
-            m["growth_over_k1"] = gk / g1 if g1 > 0 else None
-            m["autograd_saved_over_k1"] = m["autograd_saved_bytes"] / s1 if s1 > 0 else None
+        for g in guides:
+            per_k = {str(o["k"]): o for o in outs if "growth_bytes" in o and o["guide"] == g}
+            result["memory"][g] = per_k
+            g1 = per_k["1"]["growth_bytes"]
+            s1 = per_k["1"]["autograd_saved_bytes"]
+            for k in PARTICLES[1:]:
+                m = per_k[str(k)]
+                gk = m["growth_bytes"]
+                bound = RSS_LINEAR_SLACK * k * max(g1, 0) + MEMORY_SLACK_BYTES
+                m["growth_over_k1"] = gk / g1 if g1 > 0 else None
+                m["autograd_saved_over_k1"] = m["autograd_saved_bytes"] / s1 if s1 > 0 else None
+                targets.append(
+                    _target(
+                        f"memory_linear_k{k}" + suffix(g),
+                        f"peak memory growth at K={k} / ({RSS_LINEAR_SLACK} * {k} * growth at K=1 + "
+                        f"{MEMORY_SLACK_BYTES // 2**20} MiB) ({g} guide)",
+                        gk / bound,
+                        1.0,
+                        "<=",
+                        True,
+                        g,
+                    )
+                )
+    if not args.no_leak:
+        result["leak"] = {}
+        for g in guides:
+            leak = next(o for o in outs if "gc_objects_growth" in o and o["guide"] == g)
+            result["leak"][g] = leak
+            a, b = leak["compared_steps"]
+            growth = leak["cuda_growth_bytes"] if cuda else leak["rss_growth_bytes"]
             targets.append(
                 _target(
-                    f"memory_linear_k{k}",
-                    f"peak memory growth at K={k} / ({RSS_LINEAR_SLACK} * {k} * growth at K=1 + "
-                    f"{MEMORY_SLACK_BYTES // 2**20} MiB)",
-                    gk / bound,
-                    1.0,
+                    "no_memory_growth" + suffix(g),
+                    f"{'CUDA allocated' if cuda else 'RSS'} growth (bytes) from step {a} to {b} "
+                    f"<= {LEAK_TOLERANCE_BYTES // 2**20} MiB (one-off allocator growth of ~2 MiB seen "
+                    f"on CPU; {g} guide)",
+                    float(growth),
+                    float(LEAK_TOLERANCE_BYTES),
                     "<=",
                     True,
+                    g,
                 )
             )
-    if not args.no_leak:
-        leak = outs[-1]
-        result["leak"] = leak
-        growth = leak["cuda_growth_bytes"] if cuda else leak["rss_growth_bytes"]
-        targets.append(
-            _target(
-                "no_memory_growth_1000_steps",
-                f"{'CUDA allocated' if cuda else 'RSS'} growth (bytes) "
-                f"from step {LEAK_STEPS[0]} to {LEAK_STEPS[1]} "
-                f"<= {LEAK_TOLERANCE_BYTES // 2**20} MiB (one-off allocator growth of ~2 MiB is seen on CPU)",
-                float(growth),
-                float(LEAK_TOLERANCE_BYTES),
-                "<=",
-                True,
+            targets.append(
+                _target(
+                    "no_python_object_growth" + suffix(g),
+                    f"live Python objects (gc) growth from step {a} to {b} "
+                    f"< {LEAK_MAX_OBJECTS} (a per-step leak would add >= {b - a}; {g} guide)",
+                    float(leak["gc_objects_growth"]),
+                    float(LEAK_MAX_OBJECTS),
+                    "<",
+                    True,
+                    g,
+                )
             )
-        )
-        targets.append(
-            _target(
-                "no_python_object_growth_1000_steps",
-                f"live Python objects (gc) growth from step {LEAK_STEPS[0]} to {LEAK_STEPS[1]} "
-                f"< {LEAK_MAX_OBJECTS} (a per-step leak would add >= {LEAK_STEPS[1] - LEAK_STEPS[0]})",
-                float(leak["gc_objects_growth"]),
-                float(LEAK_MAX_OBJECTS),
-                "<",
-                True,
-            )
-        )
 
     result["targets"] = targets
+    result["reference_checks"] = reference
     applicable = [t for t in targets if t["applicable"]]
     result["all_applicable_pass"] = all(t["pass"] for t in applicable)
     result["loadavg_end"] = list(os.getloadavg())
@@ -917,42 +1183,48 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
 
 def _print_report(res: dict) -> None:
+    guides = res["guides"]
     print()
-    print(f"{'config':<22}{'median s/step':>14}")
-    for name, t in res["timings"].items():
-        print(f"{name:<22}{t['median_s']:>14.4f}")
-    print()
-    print(f"{'ratio':<26}{'median':>8}{'min':>8}{'max':>8}")
-    for name, r in res["ratios"].items():
-        print(f"{name:<26}{r['median']:>8.3f}{min(r['repeats']):>8.3f}{max(r['repeats']):>8.3f}")
+    print(f"{'config':<22}" + "".join(f"{g + ' s/step':>16}" for g in guides))
+    names = list(dict.fromkeys(n for g in guides for n in res["timings"][g]))
+    for name in names:
+        cells = [res["timings"][g].get(name, {}).get("median_s") for g in guides]
+        print(f"{name:<22}" + "".join(f"{c:>16.4f}" if c is not None else f"{'':>16}" for c in cells))
+    for g in guides:
+        print(f"\n{g + ' guide ratio':<28}{'median':>8}{'min':>8}{'max':>8}")
+        for name, r in res["ratios"][g].items():
+            print(f"{name:<28}{r['median']:>8.3f}{min(r['repeats']):>8.3f}{max(r['repeats']):>8.3f}")
     if "memory" in res:
         print()
-        print(f"{'K':>3}{'peak growth':>16}{'autograd saved':>18}")
-        for k, m in res["memory"]["per_k"].items():
-            print(f"{k:>3}{_fmt_bytes(m['growth_bytes']):>16}{_fmt_bytes(m['autograd_saved_bytes']):>18}")
-    if "profile" in res:
-        prof = res["profile"]
+        print(f"{'guide':<9}{'K':>3}{'peak growth':>16}{'autograd saved':>18}")
+        for g in guides:
+            for k, m in res["memory"][g].items():
+                print(f"{g:<9}{k:>3}{_fmt_bytes(m['growth_bytes']):>16}"
+                      f"{_fmt_bytes(m['autograd_saved_bytes']):>18}")
+    for g, prof in res.get("profile", {}).items():
         tot = prof["self_cpu_us_per_step"]
         print(
-            f"\nprofile (self CPU per step): raw {tot['raw'] / 1e3:.1f} ms, "
+            f"\nprofile, {g} guide (self CPU per step): raw {tot['raw'] / 1e3:.1f} ms, "
             f"pyro {tot['pyro_k1'] / 1e3:.1f} ms"
         )
         print(f"{'op':<44}{'extra ms':>9}{'calls raw/pyro':>16}")
         for row in prof["top_extra_ops"][:12]:
             calls = f"{row['raw_calls']:g}/{row['pyro_calls']:g}"
             print(f"{row['op'][:43]:<44}{row['extra_us'] / 1e3:>9.2f}{calls:>16}")
-    if "leak" in res:
-        lk = res["leak"]
-        growth = lk["rss_growth_bytes"] / 2**20
+    for g, lk in res.get("leak", {}).items():
+        a, b = lk["compared_steps"]
         print(
-            f"\nleak: RSS step {LEAK_STEPS[0]}->{LEAK_STEPS[1]}: {growth:+.2f} MiB, "
+            f"\nleak, {g} guide: RSS step {a}->{b}: {lk['rss_growth_bytes'] / 2**20:+.2f} MiB, "
             f"gc objects {lk['gc_objects_growth']:+d}"
         )
     print()
-    for t in res["targets"]:
-        flag = "n/a " if not t["applicable"] else ("PASS" if t["pass"] else "FAIL")
+    for t in res["targets"] + res["reference_checks"]:
+        ref = t in res["reference_checks"]
+        flag = "n/a " if not t["applicable"] else ("pass" if ref and t["pass"] else "fail" if ref else
+                                                   "PASS" if t["pass"] else "FAIL")
         value = "None" if t["value"] is None else f"{t['value']:.4g}"
-        print(f"[{flag}] {t['name']:<34} {value} {t['op']} {t['threshold']:g}   ({t['description']})")
+        print(f"[{flag}] {t['name']:<42} {value} {t['op']} {t['threshold']:g}   ({t['description']})")
+    print("(lower-case pass/fail: reference checks, not judged)")
 
 
 if __name__ == "__main__":
