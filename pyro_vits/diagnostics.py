@@ -22,6 +22,7 @@ from pyro.poutine.util import site_is_subsample
 from torch import Tensor
 
 from . import _arviz_compat
+from ._validate import check_positive_ints
 
 __all__ = [
     "GradientStats",
@@ -268,8 +269,7 @@ def guide_samples(
 ) -> dict[str, np.ndarray]:
     """Draws of the guide's latent ``sites`` via ``pyro.infer.Predictive`` (vectorised):
     ``{site: (num_samples, *site_shape)}`` as float64 numpy. Seeded; the global RNG is left untouched."""
-    if not isinstance(num_samples, int) or num_samples < 1:
-        raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
+    check_positive_ints(num_samples=num_samples)
     predictive = Predictive(model, guide=guide, num_samples=num_samples, return_sites=list(sites),
                             parallel=True)
     with _seeded(seed), torch.no_grad():
@@ -340,8 +340,7 @@ def write_run_inference_data(
     metrics_path, config_path = run_dir / "metrics.jsonl", run_dir / "config.json"
     if not metrics_path.exists() or not config_path.exists():
         raise ValueError(f"run_dir must hold config.json and metrics.jsonl from train.fit, got {run_dir}")
-    if not isinstance(max_utterances, int) or max_utterances < 1:
-        raise ValueError(f"max_utterances must be a positive int, got {max_utterances!r}")
+    check_positive_ints(max_utterances=max_utterances)
     records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
     if not records:
         raise ValueError(f"{metrics_path} has no records")

@@ -20,6 +20,7 @@ from pyro.distributions import TransformedDistribution, constraints
 from torch import Tensor
 from torch.distributions import Distribution, Transform
 
+from ._validate import check_positive_ints
 from .prior import MaskedNormal, check_mask
 
 __all__ = [
@@ -261,8 +262,7 @@ def sample_kl_estimates(
 ) -> dict[str, Tensor]:
     """Draw ``num_samples`` ``z ~ q`` (seeded, global RNG untouched) and evaluate each named estimator on
     the same draws (one ``log p`` evaluation, no autograd graph): ``{name: (num_samples, ...)}``."""
-    if not isinstance(num_samples, int) or num_samples < 1:
-        raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
+    check_positive_ints(num_samples=num_samples)
     m_q, logs_q = _tensor(m_q, "m_q"), _tensor(logs_q, "logs_q")
     if mask is None and isinstance(getattr(prior, "mask", None), Tensor):
         mask = prior.mask
@@ -421,8 +421,7 @@ def prob_negative(samples: Tensor | np.ndarray) -> tuple[float, float]:
 def prob_negative_normal_approx(kl: float | Tensor, sigma: float | Tensor, n: int) -> Tensor:
     """``P(mean of n estimates < 0) ~= Phi(-sqrt(n) KL / sigma)`` (CLT), for per-estimate mean ``kl``
     and standard deviation ``sigma``; broadcasts, returns float64."""
-    if not isinstance(n, int) or n < 1:
-        raise ValueError(f"n must be a positive int, got {n!r}")
+    check_positive_ints(n=n)
     kl_t, sigma_t = torch.as_tensor(kl, dtype=torch.float64), torch.as_tensor(sigma, dtype=torch.float64)
     if not bool((sigma_t > 0).all()):
         raise ValueError("sigma must be positive")

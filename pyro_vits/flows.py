@@ -14,6 +14,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.parametrizations import weight_norm
 
+from ._validate import check_positive_ints
+
 __all__ = [
     "WN",
     "ResidualCouplingLayer",
@@ -171,16 +173,8 @@ class ResidualCouplingBlock(nn.Module):
         mean_only: bool = True,
     ) -> None:
         super().__init__()
-        for name, value in [
-            ("channels", channels),
-            ("hidden_channels", hidden_channels),
-            ("kernel_size", kernel_size),
-            ("dilation_rate", dilation_rate),
-            ("n_layers", n_layers),
-            ("n_flows", n_flows),
-        ]:
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        check_positive_ints(channels=channels, hidden_channels=hidden_channels, kernel_size=kernel_size,
+                            dilation_rate=dilation_rate, n_layers=n_layers, n_flows=n_flows)
         if not isinstance(gin_channels, int) or gin_channels < 0:
             raise ValueError(f"gin_channels must be a non-negative int, got {gin_channels!r}")
         self.channels = channels

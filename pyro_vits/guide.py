@@ -16,6 +16,7 @@ import pyro
 import torch
 from torch import Tensor, nn
 
+from ._validate import check_positive_ints
 from .flows import WN
 from .model import Batch, VITSPriorModel, utterance_plate
 from .prior import MaskedNormal
@@ -70,11 +71,8 @@ class PosteriorEncoder(GaussianGuide):
         name: str = "guide",
     ) -> None:
         super().__init__(name)
-        sizes = (("x_channels", x_channels), ("channels", channels), ("hidden_channels", hidden_channels),
-                 ("kernel_size", kernel_size), ("dilation_rate", dilation_rate), ("n_layers", n_layers))
-        for arg, value in sizes:
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{arg} must be a positive int, got {value!r}")
+        check_positive_ints(x_channels=x_channels, channels=channels, hidden_channels=hidden_channels,
+                            kernel_size=kernel_size, dilation_rate=dilation_rate, n_layers=n_layers)
         for arg, value in (("n_speakers", n_speakers), ("gin_channels", gin_channels)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"{arg} must be a non-negative int, got {value!r}")
@@ -126,9 +124,7 @@ class LocalGuide(GaussianGuide):
         name: str = "guide",
     ) -> None:
         super().__init__(name)
-        for arg, value in (("num_data", num_data), ("channels", channels), ("frames", frames)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{arg} must be a positive int, got {value!r}")
+        check_positive_ints(num_data=num_data, channels=channels, frames=frames)
         if not init_scale > 0:
             raise ValueError(f"init_scale must be positive, got {init_scale!r}")
         shape = (num_data, channels, frames)

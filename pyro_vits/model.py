@@ -23,6 +23,7 @@ from pyro import poutine
 from pyro.poutine.util import site_is_subsample
 from torch import Tensor, nn
 
+from ._validate import check_positive_ints
 from .flows import ResidualCouplingBlock, flatten_leading
 from .prior import FlowPrior, MaskedNormal, check_mask
 
@@ -307,8 +308,7 @@ def sample_dataset(
     Uses ``seed`` without touching the global RNG; tensors are on the teacher's device and dtype.
     """
     min_frames = max(1, frames // 2) if min_frames is None else min_frames
-    if not (isinstance(n, int) and n >= 1):
-        raise ValueError(f"n must be a positive int, got {n!r}")
+    check_positive_ints(n=n)
     if not (isinstance(frames, int) and isinstance(min_frames, int) and 1 <= min_frames <= frames):
         raise ValueError(f"need 1 <= min_frames <= frames, got min_frames={min_frames!r}, frames={frames!r}")
     if not phone_frames >= 1:
@@ -370,13 +370,11 @@ def evaluate(
     ``evaluate(teacher, ObservationGuide.for_teacher(teacher), data)``. Runs without gradients, in
     chunks of ``batch_size`` utterances, seeded by ``seed`` without touching the global RNG.
     """
-    if not (isinstance(num_samples, int) and num_samples >= 1):
-        raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
+    check_positive_ints(num_samples=num_samples)
     if not isinstance(data, Batch):
         raise TypeError(f"data must be a Batch, got {type(data).__name__}")
     batch_size = data.n if batch_size is None else batch_size
-    if not (isinstance(batch_size, int) and batch_size >= 1):
-        raise ValueError(f"batch_size must be a positive int or None, got {batch_size!r}")
+    check_positive_ints(batch_size=batch_size, allow_none=True)
     device = data.x.device
     elbo_k = kl = recon = iwae = 0.0
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():

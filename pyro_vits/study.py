@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from . import _arviz_compat, diagnostics, plots
+from ._validate import check_positive_ints
 from .elbo import STL_ELBO, HybridEntropyELBO, IWAE_DReG
 from .estimators import (
     CosFlowPrior,
@@ -214,11 +215,6 @@ def _check_config(config: Any) -> None:
     if not isinstance(config, StudyConfig):
         raise TypeError(f"config must be a StudyConfig (e.g. PRESETS['quick']), got {type(config).__name__}")
 
-
-def _positive_ints(**values: Any) -> None:
-    for name, value in values.items():
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
 def _col(*values: float) -> Tensor:
@@ -574,7 +570,7 @@ def fix_gradient_study(config: StudyConfig) -> Sweep:
 def logdet_study(num_inputs: int = 4, channels: int = 4, frames: int = 6, seed: int = 0) -> dict:
     """``log|det J|`` of random VITS blocks by autograd (dense ``(C T) x (C T)`` Jacobian) against the
     block's own ``logdet``: exactly 0 for mean-only couplings, data-dependent for affine ones."""
-    _positive_ints(num_inputs=num_inputs, channels=channels, frames=frames)
+    check_positive_ints(num_inputs=num_inputs, channels=channels, frames=frames)
     if channels % 2:
         raise ValueError(f"channels must be even (couplings split them in halves), got {channels}")
     gen = torch.Generator().manual_seed(seed)
@@ -596,7 +592,7 @@ def cos_density_grid(a: float = COS_A, num_points: int = 121, width: float = 3.5
     """Log-densities on a ``num_points``-square grid over ``[-width, width]^2`` of the cos-flow prior
     (``a``, standard-normal base) and of its Gaussian base: ``{"x": (P,), "log_prior": (P, P),
     "log_base": (P, P)}`` indexed ``[x1, x0]``."""
-    _positive_ints(num_points=num_points)
+    check_positive_ints(num_points=num_points)
     if not width > 0:
         raise ValueError(f"width must be positive, got {width!r}")
     u = torch.linspace(-width, width, num_points, dtype=D64)

@@ -38,6 +38,7 @@ from pyro.poutine.util import site_is_subsample
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ._validate import check_positive_ints
 from .elbo import IWAE_DReG, STL_ELBO, HybridEntropyELBO
 from .flows import ResidualCouplingBlock, load_vits_flow
 from .model import Batch, _vectorised, evaluate
@@ -149,14 +150,14 @@ def make_elbo(estimator: str = "trace", particles: int = 1, vectorize: bool = Tr
     VITS's analytic-entropy estimator), ``stl``, ``iwae_dreg``."""
     if estimator not in ESTIMATORS:
         raise ValueError(f"estimator must be one of {tuple(ESTIMATORS)}, got {estimator!r}")
-    _positive_int("particles", particles)
+    check_positive_ints(particles=particles)
     return ESTIMATORS[estimator](num_particles=particles, vectorize_particles=vectorize, max_plate_nesting=1)
 
 
 def geometric_lrd(final_lr_ratio: float, steps: int) -> float:
     """``ClippedAdam``'s per-step decay ``lrd`` that takes the learning rate to ``final_lr_ratio`` times its
     initial value over ``steps`` steps."""
-    _positive_int("steps", steps)
+    check_positive_ints(steps=steps)
     ratio = final_lr_ratio
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
         raise ValueError(f"final_lr_ratio must be in (0, 1], got {ratio!r}")
@@ -190,11 +191,6 @@ def _describe(data: Batch | None) -> dict[str, Any] | None:
                 speakers=data.speaker is not None, dtype=str(data.x.dtype))
 
 
-def _positive_int(name: str, value: Any, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be a positive int{' or None' if allow_none else ''}, got {value!r}")
 
 
 def _first_line(err: BaseException) -> str:
@@ -511,13 +507,9 @@ def fit(
     """
     if not isinstance(data, Batch) or (heldout is not None and not isinstance(heldout, Batch)):
         raise TypeError("data (and heldout, when given) must be pyro_vits.model.Batch instances")
-    _positive_int("steps", steps)
-    _positive_int("log_every", log_every)
-    _positive_int("eval_samples", eval_samples)
-    _positive_int("eval_size", eval_size)
-    _positive_int("batch_size", batch_size, allow_none=True)
-    _positive_int("particles", particles, allow_none=True)
-    _positive_int("checkpoint_every", checkpoint_every, allow_none=True)
+    check_positive_ints(steps=steps, log_every=log_every, eval_samples=eval_samples, eval_size=eval_size)
+    check_positive_ints(batch_size=batch_size, particles=particles, checkpoint_every=checkpoint_every,
+                        allow_none=True)
     if not lr > 0:
         raise ValueError(f"lr must be positive, got {lr!r}")
     if not 0 < lrd <= 1:

@@ -247,3 +247,12 @@ def test_resume_from_a_checkpoint_with_wrong_shapes(data, tmp_path):
     torch.save(checkpoint, out / "checkpoint.pt")
     with pytest.raises(ValueError, match=r"is not a resumable pyro_vits checkpoint: it lacks \['model'\]"):
         quick_fit(data, out_dir=out, resume=True, steps=3)
+
+
+@pytest.mark.parametrize("value", [0, -2, 1.5, True, "3", None])
+def test_check_positive_ints_names_the_argument(value):
+    from pyro_vits._validate import check_positive_ints
+
+    with pytest.raises(ValueError, match=r"^steps must be a positive int, got "):
+        check_positive_ints(steps=value)
+    check_positive_ints(steps=1, batch_size=None, allow_none=True)
