@@ -111,21 +111,6 @@ def group(idata: Any, name: str) -> xr.Dataset:
     return node if isinstance(node, xr.Dataset) else node.to_dataset()
 
 
-def ess(data: xr.Dataset, method: str = "bulk") -> xr.Dataset:
-    """Effective sample size over (chain, draw)."""
-    return az.ess(data, method=method)
-
-
-def rhat(data: xr.Dataset, method: str = "rank") -> xr.Dataset:
-    """Rank-normalised split R-hat over (chain, draw)."""
-    return az.rhat(data, method=method)
-
-
-def mcse(data: xr.Dataset, method: str = "mean") -> xr.Dataset:
-    """Monte-Carlo standard error over (chain, draw)."""
-    return az.mcse(data, method=method)
-
-
 class _DropShapeWarning(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         return not record.getMessage().startswith("Shape validation failed")
@@ -140,6 +125,24 @@ def _quiet_shape_check() -> Iterator[None]:
         yield
     finally:
         logger.removeFilter(flt)
+
+
+def ess(data: xr.Dataset, method: str = "bulk") -> xr.Dataset:
+    """Effective sample size over (chain, draw)."""
+    with _quiet_shape_check():
+        return az.ess(data, method=method)
+
+
+def rhat(data: xr.Dataset, method: str = "rank") -> xr.Dataset:
+    """Rank-normalised split R-hat over (chain, draw)."""
+    with _quiet_shape_check():
+        return az.rhat(data, method=method)
+
+
+def mcse(data: xr.Dataset, method: str = "mean") -> xr.Dataset:
+    """Monte-Carlo standard error over (chain, draw)."""
+    with _quiet_shape_check():
+        return az.mcse(data, method=method)
 
 
 def summary(data: xr.Dataset) -> pd.DataFrame:
