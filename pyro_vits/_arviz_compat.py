@@ -119,7 +119,8 @@ class _DropShapeWarning(logging.Filter):
 @contextmanager
 def _quiet_shape_check() -> Iterator[None]:
     """ArviZ logs "Shape validation failed" for one chain or < 4 draws: R-hat is then undefined (NaN)."""
-    logger, flt = logging.getLogger("arviz.stats.stats_utils"), _DropShapeWarning()
+    # arviz 0.2x logs on its own ``arviz._log`` Logger instance, which logging.getLogger("arviz") does not return
+    logger, flt = getattr(az, "_log", logging.getLogger("arviz")), _DropShapeWarning()
     logger.addFilter(flt)
     try:
         yield
