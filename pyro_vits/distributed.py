@@ -60,6 +60,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from .model import Batch
+from .train import resolve_device
 
 __all__ = [
     "DataParallelELBO",
@@ -150,16 +151,12 @@ class DistributedContext:
 
 def _device(device: str | torch.device, local_rank: int) -> torch.device:
     """``cpu``, or ``cuda:<LOCAL_RANK>`` for ``cuda``/``auto`` with CUDA available."""
-    text = str(device)
-    if text == "auto":
-        text = "cuda" if torch.cuda.is_available() else "cpu"
-    if text == "cpu":
-        return torch.device("cpu")
-    if text != "cuda":
+    if str(device) not in ("auto", "cpu", "cuda"):
         raise ValueError(f"with distributed training the device must be 'auto', 'cpu' or 'cuda' (each "
                          f"process then uses cuda:<LOCAL_RANK>), got {device!r}")
-    if not torch.cuda.is_available():
-        raise ValueError("device='cuda' but CUDA is not available (use 'cpu' or 'auto')")
+    resolved = resolve_device(str(device))  # "auto" -> cuda/cpu; "cuda" without CUDA -> ValueError
+    if resolved.type == "cpu":
+        return resolved
     if local_rank >= torch.cuda.device_count():
         raise ValueError(f"LOCAL_RANK={local_rank} but only {torch.cuda.device_count()} CUDA device(s) "
                          "exist: start at most one process per GPU (torchrun --nproc_per_node)")
