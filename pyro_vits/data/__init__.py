@@ -1,0 +1,1 @@
+"""Data: batches, the synthetic teacher, speech corpora, alignment."""
