@@ -140,7 +140,7 @@ PRESETS: dict[str, StudyConfig] = {
         ratio_grid=tuple(float(r) for r in np.round(np.geomspace(0.2, 2.0, 13), 4)) + (1 / math.sqrt(2),),
         ratio_draws=16384, gradient_batch=16, gradient_replicates=8192, train_sizes=(4, 16, 24),
         train_utterances=(256, 32), batch_size=16, train_budget=640, train_logs=8, eval_samples=128,
-        psis_samples=200, snr_batch_sizes=(16,), snr_repeats=8, dreg_dims=(1, 16, 96), dreg_repeats=2048,
+        psis_samples=200, snr_batch_sizes=(16,), snr_repeats=8, dreg_dims=(1, 16, 96), dreg_repeats=256,
         timing_steps=20, **_COMMON,
     ),
 }
