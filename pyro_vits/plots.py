@@ -81,15 +81,16 @@ def _require(mapping: Mapping[str, Any], keys: Sequence[str], name: str) -> None
         raise ValueError(f"{name} lacks keys {missing}")
 
 
-def _finish(fig: Figure, axes: Sequence[Any], path: str | os.PathLike, shared_legend: bool = False) -> None:
+def _finish(fig: Figure, axes: Sequence[Any], path: str | os.PathLike, shared_legend: bool = False,
+            ncol: int = 4, fontsize: str = "small") -> None:
     """Grids and legends (one below the panels with ``shared_legend``), then save as PNG."""
     for ax in axes:
         ax.grid(alpha=0.3)
         if not shared_legend and ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize="small")
+            ax.legend(fontsize=fontsize, framealpha=0.85)
     if shared_legend:
         handles, labels = axes[0].get_legend_handles_labels()
-        fig.legend(handles, labels, loc="outside lower center", ncol=min(4, len(labels)), fontsize="small")
+        fig.legend(handles, labels, loc="outside lower center", ncol=min(ncol, len(labels)), fontsize="small")
     fig.savefig(path, dpi=_DPI)
 
 
@@ -140,7 +141,7 @@ def plot_estimator_histograms(
         ax.set_xlabel("KL estimate (nats per frame)")
         ax.set_ylabel("density (1 / nats)")
         ax.set_title(setting)
-    _finish(fig, axes, path)
+    _finish(fig, axes, path, fontsize="x-small")
 
 
 def plot_negative_vs_batch_size(negative: Mapping[str, Any], path: str | os.PathLike) -> None:
@@ -148,7 +149,7 @@ def plot_negative_vs_batch_size(negative: Mapping[str, Any], path: str | os.Path
     sizes with no negative batch drawn as open markers at the exact value), the exact saddlepoint tail
     (solid) and the normal approximation (dotted). ``negative``: ``negative_batch_study``'s results."""
     _require(negative, ("by_estimator",), "negative")
-    fig, (ax,) = _figure(1, width=5.6, height=4.2)
+    fig, (ax,) = _figure(1, width=7.0, height=5.6)
     for i, (name, row) in enumerate(negative["by_estimator"].items()):
         _require(row, ("by_batch_size", "curve"), f"negative[{name!r}]")
         rows = row["by_batch_size"]
@@ -167,10 +168,10 @@ def plot_negative_vs_batch_size(negative: Mapping[str, Any], path: str | os.Path
                 label=f"{name}: normal approx.")
     ax.set_xscale("log")
     ax.set_yscale("log")
-    ax.set_ylim(bottom=1e-8, top=1.0)
+    ax.set_ylim(bottom=1e-12, top=1.0)
     ax.set_xlabel("batch size N (utterances)")
     ax.set_ylabel("P(batch-mean KL estimate < 0)")
-    _finish(fig, [ax], path, shared_legend=True)
+    _finish(fig, [ax], path, shared_legend=True, ncol=3)
 
 
 def plot_negative_regime(regime: Mapping[str, Any], path: str | os.PathLike) -> None:

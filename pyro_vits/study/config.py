@@ -119,9 +119,9 @@ PRESETS: dict[str, StudyConfig] = {
         vits_draws=64, vits_batch=(2, 8, 8), vits_hidden=4, negative_batch_sizes=(1, 4, 16),
         negative_replicates=64, regime_frames=(100, 1000), regime_sim_frames=20, regime_sim_batches=64,
         ratio_grid=(0.5, 1.0), ratio_draws=256, gradient_batch=4, gradient_replicates=64,
-        train_sizes=(2, 4, 8), train_utterances=(8, 4), batch_size=4, train_budget=32, train_logs=2,
+        train_sizes=(2, 4, 8), train_utterances=(8, 4), batch_size=4, train_budget=8, train_logs=2,
         eval_samples=8, psis_samples=16, snr_batch_sizes=(4,), snr_repeats=2, dreg_dims=(1,), dreg_repeats=32,
-        timing_steps=1, **_COMMON,
+        timing_steps=1, **{**_COMMON, "particles": (1, 2)},
     ),
     "quick": StudyConfig(
         name="quick", seeds=(0, 1), estimator_draws=1024, quadrature_points=101, reference_draws=2048,
@@ -140,7 +140,7 @@ PRESETS: dict[str, StudyConfig] = {
         ratio_grid=tuple(float(r) for r in np.round(np.geomspace(0.2, 2.0, 13), 4)) + (1 / math.sqrt(2),),
         ratio_draws=16384, gradient_batch=16, gradient_replicates=8192, train_sizes=(4, 16, 24),
         train_utterances=(256, 32), batch_size=16, train_budget=640, train_logs=8, eval_samples=128,
-        psis_samples=200, snr_batch_sizes=(16,), snr_repeats=8, dreg_dims=(1, 16, 96), dreg_repeats=256,
+        psis_samples=200, snr_batch_sizes=(16,), snr_repeats=8, dreg_dims=(1, 16, 96), dreg_repeats=128,
         timing_steps=20, **_COMMON,
     ),
 }
