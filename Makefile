@@ -29,4 +29,4 @@ clean:
 # docs/tables/*.md, docs/kl_estimators.md rendered from docs/kl_estimators.template.md). CPU, reproducible.
 .PHONY: docs
 docs: install
-	$(BIN)/python examples/compare_kl_estimators.py --preset docs --device cpu --out runs/kl-study-docs --docs docs
+	$(BIN)/python -m pyro_vits.study.app --preset docs --device cpu --out runs/kl-study-docs --docs docs

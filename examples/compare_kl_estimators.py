@@ -1,18 +1,17 @@
 """Compare one-sample KL estimators of VITS's loss, then run the whole study.
 
 A short tour of :mod:`pyro_vits.estimators` on the cos-flow prior (unit Jacobian, not Gaussian): the hybrid
-``vits`` estimator, full Monte Carlo ``mc``, the ``control_variate`` one and the element-wise ``abs``
-patch, their mean against the quadrature truth, their spread and how often they are negative; then
-``pyro_vits.study`` (the docs' numbers) with the same arguments as ``pyro-vits study``:
+``vits`` estimator, full Monte Carlo ``mc``, the ``control_variate`` one, the element-wise ``abs`` patch and
+``k3``: their mean against the quadrature truth, their spread and how often they are negative. Then
+:mod:`pyro_vits.study` (the docs' numbers) with the options of ``pyro-vits study``:
 
-    python examples/compare_kl_estimators.py --preset test           # seconds
-    python examples/compare_kl_estimators.py --preset docs --docs docs  # make docs
+    python examples/compare_kl_estimators.py --preset test               # seconds
+    python examples/compare_kl_estimators.py --preset docs --docs docs   # what make docs runs
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 
 import torch
 
@@ -24,7 +23,7 @@ from pyro_vits.study import app
 NAMES = ("vits", "mc", "control_variate", "abs_elementwise", "k3")
 
 
-def tour(num_samples: int = 20000) -> None:
+def tour(num_samples: int) -> None:
     """Print mean ± MCSE, sd and P(< 0) of each estimator against the quadrature KL (nats)."""
     zero = torch.zeros(2, 1, dtype=torch.float64)
     m_q = torch.tensor([[0.3], [-0.2]], dtype=torch.float64)
@@ -38,13 +37,16 @@ def tour(num_samples: int = 20000) -> None:
               f"P(<0) {(x < 0).double().mean():.3f}")
 
 
-def main(args: argparse.Namespace, argv: list[str]) -> int:
+def main(args: argparse.Namespace) -> int:
     tour(args.tour_samples)
-    return app.main(argv)
+    return app.run(args)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = app.build_parser("compare_kl_estimators.py")
+    parser.add_argument("--tour-samples", type=int, default=20000, help="draws per estimator in the tour")
+    return parser.parse_args(argv)
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], add_help=False)
-    parser.add_argument("--tour-samples", type=int, default=20000)
-    known, rest = parser.parse_known_args()
-    sys.exit(run_main(lambda argv: main(known, argv), rest, prog="compare_kl_estimators.py"))
+    raise SystemExit(run_main(lambda argv: main(parse_args(argv)), prog="compare_kl_estimators.py"))

@@ -20,7 +20,7 @@ from ..train import resolve_device
 from .config import PRESETS, load_config
 from .report import publish_docs, run_study
 
-__all__ = ["build_parser", "main", "headline"]
+__all__ = ["build_parser", "main", "run", "headline"]
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
@@ -64,8 +64,13 @@ def headline(results: dict[str, Any]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the study; user errors (a bad preset/config/device, a missing docs template) are raised."""
-    args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    """Parse ``argv`` (default ``sys.argv[1:]``) and :func:`run` the study; returns the exit code."""
+    return run(build_parser().parse_args(list(sys.argv[1:] if argv is None else argv)))
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the study for parsed arguments (:func:`build_parser`); user errors (a bad preset/config/device,
+    a missing docs template) are raised, not printed."""
     if args.threads < 1:
         raise ValueError(f"--threads must be >= 1, got {args.threads}")
     config = load_config(args.config, PRESETS[args.preset]) if args.config else PRESETS[args.preset]

@@ -23,16 +23,16 @@ _PLACEHOLDER = re.compile(r"\{\{\s*([^{}:\s]+)\s*(?::\s*([^{}]*?))?\s*\}\}")
 
 def render_markdown(template: str, results: Mapping[str, Any]) -> str:
     """Replace every ``{{ dotted.path:format }}`` in ``template`` by ``format(results[dotted][path], format)``
-    (e.g. ``{{ quality.cos2d.truth:.4f }}``; an integer part indexes a list); a path that does not resolve
-    raises ``KeyError`` naming it."""
+    (e.g. ``{{ quality.cos2d.truth:.4f }}``; an integer part indexes a list; ``\\.`` is a dot inside a key,
+    as in ``{{ regime.by_kl.0\\.1.channels }}``); a path that does not resolve raises ``KeyError`` naming it."""
     if not isinstance(template, str):
         raise TypeError(f"template must be a str, got {type(template).__name__}")
 
     def lookup(match: re.Match[str]) -> str:
         path, spec = match.group(1), match.group(2) or ""
         value: Any = results
-        for part in path.split("."):
-            value = _child(value, part, path)
+        for part in re.split(r"(?<!\\)\.", path):
+            value = _child(value, part.replace("\\.", "."), path)
         return format(value, spec)
 
     return _PLACEHOLDER.sub(lookup, template)
