@@ -158,13 +158,16 @@ def plot_negative_vs_batch_size(negative: Mapping[str, Any], path: str | os.Path
         se = np.array([rows[k]["p_negative_se"] for k in rows])
         exact = np.array([rows[k]["p_exact"] for k in rows])
         seen = p > 0
-        ax.errorbar(n[seen], p[seen], yerr=2 * se[seen], fmt="o", ms=4, capsize=3, color=f"C{i}",
-                    label=f"{name}: measured (±2 SE)")
+        lower = np.minimum(2 * se[seen], 0.9 * p[seen])  # a log axis cannot show a bar below 0
+        ax.errorbar(n[seen], p[seen], yerr=(lower, 2 * se[seen]), fmt="o", ms=7 - 2 * i, capsize=3,
+                    color=f"C{i}", label=f"{name}: measured (±2 SE)")
         if (~seen).any():
-            ax.plot(n[~seen], exact[~seen], "o", mfc="none", color=f"C{i}", label=f"{name}: none measured")
+            ax.plot(n[~seen], exact[~seen], "o", mfc="none", ms=8 - 2 * i, color=f"C{i}",
+                    label=f"{name}: none measured")
         curve = row["curve"]
-        ax.plot(curve["batch_size"], curve["p_exact"], color=f"C{i}", lw=1.2, label=f"{name}: exact tail")
-        ax.plot(curve["batch_size"], curve["p_normal_approx"], color=f"C{i}", ls=":", lw=1.2,
+        width = 3.0 - 0.8 * i  # later estimators drawn thinner on top: coinciding curves stay visible
+        ax.plot(curve["batch_size"], curve["p_exact"], color=f"C{i}", lw=width, label=f"{name}: exact tail")
+        ax.plot(curve["batch_size"], curve["p_normal_approx"], color=f"C{i}", ls=":", lw=width,
                 label=f"{name}: normal approx.")
     ax.set_xscale("log")
     ax.set_yscale("log")

@@ -20,7 +20,7 @@ from .fixes import FIXES, fix_gradient_study, gradient_identity, sigma_optimum_s
 from .flowfacts import cos_density_grid, logdet_study
 from .negative import exact_tail, negative_batch_study, regime_profile, regime_study
 from .quality import QUALITY_ESTIMATORS, estimator_quality_study
-from .report import DOCS_TABLES, FIGURES, publish_docs, run_study
+from .report import DOCS_TABLES, FIGURES, publish_docs, redraw_figures, run_study
 from .snr import PARAM_GROUPS, SNR_ELBOS, SNR_NOISE, dreg_linear_gaussian_study, snr_study
 from .template import render_markdown
 from .training import prior_kl_to_teacher, student, timing_study, training_data, training_study
@@ -32,5 +32,5 @@ __all__ = [
     "fix_gradient_study", "sigma_optimum_study", "gradient_identity", "logdet_study", "cos_density_grid",
     "training_data", "student", "prior_kl_to_teacher", "training_study", "timing_study", "SNR_ELBOS",
     "PARAM_GROUPS", "SNR_NOISE", "snr_study", "dreg_linear_gaussian_study", "FIGURES", "run_study",
-    "render_markdown", "DOCS_TABLES", "publish_docs",
+    "render_markdown", "DOCS_TABLES", "publish_docs", "redraw_figures",
 ]

@@ -28,7 +28,7 @@ from .template import render_markdown
 from .training import training_data, training_study, timing_study
 from .variance import variance_ratio_study
 
-__all__ = ["FIGURES", "DOCS_TABLES", "run_study", "publish_docs"]
+__all__ = ["FIGURES", "DOCS_TABLES", "run_study", "redraw_figures", "publish_docs"]
 
 FIGURES = (
     "estimator_histograms", "negative_vs_batch_size", "negative_regime", "variance_ratio", "sigma_optimum",
@@ -68,9 +68,11 @@ def _derived(results: Mapping[str, Any], config: StudyConfig) -> dict[str, Any]:
     }
 
 
-def _figures(results: Mapping[str, Any], sweeps: Mapping[str, Sweep], config: StudyConfig, folder: Path) -> None:
+def _figures(results: Mapping[str, Any], hist: Mapping[str, Mapping[str, np.ndarray]], config: StudyConfig,
+             folder: Path) -> None:
+    """Every figure of :data:`FIGURES` into ``folder`` from ``results`` and the quality sweeps' draws
+    ``hist`` (setting -> estimator -> ``(seed, draw)``)."""
     quality = results["quality"]
-    hist = {s: sweeps["quality"].draws(f"quality_{s}") for s in quality}
     plots.plot_estimator_histograms(
         hist, {s: quality[s]["truth"] for s in quality},
         {s: quality[s]["estimators"]["gaussian_closed_form"]["value"] for s in quality},
@@ -145,10 +147,26 @@ def run_study(
             _arviz_compat.save(idata, out / "netcdf" / f"{stem}.nc")
         for stem, table in sweep.tables.items():
             diagnostics.write_summary(table, out / "tables" / stem)
-    timed("figures", _figures, results, sweeps, config, out / "figures")
+    hist = {s: sweeps["quality"].draws(f"quality_{s}") for s in results["quality"]}
+    timed("figures", _figures, results, hist, config, out / "figures")
     results["wall_s"]["total"] = time.perf_counter() - started
     _write_text(out / "results.json", json.dumps(results, indent=1, sort_keys=True, default=_json_default) + "\n")
     return results
+
+
+def redraw_figures(out_dir: str | Path) -> None:
+    """Redraw ``out_dir/figures/*.png`` of a finished :func:`run_study` from its ``results.json`` and
+    ``netcdf/quality_*.nc`` (after a change to :mod:`pyro_vits.plots`; no sweep is rerun)."""
+    out = Path(out_dir)
+    if not (out / "results.json").is_file():
+        raise FileNotFoundError(f"missing {out / 'results.json'}: run run_study into out_dir first")
+    results = json.loads((out / "results.json").read_text())
+    config = StudyConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in results["config"].items()})
+    hist = {}
+    for setting in results["quality"]:
+        data = _arviz_compat.group(_arviz_compat.load(out / "netcdf" / f"quality_{setting}.nc"), "posterior")
+        hist[setting] = {str(name): data[name].values for name in data.data_vars}
+    _figures(results, hist, config, out / "figures")
 
 
 def _json_default(value: Any) -> Any:
