@@ -1,0 +1,39 @@
+"""Prior flows of the VITS family as torch modules (no Pyro here), with the upstream parameter names.
+
+- :mod:`.residual`: VITS / coqui-TTS residual couplings (``ResidualCouplingBlock``, the base of every block).
+- :mod:`.transformer`: VITS2's five ``transformer_flow_type`` s and Bert-VITS2's ``TransformerCouplingBlock``.
+- :mod:`.load`: :func:`load_vits_flow` / :func:`read_vits_checkpoint` recognise and strictly load all of them.
+"""
+
+from .load import VITSFlowCheckpoint, load_vits_flow, read_vits_checkpoint
+from .residual import WN, AffineCoupling, Flip, ResidualCouplingBlock, ResidualCouplingLayer, flatten_leading
+from .transformer import (
+    TRANSFORMER_FLOW_TYPES,
+    FFTransformerCouplingLayer,
+    MonoTransformerFlowLayer,
+    ResidualCouplingTransformersBlock,
+    ResidualCouplingTransformersLayer,
+    ResidualCouplingTransformersLayer2,
+    TransformerCouplingBlock,
+    TransformerCouplingLayer,
+)
+
+__all__ = [
+    "WN",
+    "AffineCoupling",
+    "ResidualCouplingLayer",
+    "Flip",
+    "ResidualCouplingBlock",
+    "flatten_leading",
+    "TRANSFORMER_FLOW_TYPES",
+    "ResidualCouplingTransformersLayer",
+    "ResidualCouplingTransformersLayer2",
+    "FFTransformerCouplingLayer",
+    "MonoTransformerFlowLayer",
+    "ResidualCouplingTransformersBlock",
+    "TransformerCouplingLayer",
+    "TransformerCouplingBlock",
+    "load_vits_flow",
+    "read_vits_checkpoint",
+    "VITSFlowCheckpoint",
+]
