@@ -5,7 +5,7 @@
 - :mod:`.load`: :func:`load_vits_flow` / :func:`read_vits_checkpoint` recognise and strictly load all of them.
 """
 
-from .load import VITSFlowCheckpoint, load_vits_flow, read_vits_checkpoint
+from .load import MAX_MESSAGE, VITSFlowCheckpoint, load_vits_flow, read_vits_checkpoint
 from .residual import WN, AffineCoupling, Flip, ResidualCouplingBlock, ResidualCouplingLayer, flatten_leading
 from .transformer import (
     TRANSFORMER_FLOW_TYPES,
@@ -36,4 +36,5 @@ __all__ = [
     "load_vits_flow",
     "read_vits_checkpoint",
     "VITSFlowCheckpoint",
+    "MAX_MESSAGE",
 ]

@@ -47,6 +47,8 @@ MAX_MESSAGE = 300
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _G, _V = ".parametrizations.weight.original0", ".parametrizations.weight.original1"
 _DEFAULT_HEADS = {"pre_conv": 2, "pre_conv2": 2, "fft": 4, "mono": 2, "bert": 2}
+_KIND = {"wn": "VITS residual coupling", "pre_conv": "VITS2 pre_conv coupling", "pre_conv2": "VITS2 pre_conv2 coupling",
+         "fft": "VITS2 fft coupling", "mono": "VITS2 mono transformer layer", "bert": "Bert-VITS2 transformer coupling"}
 _LABEL = {"wn": "VITS", "coqui": "coqui-TTS", "pre_conv": "VITS2 pre_conv", "pre_conv2": "VITS2 pre_conv2",
           "fft": "VITS2 fft", "mono": "VITS2 mono_layer", "bert": "Bert-VITS2"}
 
@@ -126,7 +128,7 @@ def _family(modules: dict[int, dict[str, Tensor]]) -> str:
     if not family:
         first = sorted(kinds)[0]
         other = next(i for i in sorted(kinds) if kinds[i] != kinds[first])
-        raise _fail(f"flow.flows.{other}: a {kinds[other]} layer among {kinds[first]} layers "
+        raise _fail(f"flow.flows.{other}: a {_KIND[kinds[other]]} after a {_KIND[kinds[first]]} "
                     f"(flow.flows.{first}) fits no supported flow")
     indices = sorted(kinds)
     n = sum(k != "mono" for k in kinds.values())
@@ -140,9 +142,10 @@ def _family(modules: dict[int, dict[str, Tensor]]) -> str:
         expected = {2 * i: family for i in range(n)}
     for i in sorted(set(expected) | set(kinds)):
         if expected.get(i) != kinds.get(i):
-            want = f"a {expected[i]} layer" if i in expected else "no layer"
+            want = f"a {_KIND[expected[i]]}" if i in expected else "no layer"
+            found_here = f"a {_KIND[kinds[i]]}" if i in kinds else "nothing"
             raise _fail(f"flow.flows.{i}: the {_LABEL[family]} numbering expects {want} there "
-                        f"(found {'nothing' if i not in kinds else kinds[i]}; layers at {indices[:12]})")
+                        f"(found {found_here}; layers at {indices[:12]})")
     return family
 
 
@@ -296,23 +299,26 @@ def _weight_norm_g(w: Tensor) -> Tensor:
         return torch.norm_except_dim(w, 2, 0)
 
 
-def _load_strict(block: ResidualCouplingBlock, modules: dict[int, dict[str, Tensor]], label: str) -> None:
+def _load_strict(block: ResidualCouplingBlock, modules: dict[int, dict[str, Tensor]], family: str) -> None:
+    """Load ``modules`` into ``block`` exactly; errors name keys as the checkpoint numbers them."""
+    label, step = _LABEL[family], 2 if family == "coqui" else 1
     state: dict[str, Tensor] = {}
     used: dict[int, set[str]] = {i: set() for i in modules}
     for key, param in block.state_dict().items():
         _, index, sub_key = key.split(".", 2)
         value = _take(modules.get(int(index), {}), used.setdefault(int(index), set()), sub_key)
+        name = f"flow.flows.{int(index) // step}.{_short(sub_key)}"
         if value is None:
-            raise _fail(f"missing flow.{_short(key)} for the {label} flow inferred from flow.flows.0")
+            raise _fail(f"missing {name} for the {label} flow inferred from flow.flows.0")
         if value.shape != param.shape:
-            raise _fail(f"flow.{_short(key)}: shape {tuple(value.shape)}, but the {label} flow inferred from "
+            raise _fail(f"{name}: shape {tuple(value.shape)}, but the {label} flow inferred from "
                         f"flow.flows.0 expects {tuple(param.shape)}")
         state[key] = value
     for i, sub in sorted(modules.items()):
         extra = sorted(set(sub) - used[i])
         if extra:
-            raise _fail(f"unexpected key flow.flows.{i}.{_short(extra[0])} for the {label} flow inferred "
-                        "from flow.flows.0")
+            raise _fail(f"unexpected key flow.flows.{i // step}.{_short(extra[0])} for the {label} flow "
+                        "inferred from flow.flows.0")
     block.load_state_dict(state, strict=True)
 
 
@@ -348,7 +354,7 @@ def load_vits_flow(
     heads_config = _config_value(config, "n_heads") if family == "bert" else None
     heads = _resolve("n_heads", n_heads, heads_config, None)
     block = _build(family, modules, dilation, heads, transformer_flow_type, config).to(dtype)
-    _load_strict(block, modules, _LABEL[family])
+    _load_strict(block, modules, family)
     return block
 
 
