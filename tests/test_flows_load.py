@@ -92,9 +92,13 @@ def test_vits2_config_json_beside_the_checkpoint_names_the_mono_type(tmp_path):
     with pytest.raises(ValueError, match="transformer_flow_type") as err:
         read_vits_checkpoint(tmp_path / "G_5000.pth")
     assert len(str(err.value)) <= MAX_MESSAGE and "flow.flows.2" in str(err.value)
-    for model, expected in (({"use_transformer_flows": True,
-                              "transformer_flow_type": "mono_layer_inter_residual"}, "mono_layer_inter_residual"),
-                            ({"use_transformer_flows": True}, "mono_layer_post_residual")):  # VITS2's default
+    for model, expected in (
+        (
+            {"use_transformer_flows": True, "transformer_flow_type": "mono_layer_inter_residual"},
+            "mono_layer_inter_residual",
+        ),
+        ({"use_transformer_flows": True}, "mono_layer_post_residual"),
+    ):  # VITS2's default
         (tmp_path / "config.json").write_text(json.dumps({"train": {}, "model": model}))
         found = read_vits_checkpoint(tmp_path / "G_5000.pth")
         assert found.flow.config["transformer_flow_type"] == expected
@@ -119,8 +123,10 @@ def test_emb_g_is_read_with_the_flow(tmp_path):
     found = read_vits_checkpoint(tmp_path / "G.pth")
     assert found.n_speakers == 3 and found.emb_g.dtype == torch.float32
     torch.testing.assert_close(found.emb_g, state["module.emb_g.weight"].half().float(), rtol=0, atol=0)
-    assert read_vits_checkpoint(tmp_path / "G.pth", dtype=torch.float64).flow.flows[0].pre.weight.dtype \
+    assert (
+        read_vits_checkpoint(tmp_path / "G.pth", dtype=torch.float64).flow.flows[0].pre.weight.dtype
         == torch.float64
+    )
 
 
 # --------------------------------------------------------------------------- refusals
@@ -138,31 +144,65 @@ def _refusals():
     long_key = "flow.flows.0." + "x" * 400 + ".weight"
     renumbered = {k.replace("flow.flows.2.", "flow.flows.4."): v for k, v in vits.items()}
     mixed = _drop(vits, "flow.flows.2.") | {k: v for k, v in bert.items() if k.startswith("flow.flows.2.")}
-    grown = {k: (torch.zeros(v.shape[0] + 2, *v.shape[1:]) if k == "flow.flows.2.pre.weight" else v)
-             for k, v in vits.items()}
-    affine_mono = {k: (torch.zeros(4, 2, 1) if k == "flow.flows.2.post.weight" else
-                       torch.zeros(4) if k == "flow.flows.2.post.bias" else v) for k, v in mono.items()}
+    grown = {
+        k: (torch.zeros(v.shape[0] + 2, *v.shape[1:]) if k == "flow.flows.2.pre.weight" else v)
+        for k, v in vits.items()
+    }
+    affine_mono = {
+        k: (
+            torch.zeros(4, 2, 1)
+            if k == "flow.flows.2.post.weight"
+            else torch.zeros(4)
+            if k == "flow.flows.2.post.bias"
+            else v
+        )
+        for k, v in mono.items()
+    }
     return {
         "no flow": (_drop(vits, "flow."), {}, "no flow found"),
-        "shared parameters": (vits | {"flow.wn.cond_pre.weight": torch.zeros(2, 2, 1)}, {}, "flow.wn.cond_pre"),
-        "integer tensor": (vits | {"flow.flows.0.pre.weight": torch.zeros(8, 2, 1, dtype=torch.int64)}, {},
-                           "dtype"),
-        "unknown layer": (vits | {"flow.flows.8.convs_sep.0.weight": torch.zeros(2, 1, 3)}, {}, "flow.flows.8"),
+        "shared parameters": (
+            vits | {"flow.wn.cond_pre.weight": torch.zeros(2, 2, 1)},
+            {},
+            "flow.wn.cond_pre",
+        ),
+        "integer tensor": (
+            vits | {"flow.flows.0.pre.weight": torch.zeros(8, 2, 1, dtype=torch.int64)},
+            {},
+            "dtype",
+        ),
+        "unknown layer": (
+            vits | {"flow.flows.8.convs_sep.0.weight": torch.zeros(2, 1, 3)},
+            {},
+            "flow.flows.8",
+        ),
         "mixed families": (mixed, {}, "flow.flows.2"),
         "numbering": (renumbered, {}, "flow.flows.2"),
         "mono without type": (mono, {}, "transformer_flow_type"),
         "missing key": (_drop(vits, "flow.flows.2.enc.res_skip_layers.1."), {}, "missing flow.flows.2"),
-        "unexpected key": (vits | {"flow.flows.2.enc.in_layers.0.weight": torch.zeros(16, 8, 5)}, {},
-                           "unexpected key flow.flows.2.enc.in_layers.0.weight"),
+        "unexpected key": (
+            vits | {"flow.flows.2.enc.in_layers.0.weight": torch.zeros(16, 8, 5)},
+            {},
+            "unexpected key flow.flows.2.enc.in_layers.0.weight",
+        ),
         "shape": (grown, {}, "flow.flows.2.pre.weight: shape"),
         "post channels": (vits | {"flow.flows.0.post.weight": torch.zeros(3, 8, 1)}, {}, "output channels"),
         "affine mono": (affine_mono, {"transformer_flow_type": "mono_layer_post_residual"}, "mean-only"),
-        "wrong flow type": (checkpoint_state("pre_conv", seed=1), {"transformer_flow_type": "fft"},
-                            "transformer_flow_type='fft'"),
+        "wrong flow type": (
+            checkpoint_state("pre_conv", seed=1),
+            {"transformer_flow_type": "fft"},
+            "transformer_flow_type='fft'",
+        ),
         "long key": (vits | {long_key: torch.zeros(1)}, {}, "flow.flows.0.xxx"),
-        "coqui numbering kept": (_drop(checkpoint_state("coqui", seed=1), "flow.flows.1.enc.res_skip_layers.1."), {},
-                                 "missing flow.flows.1.enc.res_skip_layers.1"),
-        "VITS-sized missing": (_drop(big, "flow.flows.6.enc.cond_layer."), {}, "missing flow.flows.6.enc.cond_layer"),
+        "coqui numbering kept": (
+            _drop(checkpoint_state("coqui", seed=1), "flow.flows.1.enc.res_skip_layers.1."),
+            {},
+            "missing flow.flows.1.enc.res_skip_layers.1",
+        ),
+        "VITS-sized missing": (
+            _drop(big, "flow.flows.6.enc.cond_layer."),
+            {},
+            "missing flow.flows.6.enc.cond_layer",
+        ),
     }
 
 

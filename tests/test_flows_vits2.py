@@ -23,8 +23,23 @@ from pyro_vits.prior import FlowPrior
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-TRANSFORMER_FAMILIES = ("pre_conv", "pre_conv2", "fft", "mono_layer_inter_residual", "mono_layer_post_residual",
-                        "bert")
+ALL_FAMILIES = (
+    "vits",
+    "pre_conv",
+    "pre_conv2",
+    "fft",
+    "mono_layer_inter_residual",
+    "mono_layer_post_residual",
+    "bert",
+)
+TRANSFORMER_FAMILIES = (
+    "pre_conv",
+    "pre_conv2",
+    "fft",
+    "mono_layer_inter_residual",
+    "mono_layer_post_residual",
+    "bert",
+)
 HEADS = {"fft": 4}  # upstream: VITS2's fft flow gets the block's n_layers (4) as its head count; others 2
 
 
@@ -127,7 +142,9 @@ def test_gradients_reach_every_used_parameter():
 
 
 def test_constructors_validate_and_default_like_upstream():
-    block = ResidualCouplingTransformersBlock(192, 192, 5, 1, 4, gin_channels=256, transformer_flow_type="fft")
+    block = ResidualCouplingTransformersBlock(
+        192, 192, 5, 1, 4, gin_channels=256, transformer_flow_type="fft"
+    )
     assert block.config["transformer"]["n_heads"] == 4 and block.config["transformer"]["n_layers"] == 1
     assert block.config["transformer"]["filter_channels"] == 768
     layer = ResidualCouplingTransformersBlock(4, 8, 5, 1, 2).flows[0]
@@ -137,9 +154,25 @@ def test_constructors_validate_and_default_like_upstream():
     with pytest.raises(ValueError, match="n_heads"):
         ResidualCouplingTransformersBlock(2, 8, 5, 1, 2)  # width C/2 = 1 cannot hold 2 heads
     with pytest.raises(ValueError, match="mean_only"):
-        ResidualCouplingTransformersBlock(4, 8, 5, 1, 2, transformer_flow_type="mono_layer_post_residual",
-                                          mean_only=False)
+        ResidualCouplingTransformersBlock(
+            4, 8, 5, 1, 2, transformer_flow_type="mono_layer_post_residual", mean_only=False
+        )
     with pytest.raises(ValueError, match="transformer accepts"):
         ResidualCouplingTransformersBlock(4, 8, 5, 1, 2, transformer={"heads": 1})
     with pytest.raises(ValueError, match="cond_layer_idx"):
         TransformerCouplingBlock(4, 8, 12, 2, 2, 5, gin_channels=3)  # speaker at layer 2 needs 3 layers
+
+
+@pytest.mark.parametrize("family", ALL_FAMILIES)
+def test_cpu_bf16_autocast_stays_within_the_documented_tolerance(family):
+    """The README's autocast figure (<= 0.7 % of max |y| at VITS size) with margin, on a small flow."""
+    flow = load_vits_flow(checkpoint_state(family, gin=3, seed=12, scale=0.3), **load_kwargs(family))
+    x, mask, g = cast(*batch(3), dtype=torch.float32)
+    with torch.no_grad():
+        for reverse in (False, True):
+            y = flow(x, mask, g, reverse)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                y_bf16 = flow(x, mask, g, reverse)
+            assert y_bf16.dtype == torch.float32
+            relative = float((y_bf16 - y).abs().max() / y.abs().max())
+            assert 0 < relative < 2e-2

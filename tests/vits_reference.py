@@ -22,13 +22,16 @@ LAYOUTS = ("weight_g", "parametrizations", "plain")
 
 
 def conv_weight(sd, name):
-    """Effective weight of convolution ``name``: plain ``weight``, or ``g * v / ||v||`` (weight norm, dim 0)."""
+    """Effective weight of convolution ``name``: plain ``weight``, or ``g * v / ||v||`` (weight norm)."""
     if f"{name}.weight" in sd:
         return sd[f"{name}.weight"]
     if f"{name}.weight_g" in sd:
         g, v = sd[f"{name}.weight_g"], sd[f"{name}.weight_v"]
     else:
-        g, v = sd[f"{name}.parametrizations.weight.original0"], sd[f"{name}.parametrizations.weight.original1"]
+        g, v = (
+            sd[f"{name}.parametrizations.weight.original0"],
+            sd[f"{name}.parametrizations.weight.original1"],
+        )
     return g * v / v.pow(2).sum((1, 2), keepdim=True).sqrt()
 
 
@@ -46,7 +49,7 @@ def ref_layer_norm(x, sd, name):
 
 
 def relative_table(emb, t, window):
-    """``(heads|1, T, T, d)``: ``emb[:, j - i + w]`` where ``|j - i| <= w``, zeros elsewhere (built by loops)."""
+    """``(heads|1, T, T, d)``: ``emb[:, j - i + w]`` where ``|j - i| <= w``, zeros elsewhere (loops)."""
     table = torch.zeros(emb.shape[0], t, t, emb.shape[-1], dtype=emb.dtype)
     for i in range(t):
         for j in range(t):
@@ -89,11 +92,11 @@ def ref_ffn(x, mask, sd, name, causal=False, gelu=False):
 
 
 def n_sub(sd, prefix):
-    return len({k[len(prefix):].split(".")[0] for k in sd if k.startswith(prefix)})
+    return len({k[len(prefix) :].split(".")[0] for k in sd if k.startswith(prefix)})
 
 
 def ref_encoder(x, mask, sd, p, n_heads, g=None, cond_idx=2):
-    """VITS ``attentions.Encoder`` (+ VITS2 speaker input at layer ``cond_idx`` when ``{p}spk_emb_linear``)."""
+    """VITS ``attentions.Encoder`` (+ VITS2's speaker input at layer ``cond_idx`` via ``spk_emb_linear``)."""
     rel = sd.get(f"{p}attn_layers.0.emb_rel_k")
     window = None if rel is None else (rel.shape[1] - 1) // 2
     attn_mask = mask * mask.transpose(1, 2)
@@ -102,8 +105,11 @@ def ref_encoder(x, mask, sd, p, n_heads, g=None, cond_idx=2):
         if g is not None and i == cond_idx and f"{p}spk_emb_linear.weight" in sd:
             spk = g.transpose(1, 2) @ sd[f"{p}spk_emb_linear.weight"].T + sd[f"{p}spk_emb_linear.bias"]
             x = (x + spk.transpose(1, 2)) * mask
-        x = ref_layer_norm(x + ref_attention(x, attn_mask, sd, f"{p}attn_layers.{i}", n_heads, window),
-                           sd, f"{p}norm_layers_1.{i}")
+        x = ref_layer_norm(
+            x + ref_attention(x, attn_mask, sd, f"{p}attn_layers.{i}", n_heads, window),
+            sd,
+            f"{p}norm_layers_1.{i}",
+        )
         x = ref_layer_norm(x + ref_ffn(x, mask, sd, f"{p}ffn_layers.{i}"), sd, f"{p}norm_layers_2.{i}")
     return x * mask
 
@@ -118,9 +124,12 @@ def ref_fft(x, mask, sd, p, n_heads, g=None):
         if cond is not None:
             a = ref_conv(x, sd, f"{p}cond_pre") + cond[:, 2 * hidden * i : 2 * hidden * (i + 1)]
             x = torch.tanh(a[:, :hidden]) * torch.sigmoid(a[:, hidden:])
-        x = ref_layer_norm(x + ref_attention(x, causal, sd, f"{p}self_attn_layers.{i}", n_heads),
-                           sd, f"{p}norm_layers_0.{i}")
-        x = ref_layer_norm(x + ref_ffn(x, mask, sd, f"{p}ffn_layers.{i}", causal=True), sd, f"{p}norm_layers_1.{i}")
+        x = ref_layer_norm(
+            x + ref_attention(x, causal, sd, f"{p}self_attn_layers.{i}", n_heads), sd, f"{p}norm_layers_0.{i}"
+        )
+        x = ref_layer_norm(
+            x + ref_ffn(x, mask, sd, f"{p}ffn_layers.{i}", causal=True), sd, f"{p}norm_layers_1.{i}"
+        )
     return x * mask
 
 
@@ -129,8 +138,11 @@ def ref_fft(x, mask, sd, p, n_heads, g=None):
 
 def ref_wn(x, mask, sd, p, dilation, g=None):
     hidden = x.shape[1]
-    cond = ref_conv(g, sd, f"{p}cond_layer") if g is not None and any(k.startswith(f"{p}cond_layer.") for k in sd) \
+    cond = (
+        ref_conv(g, sd, f"{p}cond_layer")
+        if g is not None and any(k.startswith(f"{p}cond_layer.") for k in sd)
         else None
+    )
     n_layers = n_sub(sd, f"{p}in_layers.")
     output = torch.zeros_like(x)
     for i in range(n_layers):
@@ -171,7 +183,9 @@ def ref_coupling(kind, x, mask, sd, p, g, reverse, dilation, n_heads):
     half = x.shape[1] // 2
     x0, x1 = x[:, :half], x[:, half:]
     stats = coupling_stats(kind, x0, mask, sd, p, g, dilation, n_heads)
-    m, logs = (stats, torch.zeros_like(stats)) if stats.shape[1] == half else (stats[:, :half], stats[:, half:])
+    m, logs = (
+        (stats, torch.zeros_like(stats)) if stats.shape[1] == half else (stats[:, :half], stats[:, half:])
+    )
     if reverse:
         return torch.cat([x0, (x1 - m) * torch.exp(-logs) * mask], 1), -logs.sum((1, 2))
     return torch.cat([x0, m + x1 * torch.exp(logs) * mask], 1), logs.sum((1, 2))
@@ -182,7 +196,10 @@ def ref_mono(x, mask, sd, p, residual, reverse, n_heads):
     half = x.shape[1] // 2
     x0, x1 = x[:, :half], x[:, half:]
     if not residual:
-        m = ref_conv(ref_encoder(x0 * mask, mask, sd, f"{p}pre_transformer.", n_heads) + x0, sd, f"{p}post") * mask
+        m = (
+            ref_conv(ref_encoder(x0 * mask, mask, sd, f"{p}pre_transformer.", n_heads) + x0, sd, f"{p}post")
+            * mask
+        )
         y1 = (x1 - m) * mask if reverse else m + x1 * mask
         return torch.cat([x0, y1], 1), torch.zeros(x.shape[0], dtype=x.dtype)
     if reverse:
@@ -227,9 +244,13 @@ def _conv(name, out_ch, in_ch, k=1):
 
 
 def _wn_conv(name, out_ch, in_ch, k, layout):
-    shapes = {"weight_g": (f"{name}.weight_g", f"{name}.weight_v"),
-              "parametrizations": (f"{name}.parametrizations.weight.original0",
-                                   f"{name}.parametrizations.weight.original1")}
+    shapes = {
+        "weight_g": (f"{name}.weight_g", f"{name}.weight_v"),
+        "parametrizations": (
+            f"{name}.parametrizations.weight.original0",
+            f"{name}.parametrizations.weight.original1",
+        ),
+    }
     if layout == "plain":
         return _conv(name, out_ch, in_ch, k)
     g_key, v_key = shapes[layout]
@@ -240,20 +261,34 @@ def wn_shapes(p, hidden, kernel, n_layers, gin, layout):
     out = _wn_conv(f"{p}cond_layer", 2 * hidden * n_layers, gin, 1, layout) if gin else {}
     for i in range(n_layers):
         out |= _wn_conv(f"{p}in_layers.{i}", 2 * hidden, hidden, kernel, layout)
-        out |= _wn_conv(f"{p}res_skip_layers.{i}", 2 * hidden if i < n_layers - 1 else hidden, hidden, 1, layout)
+        out |= _wn_conv(
+            f"{p}res_skip_layers.{i}", 2 * hidden if i < n_layers - 1 else hidden, hidden, 1, layout
+        )
     return out
 
 
-def encoder_shapes(p, width, filt, n_layers, kernel, window, n_heads, gin=0, attn="attn_layers", norms=(1, 2),
-                   causal_cond=False):
+def encoder_shapes(
+    p,
+    width,
+    filt,
+    n_layers,
+    kernel,
+    window,
+    n_heads,
+    gin=0,
+    attn="attn_layers",
+    norms=(1, 2),
+    causal_cond=False,
+):
     out = {}
     for i in range(n_layers):
         for s in "qkvo":
             out |= _conv(f"{p}{attn}.{i}.conv_{s}", width, width)
         if window is not None:
             out |= {f"{p}{attn}.{i}.emb_rel_{s}": (1, 2 * window + 1, width // n_heads) for s in "kv"}
-        out |= _conv(f"{p}ffn_layers.{i}.conv_1", filt, width, kernel) | _conv(f"{p}ffn_layers.{i}.conv_2",
-                                                                              width, filt, kernel)
+        out |= _conv(f"{p}ffn_layers.{i}.conv_1", filt, width, kernel) | _conv(
+            f"{p}ffn_layers.{i}.conv_2", width, filt, kernel
+        )
         for n in norms:
             out |= {f"{p}norm_layers_{n}.{i}.gamma": (width,), f"{p}norm_layers_{n}.{i}.beta": (width,)}
     if gin and not causal_cond:
@@ -272,18 +307,21 @@ def coupling_shapes(kind, p, c, hidden, gin, layout, mean_only=True):
     elif kind == "pre_conv2":  # Encoder(H, H, 2 heads, 1 layer, the WN kernel, window 4)
         out |= encoder_shapes(f"{p}pre_transformer.", hidden, hidden, 1, 5, 4, 2)
     elif kind == "fft":  # FFT(H, 768 -> 12 here, 4 heads, 1 layer, kernel 5, causal), speaker gate
-        out |= encoder_shapes(f"{p}enc.", hidden, 12, 1, 5, None, 4, attn="self_attn_layers", norms=(0, 1),
-                              causal_cond=True)
+        out |= encoder_shapes(
+            f"{p}enc.", hidden, 12, 1, 5, None, 4, attn="self_attn_layers", norms=(0, 1), causal_cond=True
+        )
         if gin:
-            out |= _conv(f"{p}enc.cond_pre", 2 * hidden, hidden) | _wn_conv(f"{p}enc.cond_layer", 2 * hidden, gin,
-                                                                            1, layout)
+            out |= _conv(f"{p}enc.cond_pre", 2 * hidden, hidden) | _wn_conv(
+                f"{p}enc.cond_layer", 2 * hidden, gin, 1, layout
+            )
     elif kind == "bert":  # Encoder(H, filter, 2 heads, 3 layers, kernel 5, window 4, speaker at layer 2)
         out |= encoder_shapes(f"{p}enc.", hidden, 12, 3, 5, 4, 2, gin)
     return out
 
 
-def checkpoint_state(family, c=4, hidden=8, gin=0, layout="weight_g", n_flows=2, seed=0, scale=0.4,
-                     mean_only=True, prefix=""):
+def checkpoint_state(
+    family, c=4, hidden=8, gin=0, layout="weight_g", n_flows=2, seed=0, scale=0.4, mean_only=True, prefix=""
+):
     """Random non-zero float32 weights (including ``post``) under upstream's keys ``flow.flows.<i>.…``, plus
     unrelated generator entries and ``emb_g`` when ``gin``."""
     shapes = {}
@@ -309,5 +347,10 @@ def checkpoint_state(family, c=4, hidden=8, gin=0, layout="weight_g", n_flows=2,
 
 def upstream_checkpoint(state, **extra):
     """The dict VITS's ``utils.save_checkpoint`` writes."""
-    return {"model": state, "iteration": 1000, "optimizer": {"state": {}, "param_groups": []},
-            "learning_rate": 2e-4, **extra}
+    return {
+        "model": state,
+        "iteration": 1000,
+        "optimizer": {"state": {}, "param_groups": []},
+        "learning_rate": 2e-4,
+        **extra,
+    }

@@ -1,29 +1,25 @@
 """Recognise and strictly load the prior flow of a VITS-family generator checkpoint.
 
-Supported (each with and without speaker conditioning; fp32, fp16, bf16 or fp64 tensors, loaded into ``dtype``):
+Supported, each with and without speaker conditioning, from float32/float16/bfloat16/float64 tensors (loaded
+into ``dtype``); keys under ``flow.flows.<i>.``:
 
-============================  =========================================================  ==========================
-family                        keys under ``flow.flows.<i>``                              numbering
-============================  =========================================================  ==========================
-VITS residual couplings       ``pre``, ``enc.in_layers/res_skip_layers[/cond_layer]``,     0, 2, 4, … (Flip between)
-                              ``post``
-coqui-TTS residual couplings  the same                                                   0, 1, 2, …
-VITS2 ``pre_conv``            + ``pre_transformer`` (width C/2), ``post_transformer``      0, 2, 4, …
-VITS2 ``pre_conv2``           + ``pre_transformer`` (hidden width)                       0, 2, 4, …
-VITS2 ``fft``                 ``pre``, ``enc.self_attn_layers…[, enc.cond_pre/cond_layer]``  0, 2, 4, …
-VITS2 ``mono_layer_*``        residual couplings + ``pre_transformer``/``post`` layers     couplings 0, 3, 6, …;
-                                                                                         mono layers 2, 5, 8, …
-Bert-VITS2 transformer        ``pre``, ``enc.attn_layers…[, enc.spk_emb_linear]``, ``post``  0, 2, 4, …
-============================  =========================================================  ==========================
+- VITS residual couplings: ``pre``, ``enc.in_layers/res_skip_layers[/cond_layer]``, ``post`` at 0, 2, 4, …
+  (parameter-free ``Flip`` s between); coqui-TTS numbers the same couplings 0, 1, 2, ….
+- VITS2 ``pre_conv``: the same plus ``pre_transformer`` (width C/2) and ``post_transformer``; ``pre_conv2``:
+  plus ``pre_transformer`` at the hidden width; ``fft``: ``pre``, ``enc.self_attn_layers…``
+  ``[, enc.cond_pre/cond_layer]``, ``post``; all at 0, 2, 4, ….
+- VITS2 ``mono_layer_*``: residual couplings at 0, 3, 6, … and ``pre_transformer``/``post`` layers at
+  2, 5, 8, ….
+- Bert-VITS2: ``pre``, ``enc.attn_layers…[, enc.spk_emb_linear]``, ``post`` at 0, 2, 4, ….
 
 Weight-normed convolutions may be stored as ``weight_g/weight_v``, ``parametrizations.weight.original0/1`` or,
 after ``remove_weight_norm()``, as a plain ``weight`` (loaded as ``g = ||w||``, ``v = w``: the same weight,
-bit for bit). Sizes come from the tensor shapes. What weights do not store comes from the checkpoint's config
-(coqui's ``config`` entry, or a VITS ``config.json`` beside the file, see :func:`read_vits_checkpoint`) or from
-the arguments: the WN dilation (``dilation_rate_flow``; default 1, VITS's value), whether a VITS2 mono-layer
-flow is ``inter`` or ``post`` residual (``transformer_flow_type``), and the attention head count (VITS2: 2, its
-``fft`` type 4; Bert-VITS2: the config's ``n_heads``, default 2). Anything else is refused with one short
-``ValueError`` (at most 300 characters) naming the first offending key; nothing is loaded partially.
+bit for bit on CPU). Sizes come from the tensor shapes. What weights do not store comes from the checkpoint's
+config (coqui's ``config`` entry, or a VITS ``config.json`` beside the file, see :func:`read_vits_checkpoint`)
+or from the arguments: the WN dilation (``dilation_rate_flow``; default 1, VITS's value), whether a VITS2
+mono-layer flow is ``inter`` or ``post`` residual (``transformer_flow_type``), and the attention head count
+where no relative-position table shows it (VITS2: 2, its ``fft`` type 4). Anything else is refused with one
+short ``ValueError`` (at most 300 characters) naming the first offending key; nothing is loaded partially.
 """
 
 from __future__ import annotations
@@ -47,10 +43,23 @@ MAX_MESSAGE = 300
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _G, _V = ".parametrizations.weight.original0", ".parametrizations.weight.original1"
 _DEFAULT_HEADS = {"pre_conv": 2, "pre_conv2": 2, "fft": 4, "mono": 2, "bert": 2}
-_KIND = {"wn": "VITS residual coupling", "pre_conv": "VITS2 pre_conv coupling", "pre_conv2": "VITS2 pre_conv2 coupling",
-         "fft": "VITS2 fft coupling", "mono": "VITS2 mono transformer layer", "bert": "Bert-VITS2 transformer coupling"}
-_LABEL = {"wn": "VITS", "coqui": "coqui-TTS", "pre_conv": "VITS2 pre_conv", "pre_conv2": "VITS2 pre_conv2",
-          "fft": "VITS2 fft", "mono": "VITS2 mono_layer", "bert": "Bert-VITS2"}
+_KIND = {
+    "wn": "VITS residual coupling",
+    "pre_conv": "VITS2 pre_conv coupling",
+    "pre_conv2": "VITS2 pre_conv2 coupling",
+    "fft": "VITS2 fft coupling",
+    "mono": "VITS2 mono transformer layer",
+    "bert": "Bert-VITS2 transformer coupling",
+}
+_LABEL = {
+    "wn": "VITS",
+    "coqui": "coqui-TTS",
+    "pre_conv": "VITS2 pre_conv",
+    "pre_conv2": "VITS2 pre_conv2",
+    "fft": "VITS2 fft",
+    "mono": "VITS2 mono_layer",
+    "bert": "Bert-VITS2",
+}
 
 
 def _fail(message: str) -> ValueError:
@@ -85,16 +94,22 @@ def _flow_modules(state: Mapping[str, Any], dtype: torch.dtype) -> dict[int, dic
             continue
         parts = name.split(".", 3)
         if len(parts) < 4 or parts[1] != "flows" or not parts[2].isdigit():
-            raise _fail(f"{_short(key)}: unsupported flow layout (expected 'flow.flows.<i>.…'; Bert-VITS2's "
-                        "share_parameter=True flow is not supported)")
+            raise _fail(
+                f"{_short(key)}: unsupported flow layout (expected 'flow.flows.<i>.…'; Bert-VITS2's "
+                "share_parameter=True flow is not supported)"
+            )
         if value.dtype not in FLOAT_DTYPES:
-            raise _fail(f"{_short(key)}: dtype {value.dtype} is not a supported weight dtype "
-                        "(float32, float16, bfloat16 or float64)")
+            raise _fail(
+                f"{_short(key)}: dtype {value.dtype} is not a supported weight dtype "
+                "(float32, float16, bfloat16 or float64)"
+            )
         modules.setdefault(int(parts[2]), {})[parts[3]] = value.to(dtype)
     if not modules:
         keys = [k for k in state if isinstance(k, str)][:3]
-        raise _fail(f"no flow found: expected keys 'flow.flows.<i>.…' (optionally under 'module.'), got "
-                    f"{len(state)} entries such as {[_short(k)[:60] for k in keys]}")
+        raise _fail(
+            f"no flow found: expected keys 'flow.flows.<i>.…' (optionally under 'module.'), got "
+            f"{len(state)} entries such as {[_short(k)[:60] for k in keys]}"
+        )
     return modules
 
 
@@ -121,15 +136,19 @@ def _family(modules: dict[int, dict[str, Tensor]]) -> str:
     kinds = {i: _kind(sub) for i, sub in modules.items()}
     for i, kind in sorted(kinds.items()):
         if kind == "unknown":
-            raise _fail(f"flow.flows.{i}.{_short(next(iter(modules[i])))}: not a layer of a VITS, coqui-TTS, "
-                        "VITS2 or Bert-VITS2 prior flow")
+            raise _fail(
+                f"flow.flows.{i}.{_short(next(iter(modules[i])))}: not a layer of a VITS, coqui-TTS, "
+                "VITS2 or Bert-VITS2 prior flow"
+            )
     found = set(kinds.values())
     family = "mono" if found == {"wn", "mono"} else found.pop() if len(found) == 1 else ""
     if not family:
         first = sorted(kinds)[0]
         other = next(i for i in sorted(kinds) if kinds[i] != kinds[first])
-        raise _fail(f"flow.flows.{other}: a {_KIND[kinds[other]]} after a {_KIND[kinds[first]]} "
-                    f"(flow.flows.{first}) fits no supported flow")
+        raise _fail(
+            f"flow.flows.{other}: a {_KIND[kinds[other]]} after a {_KIND[kinds[first]]} "
+            f"(flow.flows.{first}) fits no supported flow"
+        )
     indices = sorted(kinds)
     n = sum(k != "mono" for k in kinds.values())
     if family == "wn" and indices == list(range(n)) and n > 1:
@@ -144,8 +163,10 @@ def _family(modules: dict[int, dict[str, Tensor]]) -> str:
         if expected.get(i) != kinds.get(i):
             want = f"a {_KIND[expected[i]]}" if i in expected else "no layer"
             found_here = f"a {_KIND[kinds[i]]}" if i in kinds else "nothing"
-            raise _fail(f"flow.flows.{i}: the {_LABEL[family]} numbering expects {want} there "
-                        f"(found {found_here}; layers at {indices[:12]})")
+            raise _fail(
+                f"flow.flows.{i}: the {_LABEL[family]} numbering expects {want} there "
+                f"(found {found_here}; layers at {indices[:12]})"
+            )
     return family
 
 
@@ -161,7 +182,7 @@ def _weight_shape(sub: Mapping[str, Tensor], base: str, where: str) -> torch.Siz
 
 
 def _count(sub: Mapping[str, Tensor], prefix: str) -> int:
-    return len({k[len(prefix):].split(".", 1)[0] for k in sub if k.startswith(prefix)})
+    return len({k[len(prefix) :].split(".", 1)[0] for k in sub if k.startswith(prefix)})
 
 
 def _coupling_sizes(sub: Mapping[str, Tensor], where: str) -> dict[str, Any]:
@@ -170,22 +191,32 @@ def _coupling_sizes(sub: Mapping[str, Tensor], where: str) -> dict[str, Any]:
     post = _weight_shape(sub, "post", where)
     hidden, half = pre[0], pre[1]
     if post[0] not in (half, 2 * half):
-        raise _fail(f"{where}.post.weight: {post[0]} output channels, expected {half} (mean-only) or {2 * half}")
+        raise _fail(
+            f"{where}.post.weight: {post[0]} output channels, expected {half} (mean-only) or {2 * half}"
+        )
     sizes = dict(channels=2 * half, hidden_channels=hidden, mean_only=post[0] == half, gin_channels=0)
     if _has(sub, "enc.in_layers."):
-        sizes.update(kernel_size=_weight_shape(sub, "enc.in_layers.0", where)[-1],
-                     n_layers=_count(sub, "enc.in_layers."))
+        sizes.update(
+            kernel_size=_weight_shape(sub, "enc.in_layers.0", where)[-1],
+            n_layers=_count(sub, "enc.in_layers."),
+        )
         if _has(sub, "enc.cond_layer."):
             sizes["gin_channels"] = _weight_shape(sub, "enc.cond_layer", where)[1]
     return sizes
 
 
-def _encoder_spec(sub: Mapping[str, Tensor], prefix: str, where: str, attn: str = "attn_layers") -> dict[str, Any]:
+def _encoder_spec(
+    sub: Mapping[str, Tensor], prefix: str, where: str, attn: str = "attn_layers"
+) -> dict[str, Any]:
     """Sizes of an :class:`~pyro_vits.nn.Encoder` / ``FFT`` stored under ``prefix``."""
     conv_1 = _weight_shape(sub, f"{prefix}ffn_layers.0.conv_1", where)
     rel = sub.get(f"{prefix}{attn}.0.emb_rel_k")
-    return dict(n_layers=_count(sub, f"{prefix}{attn}."), kernel_size=conv_1[-1], filter_channels=conv_1[0],
-                window_size=None if rel is None else (rel.shape[1] - 1) // 2)
+    return dict(
+        n_layers=_count(sub, f"{prefix}{attn}."),
+        kernel_size=conv_1[-1],
+        filter_channels=conv_1[0],
+        window_size=None if rel is None else (rel.shape[1] - 1) // 2,
+    )
 
 
 def _heads(sub: Mapping[str, Tensor], prefix: str, where: str, given: int | None, default: int) -> int:
@@ -195,8 +226,11 @@ def _heads(sub: Mapping[str, Tensor], prefix: str, where: str, given: int | None
     width = _weight_shape(sub, f"{prefix}ffn_layers.0.conv_1", where)[1]
     stored = None if rel is None or width % rel.shape[-1] else width // rel.shape[-1]
     if stored is not None and given is not None and stored != given:
-        raise _fail(f"n_heads={given} contradicts {where}.{prefix}attn_layers.0.emb_rel_k of shape {tuple(rel.shape)} "
-                    f"(width {width}: {stored} heads)")
+        raise _fail(
+            f"n_heads={given} contradicts {where}.{prefix}attn_layers.0.emb_rel_k of shape "
+            f"{tuple(rel.shape)} "
+            f"(width {width}: {stored} heads)"
+        )
     return stored or given or default
 
 
@@ -222,14 +256,22 @@ def _mono_type(explicit: str | None, config: Mapping[str, Any] | None) -> str:
         from_config = "mono_layer_post_residual"  # VITS2's default when the type is not configured
     flow_type = _resolve("transformer_flow_type", explicit, from_config, None)
     if flow_type not in ("mono_layer_inter_residual", "mono_layer_post_residual"):
-        raise _fail("flow.flows.2: a VITS2 mono-layer flow; inter vs post residual is not stored in weights: pass "
-                    "transformer_flow_type='mono_layer_inter_residual' or 'mono_layer_post_residual' "
-                    f"(got {flow_type!r})")
+        raise _fail(
+            "flow.flows.2: a VITS2 mono-layer flow; inter vs post residual is not stored in weights: pass "
+            "transformer_flow_type='mono_layer_inter_residual' or 'mono_layer_post_residual' "
+            f"(got {flow_type!r})"
+        )
     return flow_type
 
 
-def _build(family: str, modules: dict[int, dict[str, Tensor]], dilation: int, n_heads: int | None,
-           flow_type: str | None, config: Mapping[str, Any] | None) -> ResidualCouplingBlock:
+def _build(
+    family: str,
+    modules: dict[int, dict[str, Tensor]],
+    dilation: int,
+    n_heads: int | None,
+    flow_type: str | None,
+    config: Mapping[str, Any] | None,
+) -> ResidualCouplingBlock:
     first = modules[0]
     s = _coupling_sizes(first, "flow.flows.0")
     n_flows = sum(_kind(sub) != "mono" for sub in modules.values())
@@ -241,16 +283,35 @@ def _build(family: str, modules: dict[int, dict[str, Tensor]], dilation: int, n_
         n_heads = _heads(first, "enc.", "flow.flows.0", n_heads, _DEFAULT_HEADS[family])
         if _has(first, "enc.spk_emb_linear."):
             gin = first["enc.spk_emb_linear.weight"].shape[1]
-        return TransformerCouplingBlock(c, h, spec["filter_channels"], n_heads, spec["n_layers"],
-                                        spec["kernel_size"], n_flows, gin, mean_only=mean_only,
-                                        window_size=spec["window_size"])
+        return TransformerCouplingBlock(
+            c,
+            h,
+            spec["filter_channels"],
+            n_heads,
+            spec["n_layers"],
+            spec["kernel_size"],
+            n_flows,
+            gin,
+            mean_only=mean_only,
+            window_size=spec["window_size"],
+        )
     if family == "fft":
         spec = _encoder_spec(first, "enc.", "flow.flows.0", attn="self_attn_layers")
         n_heads = n_heads or _DEFAULT_HEADS[family]
         if _has(first, "enc.cond_layer."):
             gin = _weight_shape(first, "enc.cond_layer", "flow.flows.0")[1]
-        return ResidualCouplingTransformersBlock(c, h, spec["kernel_size"], spec["n_layers"], n_heads, n_flows,
-                                                 gin, "fft", mean_only=mean_only, transformer=dict(spec, n_heads=n_heads))
+        return ResidualCouplingTransformersBlock(
+            c,
+            h,
+            spec["kernel_size"],
+            spec["n_layers"],
+            n_heads,
+            n_flows,
+            gin,
+            "fft",
+            mean_only=mean_only,
+            transformer=dict(spec, n_heads=n_heads),
+        )
     source, where = (modules[2], "flow.flows.2") if family == "mono" else (first, "flow.flows.0")
     spec = _encoder_spec(source, "pre_transformer.", where)
     spec["n_heads"] = _heads(source, "pre_transformer.", where, n_heads, _DEFAULT_HEADS[family])
@@ -260,12 +321,23 @@ def _build(family: str, modules: dict[int, dict[str, Tensor]], dilation: int, n_
         flow_type = _mono_type(flow_type, config)
         mono_post = _weight_shape(modules[2], "post", where)
         if mono_post[0] != mono_post[1]:
-            raise _fail(f"{where}.post.weight: {mono_post[0]} output channels, expected {mono_post[1]} (mean-only)")
+            raise _fail(
+                f"{where}.post.weight: {mono_post[0]} output channels, expected {mono_post[1]} (mean-only)"
+            )
     elif flow_type is not None and flow_type != family:
         raise _fail(f"transformer_flow_type={flow_type!r} but flow.flows.0 is a {_LABEL[family]} layer")
-    return ResidualCouplingTransformersBlock(c, h, s["kernel_size"], dilation, s["n_layers"], n_flows, gin,
-                                             flow_type if family == "mono" else family, mean_only=mean_only,
-                                             transformer=spec)
+    return ResidualCouplingTransformersBlock(
+        c,
+        h,
+        s["kernel_size"],
+        dilation,
+        s["n_layers"],
+        n_flows,
+        gin,
+        flow_type if family == "mono" else family,
+        mean_only=mean_only,
+        transformer=spec,
+    )
 
 
 # --------------------------------------------------------------------------------------------- loading
@@ -311,14 +383,18 @@ def _load_strict(block: ResidualCouplingBlock, modules: dict[int, dict[str, Tens
         if value is None:
             raise _fail(f"missing {name} for the {label} flow inferred from flow.flows.0")
         if value.shape != param.shape:
-            raise _fail(f"{name}: shape {tuple(value.shape)}, but the {label} flow inferred from "
-                        f"flow.flows.0 expects {tuple(param.shape)}")
+            raise _fail(
+                f"{name}: shape {tuple(value.shape)}, but the {label} flow inferred from "
+                f"flow.flows.0 expects {tuple(param.shape)}"
+            )
         state[key] = value
     for i, sub in sorted(modules.items()):
         extra = sorted(set(sub) - used[i])
         if extra:
-            raise _fail(f"unexpected key flow.flows.{i // step}.{_short(extra[0])} for the {label} flow "
-                        "inferred from flow.flows.0")
+            raise _fail(
+                f"unexpected key flow.flows.{i // step}.{_short(extra[0])} for the {label} flow "
+                "inferred from flow.flows.0"
+            )
     block.load_state_dict(state, strict=True)
 
 
@@ -331,7 +407,8 @@ def load_vits_flow(
     config: Mapping[str, Any] | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> ResidualCouplingBlock:
-    """Build and strictly load the prior flow of a VITS-family generator state dict (see the module docstring).
+    """Build and strictly load the prior flow of a VITS-family generator state dict (see the module
+    docstring).
 
     ``obj``: a state dict or a checkpoint dict with ``model`` (keys optionally under ``module.``); its
     ``config`` entry (coqui) is used when ``config`` is None. ``dilation_rate``: the WN dilation (None: the
@@ -341,8 +418,10 @@ def load_vits_flow(
     the first offending key) for anything it cannot load exactly, ``TypeError`` for a non-mapping.
     """
     if transformer_flow_type is not None and transformer_flow_type not in TRANSFORMER_FLOW_TYPES:
-        raise ValueError(f"transformer_flow_type must be one of {TRANSFORMER_FLOW_TYPES} or None, "
-                         f"got {transformer_flow_type!r}")
+        raise ValueError(
+            f"transformer_flow_type must be one of {TRANSFORMER_FLOW_TYPES} or None, "
+            f"got {transformer_flow_type!r}"
+        )
     if dtype not in FLOAT_DTYPES:
         raise ValueError(f"dtype must be one of {FLOAT_DTYPES}, got {dtype!r}")
     state = _state_dict(obj)
@@ -361,7 +440,8 @@ def load_vits_flow(
 @dataclass(frozen=True)
 class VITSFlowCheckpoint:
     """What :func:`read_vits_checkpoint` found: the loaded ``flow``, the speaker table ``emb_g``
-    ``(n_speakers, gin)`` (None when absent) and where its config came from (None, ``"checkpoint"`` or a path)."""
+    ``(n_speakers, gin)`` (None when absent) and where its config came from (None, ``"checkpoint"`` or a
+    path)."""
 
     flow: ResidualCouplingBlock
     emb_g: Tensor | None
@@ -389,8 +469,10 @@ def read_vits_checkpoint(
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # a truncated file or a pickle of other objects: not loadable as weights
-        raise _fail(f"cannot load {path.name} with torch.load(weights_only=True): {str(err).splitlines()[0][:120]}; "
-                    "re-save its state dict: torch.save({'model': ckpt['model']}, 'G.pth')") from err
+        raise _fail(
+            f"cannot load {path.name} with torch.load(weights_only=True): {str(err).splitlines()[0][:120]}; "
+            "re-save its state dict: torch.save({'model': ckpt['model']}, 'G.pth')"
+        ) from err
     config, source = None, None
     if isinstance(obj, Mapping) and isinstance(obj.get("config"), Mapping):
         config, source = obj["config"], "checkpoint"
@@ -398,11 +480,25 @@ def read_vits_checkpoint(
         try:
             config = json.loads((path.parent / "config.json").read_text(encoding="utf-8"))
         except (OSError, ValueError) as err:
-            raise _fail(f"cannot read {path.parent.name}/config.json beside the checkpoint: {str(err)[:120]}") from err
+            raise _fail(
+                f"cannot read {path.parent.name}/config.json beside the checkpoint: {str(err)[:120]}"
+            ) from err
         source = str(path.parent / "config.json")
-    flow = load_vits_flow(obj, dilation_rate, transformer_flow_type=transformer_flow_type, n_heads=n_heads,
-                          config=config, dtype=dtype)
+    flow = load_vits_flow(
+        obj,
+        dilation_rate,
+        transformer_flow_type=transformer_flow_type,
+        n_heads=n_heads,
+        config=config,
+        dtype=dtype,
+    )
     state = _state_dict(obj)
-    emb = next((v for k, v in state.items() if isinstance(k, str) and isinstance(v, Tensor)
-                and k.removeprefix("module.") == "emb_g.weight"), None)
+    emb = next(
+        (
+            v
+            for k, v in state.items()
+            if isinstance(k, str) and isinstance(v, Tensor) and k.removeprefix("module.") == "emb_g.weight"
+        ),
+        None,
+    )
     return VITSFlowCheckpoint(flow, None if emb is None else emb.detach().to(dtype), source)

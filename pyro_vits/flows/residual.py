@@ -48,7 +48,9 @@ class WN(nn.Module):
             for i in range(n_layers)
         )
         self.res_skip_layers = nn.ModuleList(
-            weight_normed_conv1d(hidden_channels, 2 * hidden_channels if i < n_layers - 1 else hidden_channels)
+            weight_normed_conv1d(
+                hidden_channels, 2 * hidden_channels if i < n_layers - 1 else hidden_channels
+            )
             for i in range(n_layers)
         )
 
@@ -71,7 +73,8 @@ class WN(nn.Module):
 
 
 class AffineCoupling(nn.Module):
-    """Coupling ``x = [x0, x1] -> [x0, m(x0) + x1 * exp(logs(x0))]`` on ``(N, C, T)``; returns ``(y, logdet (N,))``.
+    """Coupling ``x = [x0, x1] -> [x0, m(x0) + x1 * exp(logs(x0))]`` on ``(N, C, T)``; returns
+    ``(y, logdet (N,))``.
 
     Subclasses build the conditioner :meth:`stats` (``(N, C/2, T) -> (N, C/2 * (2 - mean_only), T)``, masked)
     ending in the zero-initialised 1x1 convolution ``post``. ``mean_only=True``: ``logs = 0`` (volume
@@ -197,8 +200,14 @@ class ResidualCouplingBlock(nn.Module):
         mean_only: bool = True,
     ) -> None:
         super().__init__()
-        check_positive_ints(channels=channels, hidden_channels=hidden_channels, kernel_size=kernel_size,
-                            dilation_rate=dilation_rate, n_layers=n_layers, n_flows=n_flows)
+        check_positive_ints(
+            channels=channels,
+            hidden_channels=hidden_channels,
+            kernel_size=kernel_size,
+            dilation_rate=dilation_rate,
+            n_layers=n_layers,
+            n_flows=n_flows,
+        )
         check_gin_channels(gin_channels)
         config = dict(
             channels=channels,
@@ -212,8 +221,12 @@ class ResidualCouplingBlock(nn.Module):
         )
         layers: list[nn.Module] = []
         for _ in range(n_flows):
-            layers += [ResidualCouplingLayer(channels, hidden_channels, kernel_size, dilation_rate, n_layers,
-                                             gin_channels, mean_only), Flip()]
+            layers += [
+                ResidualCouplingLayer(
+                    channels, hidden_channels, kernel_size, dilation_rate, n_layers, gin_channels, mean_only
+                ),
+                Flip(),
+            ]
         self._init_stack(config, layers, mean_only)
 
     def _init_stack(self, config: dict[str, Any], layers: Sequence[nn.Module], mean_only: bool) -> None:
