@@ -220,6 +220,9 @@ def test_non_mappings_and_unreadable_files_are_refused(tmp_path):
         load_vits_flow([("flow.flows.0.pre.weight", torch.zeros(8, 2, 1))])
     with pytest.raises(ValueError, match="transformer_flow_type"):
         load_vits_flow({}, transformer_flow_type="glow")
+    for name, value in (("dilation_rate", 0), ("n_heads", 0), ("n_heads", 1.5)):
+        with pytest.raises(ValueError, match=name):
+            load_vits_flow(checkpoint_state("vits"), **{name: value})
     with pytest.raises(FileNotFoundError):
         read_vits_checkpoint(tmp_path / "absent.pth")
     (tmp_path / "broken.pth").write_bytes(b"not a zip file")

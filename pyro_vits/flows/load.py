@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .._validate import check_positive_ints
 from .residual import ResidualCouplingBlock
 from .transformer import TRANSFORMER_FLOW_TYPES, ResidualCouplingTransformersBlock, TransformerCouplingBlock
 
@@ -424,6 +425,7 @@ def load_vits_flow(
         )
     if dtype not in FLOAT_DTYPES:
         raise ValueError(f"dtype must be one of {FLOAT_DTYPES}, got {dtype!r}")
+    check_positive_ints(allow_none=True, dilation_rate=dilation_rate, n_heads=n_heads)
     state = _state_dict(obj)
     if config is None and isinstance(obj.get("config"), Mapping):
         config = obj["config"]
