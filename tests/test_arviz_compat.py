@@ -124,3 +124,17 @@ def test_netcdf_round_trip_keeps_every_value(tmp_path):
     np.testing.assert_array_equal(compat.group(back, "posterior")["z"].values, z)
     np.testing.assert_array_equal(compat.group(back, "sample_stats")["elbo"].values, elbo)
     np.testing.assert_array_equal(compat.group(back, "posterior")["channel"].values, [0, 1, 2])
+
+
+def test_psis_with_too_few_samples_for_a_tail_gives_inf_khat_in_both_versions():
+    log_w = np.random.default_rng(5).normal(size=(2, compat.MIN_PSIS_SAMPLES - 1))
+    smoothed, khat = compat.psis(log_w)
+    assert np.all(np.isinf(khat))
+    np.testing.assert_allclose(smoothed - log_w, (smoothed - log_w)[:, :1] * np.ones_like(log_w), atol=1e-12)
+    assert np.all(np.isfinite(compat.psis_khat(np.random.default_rng(6).normal(size=(2, compat.MIN_PSIS_SAMPLES)))))
+
+
+def test_psis_khat_of_weights_dominated_by_one_draw_is_bad_in_both_versions():
+    log_w = np.random.default_rng(7).normal(size=(3, 64)) * 1000  # weights spanning thousands of nats
+    khat = compat.psis_khat(log_w)
+    assert not np.any(np.isnan(khat)) and np.all(khat > 0.7)
