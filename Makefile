@@ -20,7 +20,7 @@ test: install
 	$(BIN)/python -m pytest -q
 
 run: install
-	$(BIN)/python examples/fit_vits_prior.py $(ARGS)
+	$(BIN)/pyro-vits fit $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache
@@ -30,3 +30,8 @@ clean:
 .PHONY: docs
 docs: install
 	$(BIN)/python examples/compare_kl_estimators.py --preset docs --device cpu --out runs/kl-study-docs --docs docs
+
+# docs/api.md from the docstrings (tests/test_architecture.py fails when the committed page is stale).
+.PHONY: docs-api
+docs-api: install
+	$(BIN)/python scripts/gen_api.py

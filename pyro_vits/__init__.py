@@ -14,7 +14,7 @@ from typing import Any
 
 try:
     __version__ = version("pyro_vits")
-except PackageNotFoundError:  # a source tree on sys.path, not installed
+except PackageNotFoundError:  # a source tree that is not installed
     __version__ = "0+unknown"
 
 _EXPORTS: dict[str, str] = {

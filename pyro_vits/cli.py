@@ -90,7 +90,7 @@ TABLE: dict[str, Command] = {
 }
 """Every command with the module(s) behind it; :data:`COMMANDS` lists those installed."""
 
-# --- until pyro_vits.study.app and pyro_vits.apps.bench exist ------------------------------------------------
+# --- until pyro_vits.study.app and pyro_vits.apps.bench exist ---------------------------------------------
 REPO = Path(__file__).resolve().parents[1]  # only the bench fallback below reads it (a source checkout)
 
 

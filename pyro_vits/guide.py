@@ -163,7 +163,8 @@ class ObservationGuide(GaussianGuide):
         """The proposal matching ``teacher`` (a :class:`~pyro_vits.model.VITSPriorModel` with
         ``decoder="identity"``)."""
         config = getattr(teacher, "config", None)
-        if not isinstance(config, dict) or config.get("decoder") != "identity" or not hasattr(teacher, "sigma_x"):
+        if (not isinstance(config, dict) or config.get("decoder") != "identity"
+                or not hasattr(teacher, "sigma_x")):
             raise ValueError("teacher must be a VITSPriorModel with decoder='identity'")
         return cls(teacher.sigma_x)
 

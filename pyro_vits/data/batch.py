@@ -1,5 +1,5 @@
 """Padded utterance batches: :class:`Batch` ``(N, C, T)`` with its ``(N, 1, T)`` mask, the shared
-``"utterances"`` plate, and :class:`FitData`, the protocol :func:`~pyro_vits.train.fit` needs of a data set."""
+``"utterances"`` plate, and :class:`FitData`, what :func:`~pyro_vits.train.fit` needs of a data set."""
 
 from __future__ import annotations
 
@@ -152,10 +152,11 @@ def sequence_mask(lengths: Tensor, frames: int) -> Tensor:
 
 
 def utterance_plate(
-    batch: Batch, subsample_size: int | None = None, subsample: Tensor | None = None
+    batch: FitData, subsample_size: int | None = None, subsample: Tensor | None = None
 ) -> pyro.plate:
-    """The ``"utterances"`` plate (dim -1) over ``batch.n``, shared by the model and every guide."""
+    """The ``"utterances"`` plate (dim -1) over ``batch.n`` on ``batch.device``, shared by the model and every
+    guide (any :class:`FitData`)."""
     return pyro.plate(
         "utterances", batch.n, subsample_size=subsample_size, subsample=subsample, dim=-1,
-        device=batch.x.device,
+        device=batch.device,
     )

@@ -1,10 +1,9 @@
 """The settings of a :func:`~pyro_vits.train.fit` run as one validated, frozen dataclass (:class:`FitConfig`),
-built from keywords, a mapping, a TOML/JSON file or an argparse namespace, and the ``config.json`` record
-of a run (:meth:`FitConfig.record`)."""
+built from keywords, a mapping or a TOML/JSON file (``pyro-vits fit`` builds it from its options:
+:func:`pyro_vits.apps.fit.fit_config`), and the ``config.json`` record of a run (:meth:`FitConfig.record`)."""
 
 from __future__ import annotations
 
-import json
 import numbers
 import os
 import platform
@@ -111,13 +110,6 @@ class FitConfig:
         """From a TOML (``.toml``) or JSON (``.json``) table of settings."""
         return cls.from_mapping(load_config_file(path), f"config file {path}")
 
-    @classmethod
-    def from_namespace(cls, args: Any, **overrides: Any) -> FitConfig:
-        """From the attributes of an argparse namespace named like the fields (others ignored), then
-        ``overrides``."""
-        values = {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}
-        return cls(**{**values, **overrides})
-
     def kwargs(self) -> dict[str, Any]:
         """The fields as :func:`~pyro_vits.train.fit` keywords."""
         return asdict(self)
@@ -132,8 +124,8 @@ class FitConfig:
         config: dict[str, Any] = dict(
             steps=self.steps, lr=self.lr, clip_norm=self.clip_norm, lrd=self.lrd,
             optimizer="pyro.optim.clipped_adam.ClippedAdam", batch_size=self.batch_size, device=str(device),
-            seed=self.seed, log_every=self.log_every, eval_samples=self.eval_samples, eval_size=self.eval_size,
-            checkpoint_every=self.checkpoint_every, nan_policy=self.nan_policy,
+            seed=self.seed, log_every=self.log_every, eval_samples=self.eval_samples,
+            eval_size=self.eval_size, checkpoint_every=self.checkpoint_every, nan_policy=self.nan_policy,
             elbo=dict(type=type(elbo).__name__, num_particles=elbo.num_particles,
                       vectorize_particles=elbo.vectorize_particles, max_plate_nesting=elbo.max_plate_nesting),
             model=dict(type=type(model).__name__, **getattr(model, "config", {})),

@@ -24,7 +24,7 @@ class ParallelStep(Protocol):
     """One process's share of every SVI step."""
 
     def begin(self, step: int) -> Any:
-        """Seed this process's noise for ``step``; return its utterances (for the NaN/Inf guard's re-trace)."""
+        """Seed this process's noise for ``step``; return its utterances (re-traced by the NaN/Inf guard)."""
         ...
 
     def loss_and_grads(self) -> float:

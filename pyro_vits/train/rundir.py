@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
-    "CHECKPOINT", "CONFIG", "FIGURES", "INFERENCE_DATA", "METRICS", "RUN_FILES", "SUMMARY_CSV", "SUMMARY_MD",
+    "CHECKPOINT", "CONFIG", "FIGURES", "INFERENCE_DATA", "METRICS", "RUN_FILES", "SUMMARY",
     "append_record", "atomic_write", "check_out_dir", "prepare_run_dir", "write_json",
 ]
 
@@ -31,8 +31,7 @@ CONFIG = "config.json"
 METRICS = "metrics.jsonl"
 CHECKPOINT = "checkpoint.pt"
 INFERENCE_DATA = "inference_data.nc"
-SUMMARY_CSV = "summary.csv"
-SUMMARY_MD = "summary.md"
+SUMMARY = "summary"  # summary.csv and summary.md
 FIGURES = "figures"
 RUN_FILES = (CONFIG, METRICS, CHECKPOINT)
 """The files :func:`~pyro_vits.train.fit` writes (and, unless resuming, deletes before a new run)."""
