@@ -8,6 +8,7 @@ import importlib
 import importlib.util
 import os
 import re
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -189,7 +190,10 @@ def test_wheel_installs_and_runs_outside_the_checkout(tmp_path):
     def run(*command: str, cwd: Path = tmp_path) -> subprocess.CompletedProcess:
         return subprocess.run(command, capture_output=True, text=True, env=env, cwd=cwd, timeout=600)
 
-    built = run(sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "--no-build-isolation", "-q",
+    source = tmp_path / "source"  # a copy: building in the checkout would leave build/ there
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".git", ".venv", "build", "runs", "*.egg-info",
+                                                                "__pycache__", ".pytest_cache"))
+    built = run(sys.executable, "-m", "pip", "wheel", str(source), "--no-deps", "--no-build-isolation", "-q",
                 "-w", str(wheels))
     assert built.returncode == 0, built.stderr[-2000:]
     (wheel,) = wheels.glob("pyro_vits-*.whl")
