@@ -464,17 +464,19 @@ def read_vits_checkpoint(
 ) -> VITSFlowCheckpoint:
     """Read a generator checkpoint file with ``torch.load(weights_only=True)`` and load its flow
     (:func:`load_vits_flow`) and ``emb_g``. The config is the checkpoint's ``config`` entry, else a
-    ``config.json`` in the same folder (VITS / VITS2 / Bert-VITS2 layout), else none."""
+    ``config.json`` in the same folder (VITS / VITS2 / Bert-VITS2 layout), else none. Errors start with the
+    path (the loader's own part stays within 300 characters)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no VITS checkpoint at {path}")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # a truncated file or a pickle of other objects: not loadable as weights
-        raise _fail(
-            f"cannot load {path.name} with torch.load(weights_only=True): {str(err).splitlines()[0][:120]}; "
-            "re-save its state dict: torch.save({'model': ckpt['model']}, 'G.pth')"
-        ) from err
+        lines = [line.strip() for line in str(err).strip().splitlines()] or [""]
+        line = next((x for x in lines if x.startswith("WeightsUnpickler error:")), lines[0])  # torch's reason
+        raise ValueError(f"cannot load {path} with torch.load(weights_only=True) ({type(err).__name__}: "
+                         f"{line[:160]}); if it holds other Python objects, re-save its state dict: "
+                         "torch.save({'model': ckpt['model']}, 'generator.pth')") from err
     config, source = None, None
     if isinstance(obj, Mapping) and isinstance(obj.get("config"), Mapping):
         config, source = obj["config"], "checkpoint"
@@ -482,25 +484,15 @@ def read_vits_checkpoint(
         try:
             config = json.loads((path.parent / "config.json").read_text(encoding="utf-8"))
         except (OSError, ValueError) as err:
-            raise _fail(
-                f"cannot read {path.parent.name}/config.json beside the checkpoint: {str(err)[:120]}"
-            ) from err
+            raise ValueError(f"cannot read {path.parent / 'config.json'} beside the checkpoint: "
+                             f"{str(err)[:120]}") from err
         source = str(path.parent / "config.json")
-    flow = load_vits_flow(
-        obj,
-        dilation_rate,
-        transformer_flow_type=transformer_flow_type,
-        n_heads=n_heads,
-        config=config,
-        dtype=dtype,
-    )
+    try:
+        flow = load_vits_flow(obj, dilation_rate, transformer_flow_type=transformer_flow_type,
+                              n_heads=n_heads, config=config, dtype=dtype)
+    except (TypeError, ValueError) as err:
+        raise type(err)(f"{path}: {err}") from err
     state = _state_dict(obj)
-    emb = next(
-        (
-            v
-            for k, v in state.items()
-            if isinstance(k, str) and isinstance(v, Tensor) and k.removeprefix("module.") == "emb_g.weight"
-        ),
-        None,
-    )
+    emb = next((v for k, v in state.items() if isinstance(k, str) and isinstance(v, Tensor)
+                and k.removeprefix("module.") == "emb_g.weight"), None)
     return VITSFlowCheckpoint(flow, None if emb is None else emb.detach().to(dtype), source)
