@@ -265,15 +265,18 @@ def _mono_type(explicit: str | None, config: Mapping[str, Any] | None) -> str:
     return flow_type
 
 
-def _build(
-    family: str,
-    modules: dict[int, dict[str, Tensor]],
-    dilation: int,
-    n_heads: int | None,
-    flow_type: str | None,
-    config: Mapping[str, Any] | None,
-) -> ResidualCouplingBlock:
+def _check_flow_type(family: str, kind: str, flow_type: str | None) -> None:
+    """An explicit ``transformer_flow_type`` must name the family the weights show."""
+    if flow_type is None or flow_type == family or (family == "mono" and flow_type.startswith("mono_layer")):
+        return
+    raise _fail(f"transformer_flow_type={flow_type!r} but flow.flows.0 is a {_KIND[kind]}")
+
+
+def _build(family: str, modules: dict[int, dict[str, Tensor]], dilation: int, n_heads: int | None,
+           flow_type: str | None, config: Mapping[str, Any] | None) -> ResidualCouplingBlock:
+    """An unloaded block of ``family`` sized from the shapes of ``modules``."""
     first = modules[0]
+    _check_flow_type(family, _kind(first), flow_type)
     s = _coupling_sizes(first, "flow.flows.0")
     n_flows = sum(_kind(sub) != "mono" for sub in modules.values())
     c, h, gin, mean_only = s["channels"], s["hidden_channels"], s["gin_channels"], s["mean_only"]
@@ -281,64 +284,44 @@ def _build(
         return ResidualCouplingBlock(c, h, s["kernel_size"], dilation, s["n_layers"], n_flows, gin, mean_only)
     if family == "bert":
         spec = _encoder_spec(first, "enc.", "flow.flows.0")
-        n_heads = _heads(first, "enc.", "flow.flows.0", n_heads, _DEFAULT_HEADS[family])
+        heads = _heads(first, "enc.", "flow.flows.0", n_heads, _DEFAULT_HEADS[family])
         if _has(first, "enc.spk_emb_linear."):
             gin = first["enc.spk_emb_linear.weight"].shape[1]
-        return TransformerCouplingBlock(
-            c,
-            h,
-            spec["filter_channels"],
-            n_heads,
-            spec["n_layers"],
-            spec["kernel_size"],
-            n_flows,
-            gin,
-            mean_only=mean_only,
-            window_size=spec["window_size"],
-        )
+        return TransformerCouplingBlock(c, h, spec["filter_channels"], heads, spec["n_layers"],
+                                        spec["kernel_size"], n_flows, gin, mean_only=mean_only,
+                                        window_size=spec["window_size"])
     if family == "fft":
         spec = _encoder_spec(first, "enc.", "flow.flows.0", attn="self_attn_layers")
-        n_heads = n_heads or _DEFAULT_HEADS[family]
+        spec["n_heads"] = n_heads or _DEFAULT_HEADS[family]
         if _has(first, "enc.cond_layer."):
             gin = _weight_shape(first, "enc.cond_layer", "flow.flows.0")[1]
-        return ResidualCouplingTransformersBlock(
-            c,
-            h,
-            spec["kernel_size"],
-            spec["n_layers"],
-            n_heads,
-            n_flows,
-            gin,
-            "fft",
-            mean_only=mean_only,
-            transformer=dict(spec, n_heads=n_heads),
-        )
-    source, where = (modules[2], "flow.flows.2") if family == "mono" else (first, "flow.flows.0")
+        # upstream's positional wiring: the block's dilation_rate and n_layers are the FFT's layers and heads
+        return ResidualCouplingTransformersBlock(c, h, spec["kernel_size"], spec["n_layers"], spec["n_heads"],
+                                                 n_flows, gin, "fft", mean_only=mean_only, transformer=spec)
+    flow_type = _vits2_type(family, modules, flow_type, config)
+    spec = _pre_transformer_spec(family, modules, n_heads)
+    return ResidualCouplingTransformersBlock(c, h, s["kernel_size"], dilation, s["n_layers"], n_flows, gin,
+                                             flow_type, mean_only=mean_only, transformer=spec)
+
+
+def _pre_transformer_spec(family: str, modules: dict[int, dict[str, Tensor]], n_heads: int | None) -> dict:
+    """The sizes of the ``pre_transformer`` of a VITS2 ``pre_conv``/``pre_conv2``/mono-layer flow."""
+    source, where = (modules[2], "flow.flows.2") if family == "mono" else (modules[0], "flow.flows.0")
     spec = _encoder_spec(source, "pre_transformer.", where)
     spec["n_heads"] = _heads(source, "pre_transformer.", where, n_heads, _DEFAULT_HEADS[family])
     if _weight_shape(source, "pre_transformer.ffn_layers.0.conv_1", where)[1] == spec["filter_channels"]:
-        spec["filter_channels"] = None  # upstream: filter width = model width
-    if family == "mono":
-        flow_type = _mono_type(flow_type, config)
-        mono_post = _weight_shape(modules[2], "post", where)
-        if mono_post[0] != mono_post[1]:
-            raise _fail(
-                f"{where}.post.weight: {mono_post[0]} output channels, expected {mono_post[1]} (mean-only)"
-            )
-    elif flow_type is not None and flow_type != family:
-        raise _fail(f"transformer_flow_type={flow_type!r} but flow.flows.0 is a {_LABEL[family]} layer")
-    return ResidualCouplingTransformersBlock(
-        c,
-        h,
-        s["kernel_size"],
-        dilation,
-        s["n_layers"],
-        n_flows,
-        gin,
-        flow_type if family == "mono" else family,
-        mean_only=mean_only,
-        transformer=spec,
-    )
+        spec["filter_channels"] = None  # upstream: filter width = model width (also for post_transformer)
+    return spec
+
+
+def _vits2_type(family: str, modules: dict[int, dict[str, Tensor]], flow_type: str | None,
+                config: Mapping[str, Any] | None) -> str:
+    if family != "mono":
+        return family
+    post = _weight_shape(modules[2], "post", "flow.flows.2")
+    if post[0] != post[1]:
+        raise _fail(f"flow.flows.2.post.weight: {post[0]} output channels, expected {post[1]} (mean-only)")
+    return _mono_type(flow_type, config)
 
 
 # --------------------------------------------------------------------------------------------- loading

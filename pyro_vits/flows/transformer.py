@@ -246,13 +246,27 @@ def _transformer_spec(
     return spec
 
 
+def _vits2_step(flow_type: str, wn_args: tuple, spec: Mapping[str, Any]) -> list[nn.Module]:
+    """The modules of one flow step of VITS2's block, in upstream's order (see the module docstring)."""
+    channels, hidden_channels, _, _, _, gin_channels, mean_only = wn_args
+    if flow_type == "pre_conv":
+        return [ResidualCouplingTransformersLayer(*wn_args, transformer=spec), Flip()]
+    if flow_type == "pre_conv2":
+        return [ResidualCouplingTransformersLayer2(*wn_args, transformer=spec), Flip()]
+    if flow_type == "fft":
+        fft = FFTransformerCouplingLayer(channels, hidden_channels, gin_channels, mean_only, transformer=spec)
+        return [fft, Flip()]
+    mono = MonoTransformerFlowLayer(channels, flow_type == "mono_layer_post_residual", transformer=spec)
+    return [ResidualCouplingLayer(*wn_args), Flip(), mono]
+
+
 class ResidualCouplingTransformersBlock(ResidualCouplingBlock):
     """VITS2's prior flow (``models.ResidualCouplingTransformersBlock`` with ``use_transformer_flows=True``).
 
     Arguments as upstream plus ``transformer``: overrides of the transformer sizes (keys
     ``n_heads, n_layers, kernel_size, filter_channels, window_size``; defaults are upstream's constants for
     the type, e.g. ``pre_conv``: 2 heads, 2 layers, kernel 3, no relative window). ``mean_only=False`` gives
-    affine     couplings for the WN/FFT types (upstream always uses mean-only couplings).
+    affine couplings for the WN/FFT types (upstream always uses mean-only couplings).
     """
 
     def __init__(
@@ -270,67 +284,24 @@ class ResidualCouplingTransformersBlock(ResidualCouplingBlock):
         transformer: Mapping[str, Any] | None = None,
     ) -> None:
         nn.Module.__init__(self)  # the WN stack of the base class is replaced by the layers below
-        check_positive_ints(
-            channels=channels,
-            hidden_channels=hidden_channels,
-            kernel_size=kernel_size,
-            dilation_rate=dilation_rate,
-            n_layers=n_layers,
-            n_flows=n_flows,
-        )
+        check_positive_ints(channels=channels, hidden_channels=hidden_channels, kernel_size=kernel_size,
+                            dilation_rate=dilation_rate, n_layers=n_layers, n_flows=n_flows)
         check_gin_channels(gin_channels)
         if transformer_flow_type not in TRANSFORMER_FLOW_TYPES:
-            raise ValueError(
-                f"transformer_flow_type must be one of {TRANSFORMER_FLOW_TYPES}, "
-                f"got {transformer_flow_type!r}"
-            )
-        mono = transformer_flow_type.startswith("mono_layer")
-        if mono and not mean_only:
+            raise ValueError(f"transformer_flow_type must be one of {TRANSFORMER_FLOW_TYPES}, "
+                             f"got {transformer_flow_type!r}")
+        if transformer_flow_type.startswith("mono_layer") and not mean_only:
             raise ValueError(f"{transformer_flow_type} flows are mean-only upstream; mean_only must be True")
         if channels % 2:
             raise ValueError(f"channels must be even (the coupling splits them in halves), got {channels}")
-        spec = _transformer_spec(
-            transformer_flow_type,
-            kernel_size,
-            dilation_rate,
-            n_layers,
-            channels // 2,
-            hidden_channels,
-            transformer,
-        )
+        spec = _transformer_spec(transformer_flow_type, kernel_size, dilation_rate, n_layers, channels // 2,
+                                 hidden_channels, transformer)
         wn_args = (channels, hidden_channels, kernel_size, dilation_rate, n_layers, gin_channels, mean_only)
-        layers: list[nn.Module] = []
-        for _ in range(n_flows):
-            if transformer_flow_type == "pre_conv":
-                layers += [ResidualCouplingTransformersLayer(*wn_args, transformer=spec), Flip()]
-            elif transformer_flow_type == "pre_conv2":
-                layers += [ResidualCouplingTransformersLayer2(*wn_args, transformer=spec), Flip()]
-            elif transformer_flow_type == "fft":
-                layers += [
-                    FFTransformerCouplingLayer(
-                        channels, hidden_channels, gin_channels, mean_only, transformer=spec
-                    ),
-                    Flip(),
-                ]
-            else:
-                residual = transformer_flow_type == "mono_layer_post_residual"
-                layers += [
-                    ResidualCouplingLayer(*wn_args),
-                    Flip(),
-                    MonoTransformerFlowLayer(channels, residual, transformer=spec),
-                ]
-        config = dict(
-            channels=channels,
-            hidden_channels=hidden_channels,
-            kernel_size=kernel_size,
-            dilation_rate=dilation_rate,
-            n_layers=n_layers,
-            n_flows=n_flows,
-            gin_channels=gin_channels,
-            mean_only=mean_only,
-            transformer_flow_type=transformer_flow_type,
-            transformer=spec,
-        )
+        layers = [m for _ in range(n_flows) for m in _vits2_step(transformer_flow_type, wn_args, spec)]
+        config = dict(channels=channels, hidden_channels=hidden_channels, kernel_size=kernel_size,
+                      dilation_rate=dilation_rate, n_layers=n_layers, n_flows=n_flows,
+                      gin_channels=gin_channels, mean_only=mean_only,
+                      transformer_flow_type=transformer_flow_type, transformer=spec)
         self._init_stack(config, layers, mean_only and transformer_flow_type != "mono_layer_post_residual")
 
 
