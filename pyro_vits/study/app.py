@@ -3,7 +3,7 @@
     pyro-vits study --preset test --out D          # seconds
     pyro-vits study --preset quick                  # about a minute on one CPU core
     pyro-vits study --preset docs --docs docs       # the docs/ numbers (make docs)
-    pyro-vits study --config study.toml             # [study] keys override a preset
+    pyro-vits study --config study.toml             # [study] keys (TOML or JSON) override a preset
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="quick",
                         help="test: seconds; quick: ~1 min on one CPU core; docs: the documentation's numbers")
     parser.add_argument("--config", default=None,
-                        help="TOML file whose [study] keys override the preset (a 'preset' key picks it)")
+                        help="TOML or JSON file whose ([study]) keys override the preset's sizes "
+                             "(a 'preset' key picks the preset)")
     parser.add_argument("--device", default="cpu", help="cpu (reproducible), cuda, cuda:<i> or auto")
     parser.add_argument("--out", default=None, help="output folder (default runs/kl-study-<preset>)")
     parser.add_argument("--seed", type=int, default=0, help="first seed; the preset's seeds count up from it")
@@ -63,9 +64,9 @@ def headline(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     """Parse ``argv`` (default ``sys.argv[1:]``) and :func:`run` the study; returns the exit code."""
-    return run(build_parser().parse_args(list(sys.argv[1:] if argv is None else argv)))
+    return run(build_parser(prog).parse_args(list(sys.argv[1:] if argv is None else argv)))
 
 
 def run(args: argparse.Namespace) -> int:

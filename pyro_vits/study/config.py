@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import math
-import tomllib
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from .._configfile import load_config_file
 
 __all__ = ["StudyConfig", "PRESETS", "check_config", "load_config", "D64", "Q_LOC", "Q_SCALE", "COS_A",
            "NEAR_A", "RATIO_OFFSET", "TEACHER_SEED"]
@@ -154,14 +155,10 @@ def check_config(config: Any) -> None:
 
 
 def load_config(path: str | Path, base: StudyConfig | None = None) -> StudyConfig:
-    """A :class:`StudyConfig` from a TOML file: the keys of a ``[study]`` table (or the top level) override
-    ``base`` (default ``PRESETS['quick']``; a ``preset = "docs"`` key picks another); lists become tuples.
-    Unknown keys raise ``ValueError`` naming them."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"config file {path} does not exist")
-    with path.open("rb") as handle:
-        data = tomllib.load(handle)
+    """A :class:`StudyConfig` from a TOML or JSON file: the keys of a ``[study]`` table (or the top level)
+    override ``base`` (default ``PRESETS['quick']``; a ``preset = "docs"`` key picks another); lists become
+    tuples. Unknown keys raise ``ValueError`` naming them."""
+    data = load_config_file(path)
     data = dict(data.get("study", data))
     preset = data.pop("preset", None)
     if preset is not None and preset not in PRESETS:
