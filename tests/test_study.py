@@ -295,6 +295,12 @@ def test_config_validation_names_the_argument():
         logdet_study(channels=3)
     with pytest.raises(ValueError, match="num_points"):
         cos_density_grid(num_points=0)
+    with pytest.raises(ValueError, match="kl_per_frame"):
+        regime_profile(-1.0)
+    with pytest.raises(ValueError, match="draws"):
+        gradient_identity(draws=0)
+    with pytest.raises(ValueError, match="points"):
+        sigma_optimum_study(QUICK, points=0)
 
 
 def test_render_markdown_resolves_dotted_paths():

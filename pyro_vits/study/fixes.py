@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .._validate import check_positive_ints
 from ..estimators import batch_kl, kl_estimate, quadrature_kl_2d
 from ..prior import CosFlowPrior, MaskedNormal
 from .common import Draws, Sweep, by_seed, col, summary
@@ -107,6 +108,7 @@ def sigma_optimum_study(config: StudyConfig, points: int = 25) -> Sweep:
     ``abs_elementwise`` (its per-element loss ``|log a + 1/2| + a^2 / 2`` falls for ``a < e^(-1/2)`` and
     rises above). No InferenceData (means and MCSEs only)."""
     check_config(config)
+    check_positive_ints(points=points)
     zero = col(0.0, 0.0)
     prior = CosFlowPrior(zero, zero, a=0.0)
     grid = np.geomspace(0.3, 1.5, points)
@@ -141,6 +143,7 @@ def sigma_optimum_study(config: StudyConfig, points: int = 25) -> Sweep:
 def gradient_identity(draws: int = 64, seed: int = 0) -> dict[str, float]:
     """The largest absolute difference, draw by draw, between the gradients of ``mc`` / ``control_variate``
     and of ``vits`` w.r.t. ``(m_q, logs_q)`` on the cos-prior setting (float64; reparameterised draws)."""
+    check_positive_ints(draws=draws)
     m_q0, logs_q0 = col(0.3, -0.2), col(0.8, 0.6).log()
     prior = CosFlowPrior(col(0.1, 0.0), col(0.2, -0.1), a=1.0)
     eps = _noise((draws, 2, 1), seed)

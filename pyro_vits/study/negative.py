@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .._validate import check_positive_ints
 from ..estimators import (
     QUADRATIC_ESTIMATORS,
     kl_estimate,
@@ -130,6 +131,9 @@ def regime_profile(kl_per_frame: float, channels: int = 192, seed: int = 0) -> t
     given KL (nats per frame): channel ``c`` has ``a = exp(-s u_c w_c)``, ``b = s v_c w_c`` with fixed random
     ``u ~ |N(0, 1)|``, ``v ~ N(0, 1)``, ``w = 1`` on 16 channels and 0.1 on the rest (nearly collapsed),
     and the scale ``s`` solved for the KL."""
+    check_positive_ints(channels=channels)
+    if not (isinstance(kl_per_frame, (int, float)) and 0 < kl_per_frame < 1e6):
+        raise ValueError(f"kl_per_frame must be a positive number (nats per frame), got {kl_per_frame!r}")
     rng = np.random.default_rng(seed)
     u, v = np.abs(rng.standard_normal(channels)), rng.standard_normal(channels)
     w = np.where(np.arange(channels) < _ACTIVE, 1.0, 0.1)
