@@ -16,6 +16,7 @@ from torch.distributions import Transform
 
 import pyro_vits
 from pyro_vits.flows import ResidualCouplingBlock
+from pyro_vits.flows.transformer import ResidualCouplingTransformersBlock, TransformerCouplingBlock
 from pyro_vits.transforms import CosFlow, FlowTransform
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -36,15 +37,29 @@ def _package_transforms() -> set[type]:
     return found
 
 
-def _block(mean_only: bool, gin: int = 0) -> ResidualCouplingBlock:
-    """A float64 VITS block with random non-zero ``post`` layers (VITS zero-initialises them)."""
-    torch.manual_seed(1)
-    block = ResidualCouplingBlock(C, 6, 3, 1, 2, n_flows=2, gin_channels=gin, mean_only=mean_only).double()
+def _randomised(block: ResidualCouplingBlock) -> ResidualCouplingBlock:
+    """``block`` in float64, eval mode, with random non-zero ``post`` layers (VITS zero-initialises them)."""
+    block = block.double().eval()
     with torch.no_grad():
-        for layer in block.flows[::2]:
-            layer.post.weight.normal_(0.0, 0.3)
-            layer.post.bias.normal_(0.0, 0.1)
+        for name, param in block.named_parameters():
+            if ".post." in f".{name}":
+                param.normal_(0.0, 0.3 if name.endswith("weight") else 0.1)
     return block
+
+
+def _block(mean_only: bool, gin: int = 0) -> ResidualCouplingBlock:
+    torch.manual_seed(1)
+    return _randomised(ResidualCouplingBlock(C, 6, 3, 1, 2, n_flows=2, gin_channels=gin, mean_only=mean_only))
+
+
+def _vits2_block() -> ResidualCouplingBlock:
+    torch.manual_seed(2)
+    return _randomised(ResidualCouplingTransformersBlock(C, 6, 3, 1, 2, n_flows=2, transformer_flow_type="pre_conv"))
+
+
+def _bert_vits2_block() -> ResidualCouplingBlock:
+    torch.manual_seed(3)
+    return _randomised(TransformerCouplingBlock(C, 4, 8, 2, 1, 3, n_flows=2, mean_only=False))
 
 
 def _mask(lengths: list[int]) -> torch.Tensor:
@@ -57,6 +72,8 @@ CASES: dict[str, tuple[Callable[[torch.Tensor | None], Transform], int]] = {
     "flow_affine": (lambda mask: FlowTransform(_block(False), mask), C),
     "flow_affine_speaker": (lambda mask: FlowTransform(
         _block(False, gin=3), mask, torch.linspace(-1, 1, 3 * 2, dtype=D64).reshape(2, 3, 1)), C),
+    "flow_vits2_pre_conv": (lambda mask: FlowTransform(_vits2_block(), mask), C),
+    "flow_bert_vits2_affine": (lambda mask: FlowTransform(_bert_vits2_block(), mask), C),
     "cos_flow": (lambda mask: CosFlow(0.7, mask), 2),
 }
 COVERED = {FlowTransform, CosFlow}
