@@ -208,7 +208,7 @@ def plot_variance_ratio(ratio: Mapping[str, Any], path: str | os.PathLike) -> No
     the Gaussian theory curves, the measured ratios (±2 pooled SE) for the Gaussian and cos priors, the
     1/sqrt(2) line. ``ratio``: ``variance_ratio_study``'s results."""
     _require(ratio, ("ratios", "theory_curve", "gaussian", "cos", "theory_crossing"), "ratio")
-    fig, (ax,) = _figure(1, width=5.6, height=4.4)
+    fig, (ax,) = _figure(1, width=6.6, height=5.0)
     curve = ratio["theory_curve"]
     for j, (name, label) in enumerate((("vits", "hybrid"), ("control_variate", "control variate"))):
         ax.plot(curve["ratios"], curve[name], color="black", ls=("-", "--")[j], label=f"{label}: theory")
@@ -226,7 +226,7 @@ def plot_variance_ratio(ratio: Mapping[str, Any], path: str | os.PathLike) -> No
     ax.set_xticks([], minor=True)
     ax.set_xlabel(r"$\sigma_q / \sigma_p$ (dimensionless)")
     ax.set_ylabel("Var(estimator) / Var(full MC)")
-    _finish(fig, [ax], path, shared_legend=True)
+    _finish(fig, [ax], path, shared_legend=True, ncol=3)
 
 
 def plot_sigma_optimum(optimum: Mapping[str, Any], path: str | os.PathLike) -> None:
@@ -240,10 +240,13 @@ def plot_sigma_optimum(optimum: Mapping[str, Any], path: str | os.PathLike) -> N
                     capsize=2, color=f"C{i}", label=name)
     for name, value in optimum["theory_optimum"].items():
         ax.axvline(value, color="grey", ls="--", lw=0.8)
-        ax.annotate(f"{name}: {value:.3f}", (value, 0.02), xycoords=("data", "axes fraction"),
-                    rotation=90, fontsize="small", color="grey")
+        ax.annotate(f" optimum of {name}: {value:.3f}", (value, 0.98), xycoords=("data", "axes fraction"),
+                    rotation=90, va="top", fontsize="small", color="grey")
     ax.axhline(0.0, color="black", lw=0.8)
     ax.set_xscale("log")
+    ticks = [0.3, 0.5, float(np.exp(-0.5)), 1.0, 1.5]
+    ax.set_xticks(ticks, [f"{t:.2g}" for t in ticks])
+    ax.set_xticks([], minor=True)
     ax.set_xlabel(r"$\sigma_q / \sigma_p$ (dimensionless)")
     ax.set_ylabel("E d(loss)/d(logs_q) (nats per frame)")
     _finish(fig, [ax], path)
