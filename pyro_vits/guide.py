@@ -16,7 +16,7 @@ import pyro
 import torch
 from torch import Tensor, nn
 
-from ._validate import check_positive_ints
+from ._validate import check_nonnegative_ints, check_positive_ints
 from .flows import WN
 from .data.batch import Batch, utterance_plate
 from .prior import MaskedNormal
@@ -73,9 +73,7 @@ class PosteriorEncoder(GaussianGuide):
         super().__init__(name)
         check_positive_ints(x_channels=x_channels, channels=channels, hidden_channels=hidden_channels,
                             kernel_size=kernel_size, dilation_rate=dilation_rate, n_layers=n_layers)
-        for arg, value in (("n_speakers", n_speakers), ("gin_channels", gin_channels)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ValueError(f"{arg} must be a non-negative int, got {value!r}")
+        check_nonnegative_ints(n_speakers=n_speakers, gin_channels=gin_channels)
         if (n_speakers > 0) != (gin_channels > 0):
             raise ValueError(f"n_speakers and gin_channels must be both 0 or both positive, got "
                              f"n_speakers={n_speakers}, gin_channels={gin_channels}")

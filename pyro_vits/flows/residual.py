@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .._validate import check_positive_ints
+from .._validate import check_nonnegative_ints, check_positive_ints
 from ..nn import weight_normed_conv1d
 
 __all__ = [
@@ -170,11 +170,6 @@ def flatten_leading(
     return x, x_mask, g, lead
 
 
-def check_gin_channels(gin_channels: Any) -> None:
-    if not isinstance(gin_channels, int) or isinstance(gin_channels, bool) or gin_channels < 0:
-        raise ValueError(f"gin_channels must be a non-negative int, got {gin_channels!r}")
-
-
 class ResidualCouplingBlock(nn.Module):
     """VITS prior flow f: ``n_flows`` x [ResidualCouplingLayer, Flip] on ``(..., C, T)``.
 
@@ -208,7 +203,7 @@ class ResidualCouplingBlock(nn.Module):
             n_layers=n_layers,
             n_flows=n_flows,
         )
-        check_gin_channels(gin_channels)
+        check_nonnegative_ints(gin_channels=gin_channels)
         config = dict(
             channels=channels,
             hidden_channels=hidden_channels,

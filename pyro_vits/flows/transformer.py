@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .._validate import check_positive_ints
+from .._validate import check_nonnegative_ints, check_positive_ints
 from ..nn import FFT, Encoder
 from .residual import (
     WN,
@@ -42,7 +42,6 @@ from .residual import (
     Flip,
     ResidualCouplingBlock,
     ResidualCouplingLayer,
-    check_gin_channels,
     zero_conv1x1,
 )
 
@@ -286,7 +285,7 @@ class ResidualCouplingTransformersBlock(ResidualCouplingBlock):
         nn.Module.__init__(self)  # the WN stack of the base class is replaced by the layers below
         check_positive_ints(channels=channels, hidden_channels=hidden_channels, kernel_size=kernel_size,
                             dilation_rate=dilation_rate, n_layers=n_layers, n_flows=n_flows)
-        check_gin_channels(gin_channels)
+        check_nonnegative_ints(gin_channels=gin_channels)
         if transformer_flow_type not in TRANSFORMER_FLOW_TYPES:
             raise ValueError(f"transformer_flow_type must be one of {TRANSFORMER_FLOW_TYPES}, "
                              f"got {transformer_flow_type!r}")
@@ -372,7 +371,7 @@ class TransformerCouplingBlock(ResidualCouplingBlock):
             kernel_size=kernel_size,
             n_flows=n_flows,
         )
-        check_gin_channels(gin_channels)
+        check_nonnegative_ints(gin_channels=gin_channels)
         layers: list[nn.Module] = []
         for _ in range(n_flows):
             layers += [
