@@ -22,7 +22,7 @@ from ..estimators import (
     quadrature_kl_2d,
 )
 from ..prior import CosFlowPrior, MaskedNormal
-from .common import Draws, Sweep, by_seed, chunked_estimates, col
+from .common import Draws, Sweep, by_seed, chunked_estimates, col, solve_increasing
 from .config import D64, NEAR_A, StudyConfig, check_config
 
 __all__ = ["near_convergence", "one_utterance_quadrature", "exact_tail", "negative_batch_study",
@@ -145,13 +145,7 @@ def regime_profile(kl_per_frame: float, channels: int = 192, seed: int = 0) -> t
         a, b = profile(s)
         return float(np.sum(-np.log(a) + (a * a + b * b) / 2 - 0.5))
 
-    lo, hi = 0.0, 1.0
-    while kl(hi) < kl_per_frame:
-        lo, hi = hi, 2 * hi
-    for _ in range(100):
-        mid = 0.5 * (lo + hi)
-        lo, hi = (mid, hi) if kl(mid) < kl_per_frame else (lo, mid)
-    return profile(0.5 * (lo + hi))
+    return profile(solve_increasing(kl, kl_per_frame, iterations=100))
 
 
 class _GaussianPrior(MaskedNormal):
