@@ -31,14 +31,7 @@ ALL_FAMILIES = (
     "mono_layer_post_residual",
     "bert",
 )
-TRANSFORMER_FAMILIES = (
-    "pre_conv",
-    "pre_conv2",
-    "fft",
-    "mono_layer_inter_residual",
-    "mono_layer_post_residual",
-    "bert",
-)
+TRANSFORMER_FAMILIES = tuple(f for f in ALL_FAMILIES if f != "vits")
 HEADS = {"fft": 4}  # upstream: VITS2's fft flow gets the block's n_layers (4) as its head count; others 2
 
 

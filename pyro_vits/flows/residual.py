@@ -88,6 +88,10 @@ class AffineCoupling(nn.Module):
         self.half_channels = channels // 2
         self.mean_only = mean_only
 
+    def _post_conv(self, in_channels: int) -> nn.Conv1d:
+        """The zero-initialised ``post`` from ``in_channels`` to the ``C/2 * (2 - mean_only)`` stats."""
+        return zero_conv1x1(in_channels, self.half_channels * (1 if self.mean_only else 2))
+
     def stats(self, x0: Tensor, x_mask: Tensor, g: Tensor | None) -> Tensor:
         raise NotImplementedError
 
@@ -135,7 +139,7 @@ class ResidualCouplingLayer(AffineCoupling):
         super().__init__(channels, mean_only)
         self.pre = nn.Conv1d(self.half_channels, hidden_channels, 1)
         self.enc = WN(hidden_channels, kernel_size, dilation_rate, n_layers, gin_channels=gin_channels)
-        self.post = zero_conv1x1(hidden_channels, self.half_channels * (1 if mean_only else 2))
+        self.post = self._post_conv(hidden_channels)
 
     def stats(self, x0: Tensor, x_mask: Tensor, g: Tensor | None) -> Tensor:
         h = self.enc(self.pre(x0) * x_mask, x_mask, g=g)

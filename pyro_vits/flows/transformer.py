@@ -126,7 +126,7 @@ class ResidualCouplingTransformersLayer2(AffineCoupling):
         self.pre = nn.Conv1d(self.half_channels, hidden_channels, 1)
         self.pre_transformer = _encoder(hidden_channels, transformer)
         self.enc = WN(hidden_channels, kernel_size, dilation_rate, n_layers, gin_channels=gin_channels)
-        self.post = zero_conv1x1(hidden_channels, self.half_channels * (1 if mean_only else 2))
+        self.post = self._post_conv(hidden_channels)
 
     def stats(self, x0: Tensor, x_mask: Tensor, g: Tensor | None) -> Tensor:
         h = self.pre(x0) * x_mask
@@ -160,7 +160,7 @@ class FFTransformerCouplingLayer(AffineCoupling):
             isflow=True,
             gin_channels=gin_channels,
         )
-        self.post = zero_conv1x1(hidden_channels, self.half_channels * (1 if mean_only else 2))
+        self.post = self._post_conv(hidden_channels)
 
     def stats(self, x0: Tensor, x_mask: Tensor, g: Tensor | None) -> Tensor:
         h = self.pre(x0) * x_mask
@@ -335,7 +335,7 @@ class TransformerCouplingLayer(AffineCoupling):
             gin_channels=gin_channels,
             cond_layer_idx=cond_layer_idx,
         )
-        self.post = zero_conv1x1(hidden_channels, self.half_channels * (1 if mean_only else 2))
+        self.post = self._post_conv(hidden_channels)
 
     def stats(self, x0: Tensor, x_mask: Tensor, g: Tensor | None) -> Tensor:
         return self.post(self.enc(self.pre(x0) * x_mask, x_mask, g=g)) * x_mask
