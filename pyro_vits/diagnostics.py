@@ -235,6 +235,7 @@ def summary_table(
 
 def markdown_table(frame: pd.DataFrame, digits: int = 4) -> str:
     """A GitHub-markdown table of ``frame`` (index as the first column, floats to ``digits`` significant)."""
+    check_positive_ints(digits=digits)
 
     def cell(value: Any) -> str:
         return f"{value:.{digits}g}" if isinstance(value, (float, np.floating)) else str(value)

@@ -62,6 +62,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from ._device import resolve_device
+from ._validate import check_positive_ints
 from .data.batch import FitData
 
 __all__ = [
@@ -224,6 +225,8 @@ def _seed_from(*words: int) -> int:
 def minibatch_indices(seed: int, step: int, n: int, batch_size: int | None) -> Tensor:
     """The combined minibatch of ``step``: ``batch_size`` distinct ids of ``0..n-1`` (a CPU long tensor),
     the same on every rank; all ``n`` in order when ``batch_size`` is None or at least ``n``."""
+    check_positive_ints(n=n)
+    check_positive_ints(allow_none=True, batch_size=batch_size)
     if batch_size is None or batch_size >= n:
         return torch.arange(n)
     generator = torch.Generator().manual_seed(_seed_from(seed, step, 0))

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 from pyro.distributions import constraints
 from pyro.distributions.conditional import ConditionalTransformModule
@@ -106,6 +109,11 @@ class CosFlow(Transform):
     bijective = True
 
     def __init__(self, a: float = 1.0, mask: Tensor | None = None, cache_size: int = 0) -> None:
+        if isinstance(a, bool) or not isinstance(a, numbers.Real) or not math.isfinite(a):
+            raise ValueError(f"a must be a finite real number, got {a!r}")
+        if mask is not None and (not isinstance(mask, Tensor) or mask.dim() < 2 or mask.shape[-2] != 1):
+            got = tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__
+            raise ValueError(f"mask must be None or a Tensor of shape (..., 1, T), got {got}")
         super().__init__(cache_size=cache_size)
         self.a = float(a)
         self.mask = mask

@@ -12,6 +12,7 @@ import pyro
 import torch
 from torch import Tensor
 
+from .._validate import check_nonnegative_ints
 from ..prior import check_mask
 
 __all__ = ["Batch", "FitData", "sequence_mask", "utterance_plate"]
@@ -147,7 +148,11 @@ class Batch:
 
 
 def sequence_mask(lengths: Tensor, frames: int) -> Tensor:
-    """``(N,)`` lengths -> ``(N, 1, T)`` float mask, 1 where ``t < length``."""
+    """``(N,)`` lengths (frames) -> ``(N, 1, frames)`` float mask, 1 where ``t < length``."""
+    if not isinstance(lengths, Tensor) or lengths.dim() != 1:
+        got = tuple(lengths.shape) if isinstance(lengths, Tensor) else type(lengths).__name__
+        raise ValueError(f"lengths must be a 1-D Tensor (N,), got {got}")
+    check_nonnegative_ints(frames=frames)
     return (torch.arange(frames, device=lengths.device) < lengths[:, None]).unsqueeze(1).float()
 
 
