@@ -234,7 +234,8 @@ def minibatch_indices(seed: int, step: int, n: int, batch_size: int | None) -> T
 
 
 def shard(indices: Tensor, rank: int, world_size: int) -> Tensor:
-    """Rank ``rank``'s contiguous slice of ``indices`` (``torch.tensor_split``: sizes differ by at most 1)."""
+    """Rank ``rank``'s contiguous slice of ``indices (M,)``: ``(M // world_size,)`` or one more
+    (``torch.tensor_split``: sizes differ by at most 1)."""
     if not 0 <= rank < world_size:
         raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
     return torch.tensor_split(indices, world_size)[rank]

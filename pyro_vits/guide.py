@@ -90,6 +90,8 @@ class PosteriorEncoder(GaussianGuide):
             self.emb_g = nn.Embedding(n_speakers, gin_channels)
 
     def posterior(self, batch: Batch) -> tuple[Tensor, Tensor]:
+        """``(m_q, logs_q)``, each ``(N, channels, T)``, 0 on padded frames, from
+        ``batch.x (N, x_channels, T)`` (and ``batch.speaker (N,)`` when speaker-conditioned)."""
         if batch.channels != self.config["x_channels"]:
             raise ValueError(f"batch.x has {batch.channels} channels, the encoder expects "
                              f"{self.config['x_channels']}")
@@ -136,6 +138,8 @@ class LocalGuide(GaussianGuide):
         self.logs_q = nn.Parameter(torch.full(shape, math.log(init_scale), dtype=init_loc.dtype))
 
     def posterior(self, batch: Batch) -> tuple[Tensor, Tensor]:
+        """The parameters of utterances ``batch.index``: ``(m_q, logs_q)``, each ``(N, C, T)``, 0 on padded
+        frames."""
         if batch.x.shape[1:] != self.m_q.shape[1:]:
             raise ValueError(f"batch.x has (C, T) = {tuple(batch.x.shape[1:])}, the guide "
                              f"{tuple(self.m_q.shape[1:])}")
@@ -167,4 +171,5 @@ class ObservationGuide(GaussianGuide):
         return cls(teacher.sigma_x)
 
     def posterior(self, batch: Batch) -> tuple[Tensor, Tensor]:
+        """``(m_q, logs_q) = (x, log sigma_x)``, each ``(N, C, T)``, 0 on padded frames."""
         return batch.x * batch.mask, torch.full_like(batch.x, self.log_sigma) * batch.mask

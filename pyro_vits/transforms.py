@@ -67,6 +67,7 @@ class FlowTransform(Transform):
         return x
 
     def log_abs_det_jacobian(self, x: Tensor, y: Tensor) -> Tensor:
+        """``log|det dy/dx|`` of ``x, y (..., C, T)``: ``(...)`` nats per utterance (valid frames only)."""
         if self.flow.mean_only:
             lead = x.shape[:-2]
             for extra in (self.mask, self.g):
@@ -139,6 +140,7 @@ class CosFlow(Transform):
         return torch.stack([y[..., 0, :], y[..., 1, :] - self._shift(y[..., 0, :])], dim=-2)
 
     def log_abs_det_jacobian(self, x: Tensor, y: Tensor) -> Tensor:
+        """Exact zeros ``(...)`` for ``x, y (..., 2, T)`` (unit Jacobian)."""
         if self.mask is None:
             return x.new_zeros(x.shape[:-2])
         return x.new_zeros(torch.broadcast_shapes(x.shape[:-2], self.mask.shape[:-2]))

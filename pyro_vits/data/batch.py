@@ -110,6 +110,7 @@ class Batch:
 
     @property
     def channels(self) -> int:
+        """Channels C of ``x``."""
         return self.x.shape[1]
 
     @property
@@ -119,6 +120,7 @@ class Batch:
 
     @property
     def device(self) -> torch.device:
+        """The device of every tensor field."""
         return self.x.device
 
     def describe(self) -> dict[str, Any]:
@@ -140,6 +142,7 @@ class Batch:
         return new
 
     def to(self, device: torch.device | str) -> Batch:
+        """A copy with every tensor field on ``device``."""
         return self._derive(lambda t: t.to(device))
 
     def subset(self, idx: Tensor) -> Batch:
