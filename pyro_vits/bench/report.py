@@ -102,8 +102,9 @@ def format_report(res: dict[str, Any]) -> str:
             add(f"memory {g:<8} K={k:<3}{_mib(m['growth_bytes'])} peak growth, "
                 f"{_mib(m['autograd_saved_bytes'])} saved for backward")
     for e in res.get("eval_memory", {}).get("runs", []):
-        add(f"evaluate {e['samples']:>4} samples, eval_chunk {e['eval_chunk']:>6}: {_mib(e['growth_bytes'])} "
-            f"peak growth, {e['wall_s']:.1f} s")
+        chunks = f"eval_chunk {e['eval_chunk']}" if e["chunked"] else "unchunked"
+        add(f"evaluate {e['samples']:>4} samples, {chunks:<18}: {_mib(e['growth_bytes'])} peak growth, "
+            f"{e['wall_s']:.1f} s")
     if "compile" in res:
         c = res["compile"]
         add("torch.compile: " + (c["error"] if "error" in c else
