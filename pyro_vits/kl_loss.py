@@ -1,14 +1,15 @@
 """VITS's KL loss as a drop-in function, with any KL estimator and extra KL particles through the flow only.
 
-In a VITS training step (``models.SynthesizerTrn.forward`` returns ``z, z_p, m_p, logs_p, m_q, logs_q`` and
-``y_mask``) the KL term ``kl_loss(z_p, logs_q, m_p, logs_p, z_mask)`` becomes::
+In VITS's ``train.py`` (``z, z_p, m_p, logs_p, m_q, logs_q`` come out of ``net_g``, ``z_mask`` is the
+spectrogram mask) the KL line changes from ``kl_loss(z_p, logs_q, m_p, logs_p, z_mask)`` to::
 
     from pyro_vits.kl_loss import vits_kl_loss
-    loss_kl = vits_kl_loss(z, m_q, logs_q, m_p, logs_p, z_mask, net_g.flow, g=g,
+    loss_kl = vits_kl_loss(z, m_q, logs_q, m_p, logs_p, z_mask, net_g.module.flow,
                            kl_particles=8) * hps.train.c_kl
 
-The decoder, HiFi-GAN and discriminators still use the one ``z``; the ``K - 1`` extra draws of ``z ~ q`` only
-pass through the prior flow (one vectorised call).
+(``g=net_g.module.emb_g(speakers).unsqueeze(-1)`` for a multi-speaker model). The decoder, HiFi-GAN and the
+discriminators still use the one ``z``; the ``K - 1`` extra draws of ``z ~ q`` only pass through the prior
+flow, in one vectorised call.
 """
 
 from __future__ import annotations

@@ -77,7 +77,7 @@ def test_quick_run_writes_complete_json(tmp_path):
         assert per_k["8"]["autograd_saved_bytes"] > per_k["1"]["autograd_saved_bytes"] > 0
         assert res["leak"][g]["steps"] == 200
     runs = res["eval_memory"]["runs"]
-    assert {(r["samples"], r["chunked"]) for r in runs} == {(8, True), (8, False), (32, True), (32, False)}
+    assert {(r["samples"], r["chunked"]) for r in runs} == {(8, True), (32, True), (8, False)}
     assert "compile" not in res and isinstance(res["all_applicable_pass"], bool)
     assert "pyro_k1_vs_kl_k8_encoder" in res["profiles"]
 

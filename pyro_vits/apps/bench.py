@@ -50,7 +50,8 @@ logger = logging.getLogger(__name__)
 PARTICLES = (1, 2, 4, 8)
 KL_PARTICLES = (2, 4, 8)
 ROW_CHUNKED_K = (4, 8)
-EVAL_SAMPLES = (64, 256)
+EVAL_SAMPLES = (64, 256)  # default chunks at both; one vectorised call per utterance chunk at the first
+UNCHUNKED = 2**62  # an eval_chunk no evaluation reaches: every sample of every utterance in one call
 QUICK_EVAL_SAMPLES = (8, 32)
 LEAK_STEPS = (100, 1000)
 QUICK_LEAK_STEPS = (40, 200)
@@ -261,12 +262,12 @@ def _eval_targets(outs: list[dict], size: dict, samples: tuple[int, int],
     section = {"size": size, "runs": runs,
                "what": "evaluate(model, PosteriorEncoder guide, held-out data, num_samples) once, in a fresh "
                        "process; chunked: the default eval_chunk; unchunked: every sample of every utterance in "
-                       "one vectorised call (the previous behaviour)"}
+                       "one vectorised call (the previous behaviour), at the smaller sample count"}
     targets = [
         target("eval_peak_memory", f"evaluate's peak memory growth with {hi} samples, default chunks <= 1 GiB",
                float(chunked[hi]["growth_bytes"]), float(EVAL_MEMORY_BOUND), "<=", True),
-        target("eval_time_linear", f"evaluate's time at {hi} / {lo} samples (default chunks) <= "
-               f"{EVAL_LINEAR_SLACK} x {hi // lo}", chunked[hi]["wall_s"] / chunked[lo]["wall_s"],
+        target("eval_time_linear", f"evaluate's CPU time at {hi} / {lo} samples (default chunks) <= "
+               f"{EVAL_LINEAR_SLACK} x {hi // lo}", chunked[hi]["cpu_s"] / chunked[lo]["cpu_s"],
                EVAL_LINEAR_SLACK * hi / lo, "<=", True),
     ]
     return section, targets
@@ -287,8 +288,9 @@ def _jobs(args: argparse.Namespace, guides: list[str], size: dict, device: torch
         jobs += [{**base, "kind": "leak", "size": LEAK_SIZE, "guide": g, "steps": steps} for g in guides]
     if not args.no_eval_memory:
         eval_size = QUICK_EVAL_SIZE if args.quick else EVAL_SIZE
+        lo, hi = QUICK_EVAL_SAMPLES if args.quick else EVAL_SAMPLES
         jobs += [{**base, "kind": "eval", "size": eval_size, "samples": n, "eval_chunk": chunk}
-                 for n in (QUICK_EVAL_SAMPLES if args.quick else EVAL_SAMPLES) for chunk in (None, 2**62)]
+                 for n, chunk in ((lo, None), (hi, None), (lo, UNCHUNKED))]
     return jobs
 
 

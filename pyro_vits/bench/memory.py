@@ -147,9 +147,9 @@ def _eval_memory(job: Job, device: torch.device) -> dict[str, Any]:
     chunk = job["eval_chunk"]
     rows = default_eval_chunk(data.channels, data.frames) if chunk is None else chunk
     with _peak(device) as out:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         result = evaluate(model, guide, data, num_samples=job["samples"], seed=job["seed"], eval_chunk=chunk)
-        out["wall_s"] = time.perf_counter() - t0
+        out["wall_s"], out["cpu_s"] = time.perf_counter() - t0, time.process_time() - c0
     return {"samples": job["samples"], "eval_chunk": rows, "chunked": chunk is None, **out,
             "elbo_per_frame": result["elbo_per_frame"], "loglik_iwae_per_frame": result["loglik_iwae_per_frame"]}
 

@@ -104,7 +104,7 @@ def format_report(res: dict[str, Any]) -> str:
     for e in res.get("eval_memory", {}).get("runs", []):
         chunks = f"eval_chunk {e['eval_chunk']}" if e["chunked"] else "unchunked"
         add(f"evaluate {e['samples']:>4} samples, {chunks:<18}: {_mib(e['growth_bytes'])} peak growth, "
-            f"{e['wall_s']:.1f} s")
+            f"{e['wall_s']:.1f} s wall, {e['cpu_s']:.1f} s CPU")
     if "compile" in res:
         c = res["compile"]
         add("torch.compile: " + (c["error"] if "error" in c else
