@@ -367,6 +367,19 @@ def default_eval_chunk(channels: int, frames: int) -> int:
     return max(1, EVAL_CHUNK_ELEMENTS // (channels * frames))
 
 
+def _data_device(data: Any) -> torch.device:
+    device = getattr(data, "device", None)
+    return device if isinstance(device, torch.device) else data.x.device
+
+
+def _default_rows(data: Any) -> int:
+    """:func:`default_eval_chunk` of the data's ``(C, T)``: ``channels``/``frames``, else ``x``'s last two
+    dims (a spectrogram for speech data: larger than the latent, so a smaller chunk)."""
+    if isinstance(getattr(data, "channels", None), int) and isinstance(getattr(data, "frames", None), int):
+        return default_eval_chunk(data.channels, data.frames)
+    return default_eval_chunk(*data.x.shape[-2:])
+
+
 def _chunk_shape(utterances: int, samples: int, rows: int) -> tuple[int, int]:
     """``(utterances, samples)`` per vectorised call with at most ``rows`` pairs where possible: all samples
     of as many utterances as fit, else one utterance and samples in blocks of a multiple of
@@ -425,7 +438,9 @@ def evaluate(
     error), ``kl_per_frame`` = E_q[log q(z|x) - log p(z)], ``recon_per_frame`` = E_q[log p(x|z)],
     ``loglik_iwae_per_frame`` = sum_n logmeanexp_k w_nk with the guide as proposal (a lower bound on
     log p(x) converging as ``num_samples`` grows); plus ``num_frames``, ``num_utterances``, ``num_samples``.
-    Model and guide take ``(batch)`` and use only the ``"utterances"`` plate (dim -1). The teacher's truth:
+    ``data``: a :class:`Batch`, or any data with ``n``, ``num_frames``, ``subset(idx)`` (and ``device`` or an
+    ``x`` tensor) that model and guide accept. Model and guide take ``(batch)`` and use only the
+    ``"utterances"`` plate (dim -1). The teacher's truth:
     ``evaluate(teacher, ObservationGuide.for_teacher(teacher), data)``. Runs without gradients, seeded by
     ``seed`` without touching the global RNG.
 
@@ -438,13 +453,13 @@ def evaluate(
     are split, only on the utterances per call (as with ``batch_size``).
     """
     check_positive_ints(num_samples=num_samples)
-    if not isinstance(data, Batch):
-        raise TypeError(f"data must be a Batch, got {type(data).__name__}")
+    if not all(hasattr(data, name) for name in ("n", "num_frames", "subset")):
+        raise TypeError(f"data must be a Batch (or have n, num_frames and subset), got {type(data).__name__}")
     check_positive_ints(batch_size=batch_size, eval_chunk=eval_chunk, allow_none=True)
-    rows = default_eval_chunk(data.channels, data.frames) if eval_chunk is None else eval_chunk
+    rows = _default_rows(data) if eval_chunk is None else eval_chunk
     per_call, per_draw = _chunk_shape(min(data.n if batch_size is None else batch_size, data.n),
                                       num_samples, rows)
-    device = data.x.device
+    device = _data_device(data)
     zero = torch.zeros((), device=device)
     sums = _Sums(torch.zeros(num_samples, device=device), zero, zero, zero)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
