@@ -74,7 +74,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                    help="encoder: VITS's PosteriorEncoder; free: learnable m_q/logs_q; both (default): targets "
                         "judged on the encoder guide, the free guide's particle checks reported")
     p.add_argument("--quick", action="store_true", help="tiny sizes, seconds; ratios are not meaningful")
-    p.add_argument("--repeats", type=int, default=None, help="timing rounds (default 5, quick 2)")
+    p.add_argument("--repeats", type=int, default=None, help="timing rounds (default 3, quick 2)")
     p.add_argument("--warmup", type=int, default=1, help="warm-up calls per configuration")
     p.add_argument("--inner", type=int, default=None, help="steps per timed call (default 1 on CPU, 5 on CUDA)")
     p.add_argument("--seed", type=int, default=0)
@@ -311,7 +311,7 @@ def _explain_misses(result: dict[str, Any]) -> None:
     """Attach to each failed timing target the top line of the profile of its ratio (when profiled)."""
     profiles = result.get("profiles", {})
     which = {"kl_particles_k8": "pyro_k1_vs_kl_k8", "vectorised_k4": "pyro_k1_vs_vec_k4",
-             "pyro_step_overhead": "raw_vs_pyro_k1"}
+             "rowchunked_vectorised_k4": "pyro_k1_vs_vec_k4", "pyro_step_overhead": "raw_vs_pyro_k1"}
     for t in result["targets"] + result["reference_checks"]:
         prefix = next((p for p in which if t["name"].startswith(p)), None)
         prof = profiles.get(f"{which.get(prefix)}_{t['guide']}")
@@ -337,7 +337,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     t_start = time.perf_counter()
     guides = list(GUIDES) if args.guide == "both" else [args.guide]
     size = QUICK_SIZE if args.quick else FULL_SIZE
-    repeats = args.repeats or (2 if args.quick else 5)
+    repeats = args.repeats or (2 if args.quick else 3)
     inner = args.inner or (5 if device.type == "cuda" else 1)
     result: dict[str, Any] = {
         "schema": 3, "mode": "quick" if args.quick else "full", **environment(device), "size": size,
