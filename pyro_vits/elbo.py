@@ -20,6 +20,9 @@ more reparameterised draws ``z' ~ q`` (``rsample``, one vectorised call of the s
 gradient stay unbiased (each draw's term has the same expectation); ``K = 1`` is the plain estimator.
 Sites downstream of ``z`` (the likelihood) see only the original draw. See :func:`kl_particle_sites`.
 
+:data:`ELBOS` names them (with Pyro's ``Trace_ELBO`` as ``"trace"``) for configs and command lines;
+:func:`make_elbo` builds one by name.
+
 STL and DReG stop the gradient through *all* tensors a guide site's distribution holds, so a structured
 guide whose site parameters depend on upstream latent samples also loses that path (exact for mean-field
 and data-amortised guides such as VITS's posterior encoder).
@@ -36,7 +39,7 @@ import torch
 from pyro.distributions import Independent, MaskedDistribution
 from pyro.distributions.torch_distribution import ExpandedDistribution
 from pyro.distributions.util import is_identically_zero, scale_and_mask, sum_rightmost
-from pyro.infer import RenyiELBO, Trace_ELBO
+from pyro.infer import ELBO, RenyiELBO, Trace_ELBO
 from pyro.infer.trace_elbo import _compute_log_r
 from pyro.infer.util import get_dependent_plate_dims, torch_item
 from pyro.poutine import Trace
@@ -47,6 +50,8 @@ from torch.distributions import Distribution, TransformedDistribution
 from ._validate import check_positive_ints
 
 __all__ = [
+    "ELBOS",
+    "KL_PARTICLE_ELBOS",
     "HybridEntropyELBO",
     "STL_ELBO",
     "MC_ELBO",
@@ -54,6 +59,7 @@ __all__ = [
     "analytic_entropy",
     "detach_distribution",
     "kl_particle_sites",
+    "make_elbo",
 ]
 
 Site = dict[str, Any]
@@ -334,3 +340,32 @@ def _plate_sum(sum_dims: list[int]) -> Callable[[Tensor], Tensor]:
 
 def _scale_by(weights: Tensor) -> Callable[[Tensor], Tensor]:
     return lambda grad: grad * weights
+
+
+ELBOS: dict[str, type[ELBO]] = {
+    "trace": Trace_ELBO, "vits": HybridEntropyELBO, "stl": STL_ELBO, "iwae_dreg": IWAE_DReG,
+}
+"""The ELBO classes by name (the KL *estimators* on tensors are :mod:`pyro_vits.estimators`' registry)."""
+
+
+KL_PARTICLE_ELBOS: dict[str, type[ELBO]] = {"trace": MC_ELBO, "vits": HybridEntropyELBO, "stl": STL_ELBO}
+"""The classes :func:`make_elbo` builds for ``kl_particles > 1`` (``trace``: :class:`MC_ELBO`, the same
+estimator as ``Trace_ELBO``); ``iwae_dreg`` weights whole particles and has no separate KL term."""
+
+
+def make_elbo(estimator: str = "trace", particles: int = 1, vectorize: bool = True,
+              kl_particles: int = 1) -> ELBO:
+    """The ELBO named ``estimator`` (a key of :data:`ELBOS`) with ``particles`` particles per step and
+    ``max_plate_nesting=1``: ``trace`` (``Trace_ELBO``), ``vits`` (:class:`HybridEntropyELBO`, VITS's
+    analytic-entropy estimator), ``stl``, ``iwae_dreg``. ``kl_particles > 1`` averages each particle's KL
+    term over that many draws through the prior only (:data:`KL_PARTICLE_ELBOS`; not for ``iwae_dreg``);
+    ``kl_particles=1`` gives exactly the plain class."""
+    if estimator not in ELBOS:
+        raise ValueError(f"estimator must be one of {tuple(ELBOS)}, got {estimator!r}")
+    check_positive_ints(particles=particles, kl_particles=kl_particles)
+    if kl_particles == 1:
+        return ELBOS[estimator](num_particles=particles, vectorize_particles=vectorize, max_plate_nesting=1)
+    if estimator not in KL_PARTICLE_ELBOS:
+        raise ValueError(f"kl_particles > 1 needs an estimator in {tuple(KL_PARTICLE_ELBOS)}, got {estimator!r}")
+    return KL_PARTICLE_ELBOS[estimator](num_particles=particles, vectorize_particles=vectorize,
+                                        max_plate_nesting=1, kl_particles=kl_particles)

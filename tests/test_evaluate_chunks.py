@@ -10,14 +10,8 @@ import torch
 from pyro import poutine
 
 from pyro_vits.guide import ObservationGuide, PosteriorEncoder
-from pyro_vits.model import (
-    EVAL_CHUNK_ELEMENTS,
-    VITSPriorModel,
-    default_eval_chunk,
-    evaluate,
-    make_teacher,
-    sample_dataset,
-)
+from pyro_vits.data.teacher import make_teacher, sample_dataset
+from pyro_vits.model import EVAL_CHUNK_ELEMENTS, VITSPriorModel, default_eval_chunk, evaluate
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 C, HIDDEN, T, N = 4, 8, 6, 5

@@ -33,6 +33,7 @@ from typing import Any
 import pyro
 import torch
 
+from .._device import resolve_device
 from ..bench.compiled import compile_flow
 from ..bench.memory import EVAL_SIZE, QUICK_EVAL_SIZE, Job, start_jobs
 from ..bench.problem import FULL_SIZE, GUIDE_DESCRIPTIONS, GUIDES, LEAK_SIZE, OPTIM, QUICK_SIZE, Problem, \
@@ -40,7 +41,6 @@ from ..bench.problem import FULL_SIZE, GUIDE_DESCRIPTIONS, GUIDES, LEAK_SIZE, OP
 from ..bench.report import device_slug, environment, format_report, target, write_json
 from ..bench.steps import PyroStep, RawStep, Step, TorchOptimStep, with_row_chunked_flow, without_validation
 from ..bench.timing import Block, measure, profile_difference, ratio
-from ..train import resolve_device
 from . import run_main
 
 __all__ = ["build_parser", "main", "run"]

@@ -133,7 +133,8 @@ def _leak(job: Job, device: torch.device) -> dict[str, Any]:
 
 def _eval_memory(job: Job, device: torch.device) -> dict[str, Any]:
     from ..guide import PosteriorEncoder
-    from ..model import VITSPriorModel, default_eval_chunk, evaluate, make_teacher, sample_dataset
+    from ..data.teacher import make_teacher, sample_dataset
+    from ..model import VITSPriorModel, default_eval_chunk, evaluate
 
     s = job["size"]
     flow_sizes = dict(kernel_size=s["kernel_size"], n_layers=s["n_layers"], n_flows=s["n_flows"])
