@@ -26,6 +26,8 @@ from typing import Any
 import pyro
 import torch
 
+import pyro_vits
+
 from .problem import make_problem
 from .steps import PyroStep
 from .timing import sync
@@ -170,14 +172,12 @@ def run_job(job: Job) -> dict[str, Any]:
     return {"kind": job["kind"], **runners[job["kind"]](job, device)}
 
 
-def _package_root() -> str:
-    return str(Path(__file__).resolve().parents[2])
-
-
 def run_jobs(jobs: list[Job]) -> list[dict[str, Any]]:
     """Each job in a fresh interpreter, one after the other (``python -m pyro_vits.bench.memory``)."""
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESHOLD_="131072")
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [_package_root(), env.get("PYTHONPATH", "")]))
+    # the child imports this very package: the folder holding it goes first on its path
+    home = os.path.dirname(os.path.dirname(os.path.abspath(pyro_vits.__file__)))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [home, env.get("PYTHONPATH", "")]))
     outs = []
     for job in jobs:
         cmd = [sys.executable, "-m", "pyro_vits.bench.memory", json.dumps(job)]
