@@ -293,3 +293,46 @@ def test_vits_kl_loss_validates_its_arguments():
         vits_kl_loss(z, m_q, logs_q, m_p[..., :-1], logs_p, mask, flow)
     with pytest.raises(ValueError, match="z_mask"):
         vits_kl_loss(*args[:5], mask[..., :-1], flow)
+
+
+# ------------------------------------------------------------------------------------------ make_elbo / fit
+
+
+def test_make_elbo_builds_kl_particle_elbos_and_refuses_iwae():
+    from pyro_vits.elbo import ELBOS, make_elbo
+
+    assert type(make_elbo("trace", 2, kl_particles=1)) is ELBOS["trace"]
+    for name, cls in (("trace", MC_ELBO), ("vits", HybridEntropyELBO), ("stl", STL_ELBO)):
+        elbo = make_elbo(name, 2, True, kl_particles=4)
+        assert type(elbo) is cls and elbo.kl_particles == 4 and elbo.num_particles == 2
+    with pytest.raises(ValueError, match="kl_particles"):
+        make_elbo("iwae_dreg", 2, kl_particles=3)
+    with pytest.raises(ValueError, match="kl_particles"):
+        make_elbo("vits", kl_particles=0)
+
+
+def test_fit_takes_kl_particles_and_eval_chunk(tmp_path):
+    from pyro_vits.data.teacher import make_teacher, sample_dataset
+    from pyro_vits.guide import PosteriorEncoder
+    from pyro_vits.model import VITSPriorModel
+    from pyro_vits.train import fit
+
+    teacher = make_teacher(4, 8, kernel_size=3, n_layers=1, n_flows=2, seed=0)
+    data = sample_dataset(teacher, 6, 8, seed=1)
+    model = VITSPriorModel(4, 8, kernel_size=3, n_layers=1, n_flows=2)
+    guide = PosteriorEncoder(4, 4, 8, kernel_size=3, n_layers=1)
+    result = fit(model, guide, data, steps=3, log_every=3, kl_particles=3, eval_chunk=16, eval_samples=20,
+                 progress=False, out_dir=tmp_path / "run", device="cpu")
+    assert result.config["elbo"]["type"] == "MC_ELBO" and result.config["elbo"]["kl_particles"] == 3
+    assert result.config["eval_chunk"] == 16 and all(math.isfinite(v) for v in result.losses)
+    with pytest.raises(ValueError, match="kl_particles"):
+        fit(model, guide, data, steps=1, elbo=Trace_ELBO(), kl_particles=2, progress=False, device="cpu")
+
+
+def test_fit_command_line_has_kl_particles_and_eval_chunk():
+    from pyro_vits.apps.fit import build_parser, fit_config
+
+    args = build_parser().parse_args(["--kl-particles", "4", "--eval-chunk", "64"])
+    assert args.kl_particles == 4 and fit_config(args, None).eval_chunk == 64
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--kl-particles", "0"])
