@@ -27,7 +27,7 @@ from ..elbo import make_elbo
 from ..model import evaluate
 from .checkpoint import Named, Progress, load_checkpoint, restore, resumed_config, save_checkpoint
 from .config import FitConfig
-from .guard import NonFiniteGuard, torch_rng
+from .guard import NonFiniteGuard, defers_checks, torch_rng
 from .parallel import DataParallel, parallel_device
 from .rundir import CHECKPOINT, append_record, check_out_dir, prepare_run_dir
 
@@ -227,6 +227,8 @@ class _Run:
         named, self.extra = _trainable(model, guide)
         self.optim = ClippedAdam([p for _, p in named], lr=cfg.lr, clip_norm=cfg.clip_norm, lrd=cfg.lrd)
         self.guard = NonFiniteGuard(model, guide, elbo, named, self.optim, dev, cfg.nan_policy)
+        # CUDA + "stop": losses and NaN checks stay on the device between logging / checkpoint steps
+        self.deferred = self.parallel is None and defers_checks(dev, cfg.nan_policy)
         self.config = cfg.record(elbo=elbo, model=model, guide=guide, data=self.data, heldout=self.heldout,
                                  device=dev, extra=extra_config,
                                  parallel=None if strategy is None else strategy.describe())
@@ -255,19 +257,35 @@ class _Run:
         rng = torch_rng(self.dev)
         with warnings.catch_warnings():  # Pyro's "Encountered NaN": the guard names step and sites
             warnings.filterwarnings("ignore", "Encountered NaN", UserWarning, r".*[\\/]pyro[\\/]")
-            loss = (self.elbo.loss_and_grads(self.model, self.guide, self.data,
-                                             subsample_size=self.subsample_size)
-                    if self.parallel is None else self.parallel.loss_and_grads())
-        kept = (f"; the last checkpoint ({self.out / CHECKPOINT}, step {self.saved_step}) is intact"
-                if self.saved_step is not None and self.out is not None else "")
-        if not self.guard.step(step, loss, self.step_args, rng, self.state.skipped, kept):
-            self.state.skipped += 1
+            if self.deferred:
+                loss_t = self.elbo.differentiable_loss(self.model, self.guide, self.data,
+                                                       subsample_size=self.subsample_size)
+                if loss_t.requires_grad:
+                    loss_t.backward()
+            else:
+                loss = (self.elbo.loss_and_grads(self.model, self.guide, self.data,
+                                                 subsample_size=self.subsample_size)
+                        if self.parallel is None else self.parallel.loss_and_grads())
+        if self.deferred:
+            self.guard.defer(step, loss_t, self.step_args, rng)
+        else:
+            if not self.guard.step(step, loss, self.step_args, rng, self.state.skipped, self._kept()):
+                self.state.skipped += 1
+            self.state.losses.append(loss)
         self.optim.zero_grad(set_to_none=True)
-        self.state.losses.append(loss)
         self.state.step = step
+
+    def _kept(self) -> str:
+        return (f"; the last checkpoint ({self.out / CHECKPOINT}, step {self.saved_step}) is intact"
+                if self.saved_step is not None and self.out is not None else "")
+
+    def flush(self) -> None:
+        """Read the deferred steps' losses back (raises on a non-finite step); a no-op otherwise."""
+        self.state.losses.extend(self.guard.flush(self._kept()))
 
     def log(self, step: int) -> dict[str, float]:
         """The record of the window ending at ``step`` (evaluated now), appended to ``metrics.jsonl``."""
+        self.flush()
         window_s = time.perf_counter() - self.window_start
         window = [x for x in self.state.losses[self.state.window_first:] if math.isfinite(x)]
         record: dict[str, float] = {"step": step,
@@ -292,6 +310,7 @@ class _Run:
 
     def save(self) -> None:
         """Replace the checkpoint with the state after the current step."""
+        self.flush()
         self.state.wall_s = time.perf_counter() - self.start
         save_checkpoint(self.out, self.state, self.model, self.guide, self.optim, self.extra, self.config,
                         self.dev)
@@ -303,5 +322,6 @@ class _Run:
                        if self.saved_step is not None else "no checkpoint was written")
 
     def result(self) -> FitResult:
+        self.flush()
         return FitResult(self.model, self.guide, self.state.losses, self.state.metrics, self.config, self.dev,
                          time.perf_counter() - self.start, self.out, self.state.skipped, self.resumed_from)
