@@ -89,32 +89,13 @@ TABLE: dict[str, Command] = {
 }
 """Every command with the module(s) behind it; :data:`COMMANDS` lists those installed."""
 
-# --- until pyro_vits.study.app exists ---------------------------------------------------------------------
-
-
-def _legacy_study() -> ModuleType:
-    """``pyro_vits.study`` itself when it follows the application contract."""
-    study = importlib.import_module("pyro_vits.study")
-    if not (callable(getattr(study, "build_parser", None)) and callable(getattr(study, "main", None))):
-        raise ValueError("pyro-vits study needs pyro_vits.study.app, which this version lacks (run "
-                         "examples/compare_kl_estimators.py from a source checkout)")
-    return study
-
-
-# -----------------------------------------------------------------------------------------------------------
-
-
-COMMANDS: dict[str, Command] = {name: c for name, c in TABLE.items()
-                                 if name in ("fit", "study") or c.module_name() is not None}
-"""The commands of this installation (``study`` always: it falls back as noted above)."""
+COMMANDS: dict[str, Command] = {name: c for name, c in TABLE.items() if c.module_name() is not None}
+"""The commands of this installation."""
 
 
 def _app(command: str) -> ModuleType:
-    """The application module of ``command``."""
-    name = TABLE[command].module_name()
-    if name is not None:
-        return importlib.import_module(name)
-    return _legacy_study()
+    """The application module of ``command`` (one of :data:`COMMANDS`)."""
+    return importlib.import_module(TABLE[command].module_name())
 
 
 def _run_command(command: str, argv: list[str], top: argparse.Namespace) -> int | None:
@@ -128,10 +109,6 @@ def _run_command(command: str, argv: list[str], top: argparse.Namespace) -> int 
                    if on and flag in options]
     if "prog" in inspect.signature(app.main).parameters:
         return app.main(argv, prog=prog)
-    if app.__name__ == "pyro_vits.study":  # the module-level contract of an older pyro_vits.study
-        parser.prog = prog
-        app.main(parse_with_config(parser, argv))
-        return 0
     return app.main(argv)
 
 

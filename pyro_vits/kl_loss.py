@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from ._validate import check_positive_ints
-from .estimators import ESTIMATORS, kl_estimate, vits_kl
+from .estimators import KL_ESTIMATORS, kl_estimate, vits_kl
 from .flows import ResidualCouplingBlock
 from .prior import FlowPrior, check_mask
 from .transforms import VITSFlow
@@ -53,7 +53,7 @@ def vits_kl_loss(
     posterior and ``m_p, logs_p`` the (duration-expanded) prior statistics, all ``(..., C, T)``;
     ``z_mask (..., 1, T)``; ``flow`` VITS's prior flow (``net_g.flow``); ``g (..., gin, 1)`` or None.
     ``estimator``: ``"vits"`` (VITS's formula on ``z_p = flow(z)``, minus the flow's log-determinant, which is
-    exactly 0 for VITS's mean-only couplings) or any other :data:`~pyro_vits.estimators.ESTIMATORS` name of
+    exactly 0 for VITS's mean-only couplings) or any other :data:`~pyro_vits.estimators.KL_ESTIMATORS` name of
     :func:`~pyro_vits.estimators.kl_estimate` (with the :class:`~pyro_vits.prior.FlowPrior` of these
     statistics). ``kl_particles = K``: the estimate is averaged over ``z`` and ``K - 1`` more draws from
     ``q`` (:func:`draw_posterior`), all through the flow in one call; unbiased for any ``K``, gradients
@@ -62,8 +62,8 @@ def vits_kl_loss(
     bit for bit.
     """
     check_positive_ints(kl_particles=kl_particles)
-    if estimator not in ESTIMATORS:
-        raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+    if estimator not in KL_ESTIMATORS:
+        raise ValueError(f"estimator must be one of {KL_ESTIMATORS}, got {estimator!r}")
     if isinstance(flow, VITSFlow):
         flow = flow.flow
     if not isinstance(flow, ResidualCouplingBlock):

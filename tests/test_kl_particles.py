@@ -226,7 +226,7 @@ def test_vits_kl_loss_is_vits_kl_loss_bit_for_bit(gin):
     assert got.dtype == expected.dtype and got.shape == () and torch.equal(got, expected)
 
 
-@pytest.mark.parametrize("estimator", ["vits", "mc", "k3", "gaussian_closed_form"])
+@pytest.mark.parametrize("estimator", ["vits", "mc", "control_variate", "k3", "gaussian_closed_form"])
 def test_vits_kl_loss_with_particles_is_the_mean_over_the_same_draws(estimator):
     flow, z, m_q, logs_q, m_p, logs_p, mask, g = vits_inputs()
     k = 5
