@@ -53,9 +53,9 @@ def vits_kl_loss(
     posterior and ``m_p, logs_p`` the (duration-expanded) prior statistics, all ``(..., C, T)``;
     ``z_mask (..., 1, T)``; ``flow`` VITS's prior flow (``net_g.flow``); ``g (..., gin, 1)`` or None.
     ``estimator``: ``"vits"`` (VITS's formula on ``z_p = flow(z)``, minus the flow's log-determinant, which is
-    exactly 0 for VITS's mean-only couplings) or any other :data:`~pyro_vits.estimators.KL_ESTIMATORS` name of
-    :func:`~pyro_vits.estimators.kl_estimate` (with the :class:`~pyro_vits.prior.FlowPrior` of these
-    statistics). ``kl_particles = K``: the estimate is averaged over ``z`` and ``K - 1`` more draws from
+    exactly 0 for VITS's mean-only couplings) or any other
+    :data:`~pyro_vits.estimators.KL_ESTIMATORS` name of :func:`~pyro_vits.estimators.kl_estimate` (with the
+    :class:`~pyro_vits.prior.FlowPrior` of these statistics). ``kl_particles = K``: the estimate is averaged over ``z`` and ``K - 1`` more draws from
     ``q`` (:func:`draw_posterior`), all through the flow in one call; unbiased for any ``K``, gradients
     reach ``m_q``, ``logs_q``, the prior statistics and the flow. With ``estimator="vits"``, ``K = 1`` and
     a mean-only flow the result is VITS's ``kl_loss(flow(z, z_mask, g=g), logs_q, m_p, logs_p, z_mask)``
