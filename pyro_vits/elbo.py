@@ -121,7 +121,8 @@ def _extra_site(site: Site, value: Tensor, fn: Distribution | None = None) -> Si
     return {**site, "fn": expanded, "value": value, "log_prob": log_prob, "log_prob_sum": log_prob.sum()}
 
 
-def kl_particle_sites(model_trace: Trace, guide_trace: Trace, kl_particles: int) -> dict[str, tuple[Site, Site]]:
+def kl_particle_sites(model_trace: Trace, guide_trace: Trace,
+                      kl_particles: int) -> dict[str, tuple[Site, Site]]:
     """``K - 1 = kl_particles - 1`` extra reparameterised draws for every latent site that is sampled by a
     reparameterised guide site: ``{name: (model_extra, guide_extra)}``, pseudo-sites (see
     :func:`_extra_site`) whose ``value`` is ``(K - 1, *batch, *event)`` drawn by one ``rsample`` of the
@@ -366,6 +367,7 @@ def make_elbo(estimator: str = "trace", particles: int = 1, vectorize: bool = Tr
     if kl_particles == 1:
         return ELBOS[estimator](num_particles=particles, vectorize_particles=vectorize, max_plate_nesting=1)
     if estimator not in KL_PARTICLE_ELBOS:
-        raise ValueError(f"kl_particles > 1 needs an estimator in {tuple(KL_PARTICLE_ELBOS)}, got {estimator!r}")
+        raise ValueError(f"kl_particles > 1 needs an estimator in {tuple(KL_PARTICLE_ELBOS)}, "
+                         f"got {estimator!r}")
     return KL_PARTICLE_ELBOS[estimator](num_particles=particles, vectorize_particles=vectorize,
                                         max_plate_nesting=1, kl_particles=kl_particles)

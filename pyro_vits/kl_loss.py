@@ -55,7 +55,8 @@ def vits_kl_loss(
     ``estimator``: ``"vits"`` (VITS's formula on ``z_p = flow(z)``, minus the flow's log-determinant, which is
     exactly 0 for VITS's mean-only couplings) or any other
     :data:`~pyro_vits.estimators.KL_ESTIMATORS` name of :func:`~pyro_vits.estimators.kl_estimate` (with the
-    :class:`~pyro_vits.prior.FlowPrior` of these statistics). ``kl_particles = K``: the estimate is averaged over ``z`` and ``K - 1`` more draws from
+    :class:`~pyro_vits.prior.FlowPrior` of these statistics). ``kl_particles = K``: the estimate is averaged
+    over ``z`` and ``K - 1`` more draws from
     ``q`` (:func:`draw_posterior`), all through the flow in one call; unbiased for any ``K``, gradients
     reach ``m_q``, ``logs_q``, the prior statistics and the flow. With ``estimator="vits"``, ``K = 1`` and
     a mean-only flow the result is VITS's ``kl_loss(flow(z, z_mask, g=g), logs_q, m_p, logs_p, z_mask)``
@@ -72,8 +73,8 @@ def vits_kl_loss(
         if not isinstance(value, Tensor):
             raise TypeError(f"{name} must be a Tensor, got {type(value).__name__}")
         if value.dim() < 2 or value.shape[-2:] != z.shape[-2:]:
-            raise ValueError(f"{name} must have shape (..., C, T) = (..., {z.shape[-2]}, {z.shape[-1]}) like z, "
-                             f"got {tuple(value.shape)}")
+            raise ValueError(f"{name} must have shape (..., C, T) = (..., {z.shape[-2]}, {z.shape[-1]}) "
+                             f"like z, got {tuple(value.shape)}")
     z_mask = check_mask(z_mask, z, "z_mask")
     zs = z if kl_particles == 1 else torch.cat([z.unsqueeze(0), draw_posterior(m_q, logs_q, z_mask,
                                                                               kl_particles - 1)])

@@ -71,16 +71,19 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:<i> or auto (default)")
     p.add_argument("--guide", default="both", choices=[*GUIDES, "both"],
-                   help="encoder: VITS's PosteriorEncoder; free: learnable m_q/logs_q; both (default): targets "
-                        "judged on the encoder guide, the free guide's particle checks reported")
+                   help="encoder: VITS's PosteriorEncoder; free: learnable m_q/logs_q; both (default): "
+                        "targets judged on the encoder guide, the free guide's particle checks reported")
     p.add_argument("--quick", action="store_true", help="tiny sizes, seconds; ratios are not meaningful")
     p.add_argument("--repeats", type=int, default=None, help="timing rounds (default 3, quick 2)")
     p.add_argument("--warmup", type=int, default=1, help="warm-up calls per configuration")
-    p.add_argument("--inner", type=int, default=None, help="steps per timed call (default 1 on CPU, 5 on CUDA)")
+    p.add_argument("--inner", type=int, default=None,
+                   help="steps per timed call (default 1 on CPU, 5 on CUDA)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's; quick: 1)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch.set_num_threads (default: torch's; quick: 1)")
     p.add_argument("--clock", default="auto", choices=["auto", "wall", "cpu"],
-                   help="wall (perf_counter) or cpu (process_time); auto: cpu on CPU with 1 thread, else wall")
+                   help="wall (perf_counter) or cpu (process_time); auto: cpu on CPU with 1 thread, "
+                        "else wall")
     p.add_argument("--out", default=None, help="JSON path (default: <out-dir>/<device>.json)")
     p.add_argument("--out-dir", default=".", help="folder of the default JSON path (default: .)")
     p.add_argument("--profile", action="store_true", help="torch.profiler differences behind the main ratios")
@@ -88,7 +91,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--no-memory", action="store_true", help="skip the per-K step memory")
     p.add_argument("--no-leak", action="store_true", help="skip the leak check")
     p.add_argument("--no-eval-memory", action="store_true", help="skip evaluate's memory and time")
-    p.add_argument("--no-compile", action="store_true", help="skip torch.compile (always skipped with --quick)")
+    p.add_argument("--no-compile", action="store_true",
+                   help="skip torch.compile (always skipped with --quick)")
     p.add_argument("-v", "--verbose", action="store_true", help="tracebacks for usage errors")
     return p
 
@@ -116,8 +120,8 @@ def _configs(probs: dict[str, Problem], ablations: bool) -> dict[tuple[str, str]
             if k > 1:
                 configs[(g, f"seq_k{k}")] = PyroStep(prob, k, vectorize=False, name=f"seq{k}")
             if k in ROW_CHUNKED_K:
-                configs[(g, f"vec_k{k}_rowchunked")] = PyroStep(with_row_chunked_flow(prob), k, vectorize=True,
-                                                                name=f"vecc{k}")
+                configs[(g, f"vec_k{k}_rowchunked")] = PyroStep(with_row_chunked_flow(prob), k,
+                                                                vectorize=True, name=f"vecc{k}")
         for k in KL_PARTICLES:
             configs[(g, f"kl_k{k}")] = PyroStep(prob, 1, name=f"kl{k}", kl_particles=k)
         if ablations:
@@ -204,10 +208,12 @@ def _timing_targets(ratios: dict, timings: dict, guides: list[str], device: torc
                       ratios[g]["pyro_k1_over_raw"]["median"], 1.05, "<=", True, g) for g in guides]
     targets += _particle_targets(ratios[primary], primary, "", device)
     targets.append(target("k1_step_gpu_s", f"Pyro K=1 step < 10 ms at B=8 (GPU; {primary} guide), seconds",
-                          timings[primary]["pyro_k1"]["median_s"], 0.010, "<", device.type == "cuda", primary))
+                          timings[primary]["pyro_k1"]["median_s"], 0.010, "<", device.type == "cuda",
+                          primary))
     reference = [c for g in guides[1:] for c in _particle_targets(ratios[g], g, suffix(g), device)]
     reference += [target("rowchunked_vectorised_k4_cpu" + suffix(g),
-                         f"vectorised K=4 with the flow run per particle <= 3.2x the K=1 step (CPU; {g} guide)",
+                         f"vectorised K=4 with the flow run per particle <= 3.2x the K=1 step "
+                         f"(CPU; {g} guide)",
                          ratios[g]["vec_k4_rowchunked_over_k1"]["median"], 3.2, "<=", device.type == "cpu", g)
                   for g in guides]
     return targets, reference
@@ -221,7 +227,8 @@ def _memory_targets(outs: list[dict], guides: list[str], device: torch.device,
                    "VmHWM - VmRSS over 1 step after 2 warm-up steps (VmHWM reset via /proc/self/clear_refs; "
                    "MALLOC_MMAP_THRESHOLD_=131072); one fresh process per guide and K"),
         "mode": "vectorised", "steps": {},
-        "linear_bound": f"growth(K) <= {RSS_LINEAR_SLACK} * K * growth(1) + {MEMORY_SLACK_BYTES // 2**20} MiB",
+        "linear_bound": (f"growth(K) <= {RSS_LINEAR_SLACK} * K * growth(1) + "
+                         f"{MEMORY_SLACK_BYTES // 2**20} MiB"),
     }
     targets = []
     for g in guides:
@@ -248,9 +255,10 @@ def _leak_targets(outs: list[dict], guides: list[str], device: torch.device,
         targets.append(target("no_memory_growth" + s, f"memory growth (bytes) from step {a} to {b} <= "
                               f"{LEAK_TOLERANCE_BYTES // 2**20} MiB ({g} guide)", float(growth),
                               float(LEAK_TOLERANCE_BYTES), "<=", True, g))
-        targets.append(target("no_python_object_growth" + s, f"live Python objects growth from step {a} to {b} "
-                              f"< {LEAK_MAX_OBJECTS} ({g} guide)", float(leak["gc_objects_growth"]),
-                              float(LEAK_MAX_OBJECTS), "<", True, g))
+        targets.append(target("no_python_object_growth" + s,
+                              f"live Python objects growth from step {a} to {b} < {LEAK_MAX_OBJECTS} "
+                              f"({g} guide)", float(leak["gc_objects_growth"]), float(LEAK_MAX_OBJECTS), "<",
+                              True, g))
     return section, targets
 
 
@@ -261,10 +269,12 @@ def _eval_targets(outs: list[dict], size: dict, samples: tuple[int, int],
     lo, hi = samples
     section = {"size": size, "runs": runs,
                "what": "evaluate(model, PosteriorEncoder guide, held-out data, num_samples) once, in a fresh "
-                       "process; chunked: the default eval_chunk; unchunked: every sample of every utterance in "
-                       "one vectorised call (the previous behaviour), at the smaller sample count"}
+                       "process; chunked: the default eval_chunk; unchunked: every sample of every "
+                       "utterance in one vectorised call (the previous behaviour), at the smaller sample "
+                       "count"}
     targets = [
-        target("eval_peak_memory", f"evaluate's peak memory growth with {hi} samples, default chunks <= 1 GiB",
+        target("eval_peak_memory",
+               f"evaluate's peak memory growth with {hi} samples, default chunks <= 1 GiB",
                float(chunked[hi]["growth_bytes"]), float(EVAL_MEMORY_BOUND), "<=", True),
         target("eval_time_linear", f"evaluate's CPU time at {hi} / {lo} samples (default chunks) <= "
                f"{EVAL_LINEAR_SLACK} x {hi // lo}", chunked[hi]["cpu_s"] / chunked[lo]["cpu_s"],
@@ -323,8 +333,8 @@ def _explain_misses(result: dict[str, Any]) -> None:
                                 f"+{(total['other'] - total['base']) / 1e3:.1f} ms self CPU in all")
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    """Run the benchmark for parsed ``args`` and return the result (also printed); nothing is written."""
+def _setup(args: argparse.Namespace) -> tuple[torch.device, int | None, str]:
+    """Check ``args``, resolve the device, set the torch threads; ``(device, threads, clock)``."""
     _check_args(args)
     device = resolve_device(args.device)
     threads = args.threads or (1 if args.quick and device.type == "cpu" else None)
@@ -334,23 +344,61 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "cpu" if device.type == "cpu" and torch.get_num_threads() == 1 else "wall")
     if clock == "cpu" and device.type == "cuda":
         raise ValueError("--clock cpu measures host CPU time only; use --clock wall on CUDA")
-    t_start = time.perf_counter()
-    guides = list(GUIDES) if args.guide == "both" else [args.guide]
-    size = QUICK_SIZE if args.quick else FULL_SIZE
-    repeats = args.repeats or (2 if args.quick else 3)
-    inner = args.inner or (5 if device.type == "cuda" else 1)
-    result: dict[str, Any] = {
-        "schema": 3, "mode": "quick" if args.quick else "full", **environment(device), "size": size,
-        "guides": guides, "primary_guide": guides[0], "guide_descriptions": {g: GUIDE_DESCRIPTIONS[g] for g in guides},
+    return device, threads, clock
+
+
+def _header(args: argparse.Namespace, device: torch.device, guides: list[str], clock: str, repeats: int,
+            inner: int) -> dict[str, Any]:
+    return {
+        "schema": 3, "mode": "quick" if args.quick else "full", **environment(device),
+        "size": QUICK_SIZE if args.quick else FULL_SIZE, "guides": guides, "primary_guide": guides[0],
+        "guide_descriptions": {g: GUIDE_DESCRIPTIONS[g] for g in guides},
         "particles": list(PARTICLES), "kl_particles": list(KL_PARTICLES), "repeats": repeats,
         "warmup": args.warmup, "inner_steps": inner, "clock": clock, "seed": args.seed,
         "optimizer": {k: list(v) if isinstance(v, tuple) else v for k, v in OPTIM.items()},
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "loadavg_start": list(os.getloadavg()),
     }
+
+
+def _compile_check(result: dict[str, Any], size: dict, device: torch.device, repeats: int, seed: int,
+                   clock: str) -> dict[str, Any]:
+    result["compile"] = c = compile_flow(size, device, repeats=repeats, seed=seed, clock=clock)
+    return target("compile_flow_wins",
+                  "torch.compile'd flow forward+backward / eager < 1, values within float tolerance",
+                  c.get("compiled_over_eager") if c.get("match") else None, 1.0, "<", "error" not in c)
+
+
+def _job_sections(args: argparse.Namespace, result: dict[str, Any], outs: list[dict], guides: list[str],
+                  device: torch.device) -> list[dict[str, Any]]:
+    """Fill the memory, leak and evaluate sections from the jobs' results; their targets."""
+    targets = []
+    if not args.no_memory:
+        result["memory"], extra = _memory_targets(outs, guides, device)
+        targets += extra
+    if not args.no_leak:
+        result["leak"], extra = _leak_targets(outs, guides, device)
+        targets += extra
+    if not args.no_eval_memory:
+        samples = QUICK_EVAL_SAMPLES if args.quick else EVAL_SAMPLES
+        result["eval_memory"], extra = _eval_targets(outs, QUICK_EVAL_SIZE if args.quick else EVAL_SIZE,
+                                                     samples)
+        targets += extra
+    return targets
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Run the benchmark for parsed ``args`` and return the result (also printed); nothing is written."""
+    device, threads, clock = _setup(args)
+    t_start = time.perf_counter()
+    guides = list(GUIDES) if args.guide == "both" else [args.guide]
+    size = QUICK_SIZE if args.quick else FULL_SIZE
+    repeats = args.repeats or (2 if args.quick else 3)
+    inner = args.inner or (5 if device.type == "cuda" else 1)
+    result = _header(args, device, guides, clock, repeats, inner)
     logger.info("device %s (%s, %d threads), %s clock, %d rounds", result["device"]["name"], device.type,
                 torch.get_num_threads(), clock, repeats)
-    jobs = _jobs(args, guides, size, device, threads)
-    collect = start_jobs(jobs, concurrent=args.quick and device.type == "cpu")
+    collect = start_jobs(_jobs(args, guides, size, device, threads),
+                         concurrent=args.quick and device.type == "cpu")
     probs = {g: make_problem(size, device, args.seed, g) for g in guides}
     seed_all(args.seed)
     times, paired = measure(_configs(probs, args.ablations), _blocks(guides, args.ablations), repeats=repeats,
@@ -363,23 +411,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.profile:
         result["profiles"] = _profiles(probs, device)
     if not (args.quick or args.no_compile):
-        result["compile"] = c = compile_flow(size, device, repeats=repeats, seed=args.seed, clock=clock)
-        reference.append(target("compile_flow_wins", "torch.compile'd flow forward+backward / eager < 1, values "
-                                "within float tolerance", c.get("compiled_over_eager") if c.get("match") else None,
-                                1.0, "<", "error" not in c))
-    outs = collect()
-    for enabled, section in ((not args.no_memory, "memory"), (not args.no_leak, "leak")):
-        if enabled:
-            fn = _memory_targets if section == "memory" else _leak_targets
-            result[section], extra = fn(outs, guides, device)
-            targets += extra
-    if not args.no_eval_memory:
-        samples = QUICK_EVAL_SAMPLES if args.quick else EVAL_SAMPLES
-        result["eval_memory"], extra = _eval_targets(outs, QUICK_EVAL_SIZE if args.quick else EVAL_SIZE, samples)
-        targets += extra
+        reference.append(_compile_check(result, size, device, repeats, args.seed, clock))
+    targets += _job_sections(args, result, collect(), guides, device)
     result["wall_s"] = time.perf_counter() - t_start
-    targets.append(target("gpu_run_under_8_min", "the whole run takes < 480 s (GPU), seconds", result["wall_s"],
-                          GPU_RUN_SECONDS, "<", device.type == "cuda" and not args.quick))
+    targets.append(target("gpu_run_under_8_min", "the whole run takes < 480 s (GPU), seconds",
+                          result["wall_s"], GPU_RUN_SECONDS, "<", device.type == "cuda" and not args.quick))
     result["targets"], result["reference_checks"] = targets, reference
     _explain_misses(result)
     result["all_applicable_pass"] = all(t["pass"] for t in targets if t["applicable"])

@@ -126,7 +126,8 @@ def _leak(job: Job, device: torch.device) -> dict[str, Any]:
     a, b = samples[str(steps[0])], samples[str(steps[1])]
     out = {"guide": job["guide"], "steps": steps[-1], "compared_steps": list(steps), "size": job["size"],
            "samples": samples, "rss_growth_bytes": b["rss_bytes"] - a["rss_bytes"],
-           "gc_objects_growth": b["gc_objects"] - a["gc_objects"], "param_store_size": len(pyro.get_param_store()),
+           "gc_objects_growth": b["gc_objects"] - a["gc_objects"],
+           "param_store_size": len(pyro.get_param_store()),
            "wall_s": time.perf_counter() - t0}
     if device.type == "cuda":
         out["cuda_growth_bytes"] = b["cuda_allocated_bytes"] - a["cuda_allocated_bytes"]
@@ -155,7 +156,8 @@ def _eval_memory(job: Job, device: torch.device) -> dict[str, Any]:
         result = evaluate(model, guide, data, num_samples=job["samples"], seed=job["seed"], eval_chunk=chunk)
         out["wall_s"], out["cpu_s"] = time.perf_counter() - t0, time.process_time() - c0
     return {"samples": job["samples"], "eval_chunk": rows, "chunked": chunk is None, **out,
-            "elbo_per_frame": result["elbo_per_frame"], "loglik_iwae_per_frame": result["loglik_iwae_per_frame"]}
+            "elbo_per_frame": result["elbo_per_frame"],
+            "loglik_iwae_per_frame": result["loglik_iwae_per_frame"]}
 
 
 def run_job(job: Job) -> dict[str, Any]:

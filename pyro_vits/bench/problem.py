@@ -100,7 +100,8 @@ class SpecBatch:
         return self.x.shape[1]
 
 
-def make_problem(size: dict, device: str | torch.device = "cpu", seed: int = 0, guide: str = "free") -> Problem:
+def make_problem(size: dict, device: str | torch.device = "cpu", seed: int = 0,
+                 guide: str = "free") -> Problem:
     """Flow with VITS's layout (``post`` convs given small random weights so the flow is not the identity),
     B sequences of variable length (the longest T), seeded. ``guide="encoder"`` adds VITS's posterior
     encoder and a spectrogram; flow, mask and tensors are those of ``guide="free"`` with the same seed."""

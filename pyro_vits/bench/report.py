@@ -43,8 +43,8 @@ def environment(device: torch.device) -> dict[str, Any]:
     return {
         "device": {"type": device.type, "name": device_name(device), "cpu_count": os.cpu_count(),
                    "torch_threads": torch.get_num_threads()},
-        "versions": {"python": platform.python_version(), "torch": torch.__version__, "pyro": pyro.__version__,
-                     "numpy": np.__version__, "cuda": torch.version.cuda},
+        "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                     "pyro": pyro.__version__, "numpy": np.__version__, "cuda": torch.version.cuda},
         "platform": platform.platform(),
         "pyro_validation": pyro.infer.util.is_validation_enabled(),
     }
@@ -108,11 +108,13 @@ def format_report(res: dict[str, Any]) -> str:
     if "compile" in res:
         c = res["compile"]
         add("torch.compile: " + (c["error"] if "error" in c else
-                                 f"compiled/eager {c['compiled_over_eager']:.3f}, compile {c['compile_s']:.0f} s, "
+                                 f"compiled/eager {c['compiled_over_eager']:.3f}, "
+                                 f"compile {c['compile_s']:.0f} s, "
                                  f"max rel diff {c['max_rel_diff']:.2e}"))
     for name, prof in res.get("profiles", {}).items():
-        add(f"\nprofile {name} (self CPU ms per step): base {prof['self_cpu_us_per_step']['base'] / 1e3:.1f}, "
-            f"other {prof['self_cpu_us_per_step']['other'] / 1e3:.1f}")
+        total = prof["self_cpu_us_per_step"]
+        add(f"\nprofile {name} (self CPU ms per step): base {total['base'] / 1e3:.1f}, "
+            f"other {total['other'] / 1e3:.1f}")
         for row in prof["top_extra_ops"][:6]:
             add(f"  {row['op'][:44]:<46}{row['extra_us'] / 1e3:>9.2f} ms  calls {row['base_calls']:g}/"
                 f"{row['other_calls']:g}")

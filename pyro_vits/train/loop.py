@@ -128,7 +128,8 @@ def fit(
             raise TypeError(f"{name} must be a pyro_vits Batch (or implement pyro_vits.data.batch.FitData), "
                             f"got {type(value).__name__}")
     cfg = FitConfig(steps=steps, lr=lr, clip_norm=clip_norm, lrd=lrd, batch_size=batch_size, seed=seed,
-                    log_every=log_every, eval_samples=eval_samples, eval_size=eval_size, eval_chunk=eval_chunk,
+                    log_every=log_every, eval_samples=eval_samples, eval_size=eval_size,
+                    eval_chunk=eval_chunk,
                     checkpoint_every=checkpoint_every, nan_policy=nan_policy, out_dir=out_dir, resume=resume,
                     overwrite=overwrite, progress=progress)
     elbo = _default_elbo(elbo, particles, vectorize, kl_particles)
