@@ -296,3 +296,20 @@ def test_small_public_helpers_name_the_bad_argument():
     shape_message = r"^mask must be None or a Tensor of shape \(\.\.\., 1, T\), got \(2, 3\)"
     with pytest.raises(ValueError, match=shape_message):
         CosFlow(0.5, torch.ones(2, 3))
+
+
+def test_study_helpers_name_the_bad_argument():
+    import numpy as np
+
+    from pyro_vits.study.negative import one_utterance_quadrature
+    from pyro_vits.study.variance import log_crossing, ratio_se
+
+    with pytest.raises(ValueError, match=r"^nodes must be a positive int, got 0"):
+        one_utterance_quadrature("vits", nodes=0)
+    with pytest.raises(ValueError, match=r"^x \(3,\) and y \(4,\) must have the same shape"):
+        ratio_se(np.ones(3), np.ones(4))
+    with pytest.raises(ValueError, match=r"^ratios must be a 1-D numpy array, got \(2, 2\)"):
+        log_crossing(np.ones((2, 2)), np.ones((2, 2)))
+    with pytest.raises(ValueError, match=r"^values must be a 1-D numpy array, got <class 'list'>"):
+        log_crossing(np.ones(2), [1.0, 2.0])
+    assert log_crossing(np.array([0.5, 1.0, 2.0]), np.array([0.5, 1.0, 2.0])) == pytest.approx(1.0)

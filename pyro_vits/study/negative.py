@@ -41,6 +41,7 @@ def near_convergence() -> tuple[Tensor, Tensor, CosFlowPrior]:
 def one_utterance_quadrature(name: str, nodes: int = 64) -> tuple[np.ndarray, np.ndarray]:
     """The near-convergence one-utterance estimate ``name`` on a 2-D Gauss-Hermite rule for ``e ~ N(0, I)``:
     ``(values (nodes^2,), weights summing to 1)``, evaluated by :func:`kl_estimate` itself."""
+    check_positive_ints(nodes=nodes)
     m_q, logs_q, prior = near_convergence()
     x, w = np.polynomial.hermite_e.hermegauss(nodes)
     grid = torch.tensor(np.stack(np.meshgrid(x, x, indexing="ij"), -1).reshape(-1, 2, 1), dtype=D64)
