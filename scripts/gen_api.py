@@ -13,6 +13,7 @@ import importlib
 import inspect
 import pkgutil
 import sys
+import types
 from pathlib import Path
 from types import ModuleType
 
@@ -98,6 +99,8 @@ def _entry(module: ModuleType, name: str) -> str:
         members = _members(obj)
         if members:
             parts.append("\n".join(members))
+    elif isinstance(obj, types.GenericAlias) or type(obj).__module__ == "typing":  # a type alias
+        parts = [f"### `{name}`", f"type alias: `{obj!r}`"]
     elif callable(obj):
         head = f"### `{name}{_signature(obj)}`"
         if getattr(obj, "__module__", module.__name__) != module.__name__:
