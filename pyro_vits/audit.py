@@ -36,11 +36,12 @@ from ._validate import check_positive_ints
 from .data.align import attention_mask, expand_prior, maximum_path, neg_cent
 from .data.speech import SpeechBatch, SpeechConfig, Utterance, open_corpus, speech_batches
 from .estimators import kl_estimate, prob_negative, prob_negative_normal_approx
+from .flows import ResidualCouplingBlock
 from .model import sequence_mask
 from .prior import FlowPrior
 from .vits import VITSGenerator
 
-__all__ = ["LatentDraws", "AuditDraws", "estimator_names", "draw_latents", "collect", "summarize", "audit",
+__all__ = ["LatentDraws", "AlignedPrior", "AuditDraws", "estimator_names", "draw_latents", "collect", "summarize", "audit",
            "write_report", "COLLAPSE_THRESHOLD", "BATCH_SIZES"]
 
 COLLAPSE_THRESHOLD = 0.01
@@ -62,12 +63,14 @@ def estimator_names() -> tuple[str, ...]:
 class LatentDraws:
     """One batch of ``B`` utterances with ``K`` draws each (VITS shapes, ``T`` = spectrogram frames).
 
-    ``z, z_p, m_p, logs_p``: ``(K, B, C, T)`` (the prior aligned per draw); ``m_q, logs_q``: ``(B, C, T)``;
-    ``mask``: ``(B, 1, T)``; ``g``: ``(B, gin, 1)`` or None; ``tokens``: ``(K, B, T)`` aligned token index.
+    ``z, z_p, m_p, logs_p``: ``(K, B, C, T)`` (the prior aligned per draw); ``logdet``: ``(K, B)``
+    ``log|det dz_p/dz|``; ``m_q, logs_q``: ``(B, C, T)``; ``mask``: ``(B, 1, T)``; ``g``: ``(B, gin, 1)`` or
+    None; ``tokens``: ``(K, B, T)`` aligned token index.
     """
 
     z: Tensor
     z_p: Tensor
+    logdet: Tensor
     m_q: Tensor
     logs_q: Tensor
     m_p: Tensor
@@ -104,7 +107,7 @@ def draw_latents(generator: VITSGenerator, batch: SpeechBatch, particles: int, r
     m_q, logs_q = generator.enc_q.guide.encode(batch.spec, mask, g)
     eps = torch.randn((particles,) + tuple(m_q.shape), generator=rng, dtype=m_q.dtype).to(m_q.device)
     z = (m_q + eps * torch.exp(logs_q)) * mask
-    z_p = generator.flow(z, mask, g=g)
+    z_p, logdet = generator.flow.forward_and_logdet(z, mask, g=g)
     k, (b, c, t) = particles, m_q.shape
 
     def flat(x: Tensor) -> Tensor:
@@ -114,7 +117,24 @@ def draw_latents(generator: VITSGenerator, batch: SpeechBatch, particles: int, r
     path = maximum_path(neg_cent(flat(z_p), m_tok_k, logs_tok_k), flat(attention_mask(x_mask, mask)))
     m_p, logs_p = expand_prior(path, m_tok_k, logs_tok_k)
     tokens = path.argmax(-1).reshape(k, b, t)
-    return LatentDraws(z, z_p, m_q, logs_q, m_p.reshape(k, b, c, t), logs_p.reshape(k, b, c, t), mask, g, tokens)
+    return LatentDraws(z, z_p, logdet, m_q, logs_q, m_p.reshape(k, b, c, t), logs_p.reshape(k, b, c, t), mask, g,
+                       tokens)
+
+
+class AlignedPrior:
+    """The aligned flow prior of a :class:`LatentDraws`, ``p(z) = N(z_p; m_p, exp(logs_p)) |det dz_p/dz|``
+    (batch ``(K, B)``, event ``(C, T)``): ``log_prob(latents.z)`` reuses the ``z_p`` and log-determinant the
+    alignment already computed (one flow pass per draw instead of two); any other ``z`` goes through
+    :class:`~pyro_vits.prior.FlowPrior`. Attributes ``m_p, logs_p, mask, g`` as FlowPrior's."""
+
+    def __init__(self, latents: LatentDraws, flow: ResidualCouplingBlock) -> None:
+        self.m_p, self.logs_p, self.mask, self.g = latents.m_p, latents.logs_p, latents.mask, latents.g
+        self._prior = FlowPrior(latents.m_p, latents.logs_p, flow, latents.mask, latents.g)
+        self._z = latents.z
+        self._log_prob = self._prior.base_dist.log_prob(latents.z_p) + latents.logdet
+
+    def log_prob(self, value: Tensor) -> Tensor:
+        return self._log_prob if value is self._z else self._prior.log_prob(value)
 
 
 def _masked(values: Tensor, mask: Tensor) -> Tensor:
@@ -170,7 +190,7 @@ def collect(
         batch = batch.to(device)
         latents = draw_latents(generator, batch, particles, rng)
         with torch.no_grad():
-            prior = FlowPrior(latents.m_p, latents.logs_p, generator.flow, latents.mask, latents.g)
+            prior = AlignedPrior(latents, generator.flow)
             values = {name: kl_estimate(name, latents.z, latents.m_q, latents.logs_q, prior) for name in names}
         draws.add(batch, latents, values)
     if not draws.frames:

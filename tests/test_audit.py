@@ -15,7 +15,7 @@ from vits_reference import RefGenerator, randomized, save_like_vits, vits_config
 from pyro_vits import _arviz_compat as azc
 from pyro_vits.apps import run_main
 from pyro_vits.apps.audit import main
-from pyro_vits.audit import audit, draw_latents, estimator_names
+from pyro_vits.audit import AlignedPrior, audit, draw_latents, estimator_names
 from pyro_vits.data.speech import SpeechConfig, read_filelist, speech_batches
 from pyro_vits.estimators import kl_estimate, vits_kl
 from pyro_vits.prior import FlowPrior
@@ -62,6 +62,10 @@ def test_vits_estimator_equals_vits_kl_on_the_same_draws(corpus):
         prior = FlowPrior(latents.m_p, latents.logs_p, gen.flow, latents.mask, latents.g)
         vits = kl_estimate("vits", latents.z, latents.m_q, latents.logs_q, prior)  # (K, B) nats
     frames = batch.spec_lengths.sum()
+    aligned = AlignedPrior(latents, gen.flow)  # what the audit evaluates: z_p reused, no second flow pass
+    torch.testing.assert_close(aligned.log_prob(latents.z), prior.log_prob(latents.z), rtol=1e-6, atol=1e-4)
+    other = latents.z + 0.1
+    torch.testing.assert_close(aligned.log_prob(other), prior.log_prob(other))
     per_draw = [vits_kl(latents.z_p[k], latents.logs_q, latents.m_p[k], latents.logs_p[k], latents.mask)
                 for k in range(3)]
     torch.testing.assert_close(vits.sum(1) / frames, torch.stack(per_draw), rtol=1e-5, atol=1e-5)
