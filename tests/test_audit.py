@@ -180,3 +180,19 @@ def test_module_runs_as_a_script(corpus, tmp_path):
     bad = subprocess.run(cmd[:-4] + ["--out", str(tmp_path / "o2"), "--particles", "1"], capture_output=True,
                          text=True, timeout=300)
     assert bad.returncode == 2 and "particles must be" in bad.stderr
+
+
+def test_example_tutorial_runs(corpus, capsys):
+    import importlib.util
+    from pathlib import Path
+
+    folder, filelist, _ = corpus
+    path = Path(__file__).resolve().parents[1] / "examples" / "audit_vits.py"
+    spec = importlib.util.spec_from_file_location("audit_vits", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    args = example.parse_args([str(folder / "G_1.pth"), str(folder / "config.json"), str(filelist), "--data-root",
+                               str(folder), "--batch-size", "3", "--particles", "2", "--max-utterances", "4"])
+    report = example.main(args)
+    printed = capsys.readouterr().out
+    assert report["utterances"] == 4 and "one training step's KL" in printed and "gaussian_closed_form" in printed
