@@ -1,4 +1,4 @@
-"""Audit the KL term of your own trained VITS model (a tutorial; ``pyro-vits audit`` does the same with files).
+"""Audit the KL term of your own trained VITS model (a tutorial; ``pyro-vits audit`` writes the files).
 
     python examples/audit_vits.py logs/ljs_base/G_100000.pth configs/ljs_base.json \\
         filelists/ljs_audio_text_val_filelist.txt.cleaned --data-root /data/LJSpeech-1.1 --max-utterances 100
@@ -46,15 +46,25 @@ def main(args: argparse.Namespace) -> dict:
     print(f"one training step's KL on the first batch: {float(logged):.4f} nats/frame")
 
     # The audit: every estimator, K draws per utterance, MCSE, P(batch KL < 0).
-    report = audit(generator, args.filelist, args.batch_size, args.particles, args.seed, speech_config=speech,
-                   data_root=args.data_root, max_utterances=args.max_utterances)
+    report = audit(
+        generator,
+        args.filelist,
+        args.batch_size,
+        args.particles,
+        args.seed,
+        speech_config=speech,
+        data_root=args.data_root,
+        max_utterances=args.max_utterances,
+    )
     print(f"{report['utterances']} utterances, {report['frames']} frames")
     print(f"{'estimator':>22} {'mean':>10} {'MCSE':>8} {'sd/utt':>8} {'sd/batch':>8}")
     for name, row in report["kl_per_frame"].items():
         print(f"{name:>22} {row['mean']:10.4f} {row['mcse']:8.2g} {row['sd']:8.3g} {row['sd_batch']:8.3g}")
     for size, row in report["prob_negative"].items():
-        print(f"P(batch KL < 0), {size:>3} utterances: measured {row['measured']:.3g}, "
-              f"normal approx. {row['predicted']:.3g}")
+        print(
+            f"P(batch KL < 0), {size:>3} utterances: measured {row['measured']:.3g}, "
+            f"normal approx. {row['predicted']:.3g}"
+        )
     print(f"collapsed channels: {report['collapsed_fraction']:.3f}")
     return report
 

@@ -41,8 +41,19 @@ from .model import sequence_mask
 from .prior import FlowPrior
 from .vits import VITSGenerator
 
-__all__ = ["LatentDraws", "AlignedPrior", "AuditDraws", "estimator_names", "draw_latents", "collect", "summarize", "audit",
-           "write_report", "COLLAPSE_THRESHOLD", "BATCH_SIZES"]
+__all__ = [
+    "LatentDraws",
+    "AlignedPrior",
+    "AuditDraws",
+    "estimator_names",
+    "draw_latents",
+    "collect",
+    "summarize",
+    "audit",
+    "write_report",
+    "COLLAPSE_THRESHOLD",
+    "BATCH_SIZES",
+]
 
 COLLAPSE_THRESHOLD = 0.01
 """A channel whose KL is below this many nats per frame counts as collapsed (posterior = prior)."""
@@ -83,21 +94,29 @@ class LatentDraws:
 def _check_batch(generator: VITSGenerator, batch: SpeechBatch) -> None:
     spec_channels, n_vocab = generator.config["spec_channels"], generator.config["n_vocab"]
     if batch.spec.shape[1] != spec_channels:
-        raise ValueError(f"the spectrograms have {batch.spec.shape[1]} channels (filter_length // 2 + 1), the "
-                         f"generator's enc_q expects {spec_channels}: the audio config does not match the model")
+        raise ValueError(
+            f"the spectrograms have {batch.spec.shape[1]} channels (filter_length // 2 + 1), the "
+            f"generator's enc_q expects {spec_channels}: the audio config does not match the model"
+        )
     too_long = (batch.text_lengths > batch.spec_lengths).nonzero()
     if too_long.numel():
         b = int(too_long[0, 0])
-        raise ValueError(f"{batch.sources[b]}: {int(batch.text_lengths[b])} text tokens for "
-                         f"{int(batch.spec_lengths[b])} spectrogram frames (too short to align)")
+        raise ValueError(
+            f"{batch.sources[b]}: {int(batch.text_lengths[b])} text tokens for "
+            f"{int(batch.spec_lengths[b])} spectrogram frames (too short to align)"
+        )
     bad = (batch.text >= n_vocab).any(1).nonzero()
     if bad.numel():
-        raise ValueError(f"{batch.sources[int(bad[0, 0])]}: token ids beyond the generator's {n_vocab} symbols "
-                         "(the symbol table does not match the model)")
+        raise ValueError(
+            f"{batch.sources[int(bad[0, 0])]}: token ids beyond the generator's {n_vocab} symbols "
+            "(the symbol table does not match the model)"
+        )
 
 
 @torch.no_grad()
-def draw_latents(generator: VITSGenerator, batch: SpeechBatch, particles: int, rng: torch.Generator) -> LatentDraws:
+def draw_latents(
+    generator: VITSGenerator, batch: SpeechBatch, particles: int, rng: torch.Generator
+) -> LatentDraws:
     """VITS's training forward on the latent path for ``particles`` draws of ``z`` (noise from ``rng`` on the
     CPU, so results do not depend on the device). ``batch`` must be on the generator's device."""
     _check_batch(generator, batch)
@@ -117,8 +136,9 @@ def draw_latents(generator: VITSGenerator, batch: SpeechBatch, particles: int, r
     path = maximum_path(neg_cent(flat(z_p), m_tok_k, logs_tok_k), flat(attention_mask(x_mask, mask)))
     m_p, logs_p = expand_prior(path, m_tok_k, logs_tok_k)
     tokens = path.argmax(-1).reshape(k, b, t)
-    return LatentDraws(z, z_p, logdet, m_q, logs_q, m_p.reshape(k, b, c, t), logs_p.reshape(k, b, c, t), mask, g,
-                       tokens)
+    return LatentDraws(
+        z, z_p, logdet, m_q, logs_q, m_p.reshape(k, b, c, t), logs_p.reshape(k, b, c, t), mask, g, tokens
+    )
 
 
 class AlignedPrior:
@@ -162,23 +182,38 @@ class AuditDraws:
         self.sources.extend(batch.sources)
         for name, value in values.items():
             self.estimates.setdefault(name, []).append(value.double().cpu().numpy().T)
-        elem = (latents.logs_p - latents.logs_q - 0.5
-                + 0.5 * (latents.z_p - latents.m_p) ** 2 * torch.exp(-2 * latents.logs_p))
+        elem = (
+            latents.logs_p
+            - latents.logs_q
+            - 0.5
+            + 0.5 * (latents.z_p - latents.m_p) ** 2 * torch.exp(-2 * latents.logs_p)
+        )
         kl_c = _masked(elem, latents.mask).double().sum((1, 3)).mean(0).cpu().numpy()
-        ratio_c = _masked(latents.logs_q - latents.logs_p, latents.mask).double().sum((1, 3)).mean(0).cpu().numpy()
+        ratio_c = (
+            _masked(latents.logs_q - latents.logs_p, latents.mask).double().sum((1, 3)).mean(0).cpu().numpy()
+        )
         self.channel_kl = kl_c if self.channel_kl is None else self.channel_kl + kl_c
-        self.channel_log_ratio = ratio_c if self.channel_log_ratio is None else self.channel_log_ratio + ratio_c
+        self.channel_log_ratio = (
+            ratio_c if self.channel_log_ratio is None else self.channel_log_ratio + ratio_c
+        )
         if self.particles > 1:
             same = (latents.tokens[1:] == latents.tokens[:1]).double() * latents.mask[:, 0]
             self.agreement.append(float(same.sum() / (latents.mask.sum() * (self.particles - 1))))
 
     def arrays(self) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """``(frames (N,), {name: (N, K)})``."""
-        return np.asarray(self.frames, dtype=np.float64), {k: np.concatenate(v) for k, v in self.estimates.items()}
+        return np.asarray(self.frames, dtype=np.float64), {
+            k: np.concatenate(v) for k, v in self.estimates.items()
+        }
 
 
 def collect(
-    generator: VITSGenerator, batches: Iterable[SpeechBatch], *, batch_size: int, particles: int, seed: int,
+    generator: VITSGenerator,
+    batches: Iterable[SpeechBatch],
+    *,
+    batch_size: int,
+    particles: int,
+    seed: int,
     device: torch.device | str = "cpu",
 ) -> AuditDraws:
     """Stream ``batches`` through :func:`draw_latents` and every estimator; keep only per-utterance scalars.
@@ -191,7 +226,9 @@ def collect(
         latents = draw_latents(generator, batch, particles, rng)
         with torch.no_grad():
             prior = AlignedPrior(latents, generator.flow)
-            values = {name: kl_estimate(name, latents.z, latents.m_q, latents.logs_q, prior) for name in names}
+            values = {
+                name: kl_estimate(name, latents.z, latents.m_q, latents.logs_q, prior) for name in names
+            }
         draws.add(batch, latents, values)
     if not draws.frames:
         raise ValueError("no utterances to audit")
@@ -211,7 +248,7 @@ def _per_frame_stats(x: np.ndarray, frames: np.ndarray, batch_size: int) -> dict
     var_draw = x.var(1, ddof=1) if k > 1 else np.full(n, np.nan)
     batch_sd = []
     for start in range(0, n, batch_size):
-        loss = x[start:start + batch_size].sum(0) / frames[start:start + batch_size].sum()
+        loss = x[start : start + batch_size].sum(0) / frames[start : start + batch_size].sum()
         batch_sd.append(loss.var(ddof=1) if k > 1 else np.nan)
     return {
         "mean": float(x.mean(1).sum() / total),
@@ -234,9 +271,14 @@ def _prob_negative(x: np.ndarray, sizes: Sequence[int], rng: np.random.Generator
             rows, cols = rng.integers(n, size=(replicas, size)), rng.integers(k, size=(replicas, size))
             p, se = prob_negative(x[rows, cols].sum(1))
             count = replicas
-        predicted = (float(prob_negative_normal_approx(mu, sigma, size)) if sigma > 0 else float(mu < 0))
-        out[str(size)] = {"measured": p, "measured_se": se, "predicted": predicted,
-                          "upper_95": 1 - 0.05 ** (1 / count) if p == 0 else None, "batches": count}
+        predicted = float(prob_negative_normal_approx(mu, sigma, size)) if sigma > 0 else float(mu < 0)
+        out[str(size)] = {
+            "measured": p,
+            "measured_se": se,
+            "predicted": predicted,
+            "upper_95": 1 - 0.05 ** (1 / count) if p == 0 else None,
+            "batches": count,
+        }
     return out
 
 
@@ -254,16 +296,26 @@ def summarize(
     total, k, batch_size = frames.sum(), draws.particles, draws.batch_size
     kl = {name: _per_frame_stats(x, frames, batch_size) for name, x in estimates.items()}
     vits = kl["vits"]
-    kl[f"vits_mean_of_{k}"] = {**vits, "sd": vits["sd"] / math.sqrt(k), "sd_batch": vits["sd_batch"] / math.sqrt(k)}
+    kl[f"vits_mean_of_{k}"] = {
+        **vits,
+        "sd": vits["sd"] / math.sqrt(k),
+        "sd_batch": vits["sd_batch"] / math.sqrt(k),
+    }
     channel_kl = draws.channel_kl / total
     sizes = sorted(set(batch_sizes) | {batch_size})
     rng = np.random.default_rng(seed)
     negative = {name: _prob_negative(x, sizes, rng, replicas) for name, x in estimates.items()}
     report = {
-        "utterances": int(frames.size), "frames": int(total), "particles": k, "batch_size": batch_size,
+        "utterances": int(frames.size),
+        "frames": int(total),
+        "particles": k,
+        "batch_size": batch_size,
         "kl_per_frame": kl,
-        "channels": {"log_scale_ratio": (draws.channel_log_ratio / total).tolist(),
-                     "kl_per_frame": channel_kl.tolist(), "collapse_threshold": COLLAPSE_THRESHOLD},
+        "channels": {
+            "log_scale_ratio": (draws.channel_log_ratio / total).tolist(),
+            "kl_per_frame": channel_kl.tolist(),
+            "collapse_threshold": COLLAPSE_THRESHOLD,
+        },
         "collapsed_fraction": float(np.mean(channel_kl < COLLAPSE_THRESHOLD)),
         "prob_negative": negative["vits"],
         "prob_negative_by_estimator": negative,
@@ -274,8 +326,11 @@ def summarize(
         diff = _per_frame_stats(estimates["gaussian_closed_form"] - estimates[REFERENCE], frames, batch_size)
         reference = kl[REFERENCE]["mean"]
         report["gaussian_closed_form_error"] = {
-            "mean": diff["mean"], "mcse": diff["mcse"], "reference": REFERENCE,
-            "relative": diff["mean"] / reference if reference else None}
+            "mean": diff["mean"],
+            "mcse": diff["mcse"],
+            "reference": REFERENCE,
+            "relative": diff["mean"] / reference if reference else None,
+        }
     return report
 
 
@@ -310,7 +365,9 @@ def audit(
     ``extra``: more JSON-able fields for the report (e.g. the inputs' paths).
     """
     if not isinstance(generator, VITSGenerator):
-        raise TypeError(f"generator must be a VITSGenerator (load_vits_generator), got {type(generator).__name__}")
+        raise TypeError(
+            f"generator must be a VITSGenerator (load_vits_generator), got {type(generator).__name__}"
+        )
     if not isinstance(speech_config, SpeechConfig):
         raise ValueError("speech_config is required (SpeechConfig.from_vits_config(config))")
     check_positive_ints(batch_size=batch_size)
@@ -328,13 +385,24 @@ def audit(
     generator.eval()
     try:
         batches = speech_batches(utterances, speech_config, batch_size, max_utterances=max_utterances)
-        draws = collect(generator.to(device), batches, batch_size=batch_size, particles=particles, seed=seed,
-                        device=device)
+        draws = collect(
+            generator.to(device),
+            batches,
+            batch_size=batch_size,
+            particles=particles,
+            seed=seed,
+            device=device,
+        )
     finally:
         generator.train(training)
     report = summarize(draws, batch_sizes, seed)
-    report.update(seed=seed, device=str(device), wall_s=time.perf_counter() - start,
-                  generator=generator.config, **dict(extra or {}))
+    report.update(
+        seed=seed,
+        device=str(device),
+        wall_s=time.perf_counter() - start,
+        generator=generator.config,
+        **dict(extra or {}),
+    )
     if out is not None:
         write_report(report, draws, out, overwrite=overwrite)
     return report
@@ -345,7 +413,8 @@ def audit(
 # ---------------------------------------------------------------------------------------------------------
 
 REPORT_FILES = ("figures", "audit.nc", "report.md", "report.json")
-"""What :func:`write_report` puts in ``out``, in the order it moves them in (``report.json`` marks completion)."""
+"""What :func:`write_report` puts in ``out``, in the order it moves them in (``report.json``, last, marks
+completion)."""
 
 
 def _check_out(out: Path, overwrite: bool) -> None:
@@ -356,28 +425,46 @@ def _check_out(out: Path, overwrite: bool) -> None:
 
 
 def _markdown(report: Mapping[str, Any]) -> str:
-    lines = [f"# VITS KL audit: {report['utterances']} utterances, {report['frames']} frames, "
-             f"{report['particles']} draws each", "",
-             "KL per frame (nats; channels summed; summed KL / summed frames, VITS's normalisation).", "",
-             "| estimator | mean | MCSE | sd (one draw, one utterance) | sd (batch of "
-             f"{report['batch_size']}) | P(< 0), one utterance |", "|---|---|---|---|---|---|"]
+    lines = [
+        f"# VITS KL audit: {report['utterances']} utterances, {report['frames']} frames, "
+        f"{report['particles']} draws each",
+        "",
+        "KL per frame (nats; channels summed; summed KL / summed frames, VITS's normalisation).",
+        "",
+        "| estimator | mean | MCSE | sd (one draw, one utterance) | sd (batch of "
+        f"{report['batch_size']}) | P(< 0), one utterance |",
+        "|---|---|---|---|---|---|",
+    ]
     for name, s in report["kl_per_frame"].items():
         neg = report["prob_negative_by_estimator"].get(name, {}).get("1", {}).get("measured")
-        lines.append(f"| {name} | {s['mean']:.5g} | {s['mcse']:.2g} | {s['sd']:.4g} | {s['sd_batch']:.4g} | "
-                     f"{'' if neg is None else f'{neg:.4g}'} |")
-    ratio, kl_c = np.asarray(report["channels"]["log_scale_ratio"]), np.asarray(report["channels"]["kl_per_frame"])
-    lines += ["", f"Channels: C = {ratio.size}; collapsed (KL < {COLLAPSE_THRESHOLD} nats/frame): "
-              f"{report['collapsed_fraction']:.3f}; mean log(sigma_q / sigma_p) {ratio.mean():.4g} "
-              f"(min {ratio.min():.4g}, max {ratio.max():.4g}); KL per channel: median {np.median(kl_c):.4g}, "
-              f"max {kl_c.max():.4g} nats/frame.", "",
-              "| batch size | P(VITS batch KL < 0) measured | ± SE | normal approx. |", "|---|---|---|---|"]
+        lines.append(
+            f"| {name} | {s['mean']:.5g} | {s['mcse']:.2g} | {s['sd']:.4g} | {s['sd_batch']:.4g} | "
+            f"{'' if neg is None else f'{neg:.4g}'} |"
+        )
+    ratio, kl_c = (
+        np.asarray(report["channels"]["log_scale_ratio"]),
+        np.asarray(report["channels"]["kl_per_frame"]),
+    )
+    lines += [
+        "",
+        f"Channels: C = {ratio.size}; collapsed (KL < {COLLAPSE_THRESHOLD} nats/frame): "
+        f"{report['collapsed_fraction']:.3f}; mean log(sigma_q / sigma_p) {ratio.mean():.4g} "
+        f"(min {ratio.min():.4g}, max {ratio.max():.4g}); KL per channel: median {np.median(kl_c):.4g}, "
+        f"max {kl_c.max():.4g} nats/frame.",
+        "",
+        "| batch size | P(VITS batch KL < 0) measured | ± SE | normal approx. |",
+        "|---|---|---|---|",
+    ]
     for size, row in report["prob_negative"].items():
         measured = f"{row['measured']:.4g}" if row["measured"] > 0 else f"0 (< {row['upper_95']:.2g})"
         lines.append(f"| {size} | {measured} | {row['measured_se']:.2g} | {row['predicted']:.4g} |")
     error = report.get("gaussian_closed_form_error")
     if error:
-        lines += ["", f"Gaussian closed form (ignoring the flow) minus `{error['reference']}`: {error['mean']:.5g} "
-                  f"± {error['mcse']:.2g} nats/frame."]
+        lines += [
+            "",
+            f"Gaussian closed form (ignoring the flow) minus `{error['reference']}`: {error['mean']:.5g} "
+            f"± {error['mcse']:.2g} nats/frame.",
+        ]
     if report.get("alignment_agreement") is not None:
         lines += ["", f"Alignment agreement between draws: {report['alignment_agreement']:.4f} of frames."]
     return "\n".join(lines) + "\n"
@@ -387,10 +474,17 @@ def _inference_data(report: Mapping[str, Any], draws: AuditDraws) -> Any:
     frames, estimates = draws.arrays()
     return azc.make_inference_data(
         {"posterior": {f"kl_{name}": x.T[None] for name, x in estimates.items()}},
-        observed_data={"frames": frames, "channel_kl_per_frame": np.asarray(report["channels"]["kl_per_frame"]),
-                       "channel_log_scale_ratio": np.asarray(report["channels"]["log_scale_ratio"])},
-        dims={**{f"kl_{name}": ["utterance"] for name in estimates}, "frames": ["utterance"],
-              "channel_kl_per_frame": ["channel"], "channel_log_scale_ratio": ["channel"]},
+        observed_data={
+            "frames": frames,
+            "channel_kl_per_frame": np.asarray(report["channels"]["kl_per_frame"]),
+            "channel_log_scale_ratio": np.asarray(report["channels"]["log_scale_ratio"]),
+        },
+        dims={
+            **{f"kl_{name}": ["utterance"] for name in estimates},
+            "frames": ["utterance"],
+            "channel_kl_per_frame": ["channel"],
+            "channel_log_scale_ratio": ["channel"],
+        },
         coords={"utterance": np.arange(frames.size)},
         attrs={"units": "nats per utterance (kl_*), frames per utterance", "sources": draws.sources},
     )
@@ -403,17 +497,28 @@ def _figures(report: Mapping[str, Any], draws: AuditDraws, folder: Path) -> None
     per_frame = {name: x / frames[:, None] for name, x in estimates.items()}
     truth = report["kl_per_frame"][REFERENCE]["mean"]
     closed = report["kl_per_frame"].get("gaussian_closed_form", {}).get("mean", float("nan"))
-    plot_estimator_histograms({"corpus": per_frame}, {"corpus": truth}, {"corpus": closed},
-                              folder / "kl_per_frame.png")
+    plot_estimator_histograms(
+        {"corpus": per_frame}, {"corpus": truth}, {"corpus": closed}, folder / "kl_per_frame.png"
+    )
     rows = report["prob_negative"]
     sizes = np.unique(np.geomspace(1, max(int(s) for s in rows), 50).round().astype(int)).tolist()
     mu, sigma = float(estimates["vits"].mean()), float(estimates["vits"].std(ddof=1))
     curve = [float(prob_negative_normal_approx(mu, sigma, s)) if sigma > 0 else float(mu < 0) for s in sizes]
-    plot_negative_vs_batch_size({
-        "by_batch_size": {s: {"p_negative": r["measured"], "p_negative_se": r["measured_se"],
-                              "p_upper_95": r["upper_95"]} for s, r in rows.items()},
-        "normal_approx_curve": {"batch_size": sizes, "p_negative": curve},
-        "skewness": report["skewness_per_utterance"]}, folder / "prob_negative.png")
+    plot_negative_vs_batch_size(
+        {
+            "by_batch_size": {
+                s: {
+                    "p_negative": r["measured"],
+                    "p_negative_se": r["measured_se"],
+                    "p_upper_95": r["upper_95"],
+                }
+                for s, r in rows.items()
+            },
+            "normal_approx_curve": {"batch_size": sizes, "p_negative": curve},
+            "skewness": report["skewness_per_utterance"],
+        },
+        folder / "prob_negative.png",
+    )
     _plot_channels(report, folder / "channels.png")
 
 
@@ -432,7 +537,9 @@ def _plot_channels(report: Mapping[str, Any], path: Path) -> None:
     left.set_xlabel(r"per-channel $\exp(\overline{\log\sigma_q - \log\sigma_p})$")
     left.set_ylabel("channels")
     right.bar(np.arange(kl_c.size), kl_c, width=1.0, color="C1")
-    right.axhline(COLLAPSE_THRESHOLD, color="k", ls="--", lw=0.8, label=f"collapse threshold {COLLAPSE_THRESHOLD}")
+    right.axhline(
+        COLLAPSE_THRESHOLD, color="k", ls="--", lw=0.8, label=f"collapse threshold {COLLAPSE_THRESHOLD}"
+    )
     right.set_yscale("symlog", linthresh=COLLAPSE_THRESHOLD)
     right.set_xlabel("channel (sorted by KL)")
     right.set_ylabel("KL (nats / frame)")
@@ -440,7 +547,9 @@ def _plot_channels(report: Mapping[str, Any], path: Path) -> None:
     fig.savefig(path, dpi=100)
 
 
-def write_report(report: Mapping[str, Any], draws: AuditDraws, out: str | os.PathLike, overwrite: bool = False) -> Path:
+def write_report(
+    report: Mapping[str, Any], draws: AuditDraws, out: str | os.PathLike, overwrite: bool = False
+) -> Path:
     """Write ``report.json``, ``report.md``, ``figures/*.png`` and ``audit.nc`` into ``out``: everything is
     built in a temporary folder next to it and moved in at the end, ``report.json`` last."""
     out = Path(out)

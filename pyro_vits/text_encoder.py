@@ -43,20 +43,40 @@ class TextEncoder(nn.Module):
         p_dropout: float,
     ) -> None:
         super().__init__()
-        check_positive_ints(n_vocab=n_vocab, out_channels=out_channels, hidden_channels=hidden_channels,
-                            filter_channels=filter_channels, n_heads=n_heads, n_layers=n_layers,
-                            kernel_size=kernel_size)
+        check_positive_ints(
+            n_vocab=n_vocab,
+            out_channels=out_channels,
+            hidden_channels=hidden_channels,
+            filter_channels=filter_channels,
+            n_heads=n_heads,
+            n_layers=n_layers,
+            kernel_size=kernel_size,
+        )
         if not 0.0 <= p_dropout < 1.0:
             raise ValueError(f"p_dropout must be in [0, 1), got {p_dropout!r}")
-        self.config = dict(n_vocab=n_vocab, out_channels=out_channels, hidden_channels=hidden_channels,
-                           filter_channels=filter_channels, n_heads=n_heads, n_layers=n_layers,
-                           kernel_size=kernel_size, p_dropout=p_dropout)
+        self.config = dict(
+            n_vocab=n_vocab,
+            out_channels=out_channels,
+            hidden_channels=hidden_channels,
+            filter_channels=filter_channels,
+            n_heads=n_heads,
+            n_layers=n_layers,
+            kernel_size=kernel_size,
+            p_dropout=p_dropout,
+        )
         self.out_channels = out_channels
         self.hidden_channels = hidden_channels
         self.emb = nn.Embedding(n_vocab, hidden_channels)
         nn.init.normal_(self.emb.weight, 0.0, hidden_channels**-0.5)
-        self.encoder = Encoder(hidden_channels, filter_channels, n_heads, n_layers, kernel_size, p_dropout,
-                               window_size=WINDOW_SIZE)
+        self.encoder = Encoder(
+            hidden_channels,
+            filter_channels,
+            n_heads,
+            n_layers,
+            kernel_size,
+            p_dropout,
+            window_size=WINDOW_SIZE,
+        )
         self.proj = nn.Conv1d(hidden_channels, 2 * out_channels, 1)
 
     def forward(self, x: Tensor, x_lengths: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:

@@ -30,7 +30,9 @@ def write_corpus(folder, rate=8000, texts=TEXTS):
     lines = []
     for i, text in enumerate(texts):
         t = np.arange(int((0.15 + 0.04 * i) * rate)) / rate
-        wave = 0.4 * np.sin(2 * np.pi * (200 + 1800 * t) * t) + 0.05 * np.random.default_rng(i).standard_normal(t.shape)
+        wave = 0.4 * np.sin(2 * np.pi * (200 + 1800 * t) * t) + 0.05 * np.random.default_rng(
+            i
+        ).standard_normal(t.shape)
         soundfile.write(str(folder / f"u{i}.wav"), wave.astype(np.float32), rate, subtype="PCM_16")
         lines.append(f"u{i}.wav|{text}")
     (folder / "list.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -49,7 +51,9 @@ def corpus(tmp_path_factory):
 def run_audit(folder, filelist, gen=None, **kwargs):
     gen = gen or load_vits_generator(folder / "G_1.pth", folder / "config.json")
     kwargs = {"batch_size": 4, "particles": 4, "seed": 1, **kwargs}
-    return audit(gen, filelist, speech_config=SpeechConfig.from_vits_config(CONFIG), data_root=folder, **kwargs)
+    return audit(
+        gen, filelist, speech_config=SpeechConfig.from_vits_config(CONFIG), data_root=folder, **kwargs
+    )
 
 
 def test_vits_estimator_equals_vits_kl_on_the_same_draws(corpus):
@@ -66,14 +70,24 @@ def test_vits_estimator_equals_vits_kl_on_the_same_draws(corpus):
     torch.testing.assert_close(aligned.log_prob(latents.z), prior.log_prob(latents.z), rtol=1e-6, atol=1e-4)
     other = latents.z + 0.1
     torch.testing.assert_close(aligned.log_prob(other), prior.log_prob(other))
-    per_draw = [vits_kl(latents.z_p[k], latents.logs_q, latents.m_p[k], latents.logs_p[k], latents.mask)
-                for k in range(3)]
+    per_draw = [
+        vits_kl(latents.z_p[k], latents.logs_q, latents.m_p[k], latents.logs_p[k], latents.mask)
+        for k in range(3)
+    ]
     torch.testing.assert_close(vits.sum(1) / frames, torch.stack(per_draw), rtol=1e-5, atol=1e-5)
-    assert report["kl_per_frame"]["vits"]["mean"] == pytest.approx(float(torch.stack(per_draw).mean()), rel=1e-5)
+    assert report["kl_per_frame"]["vits"]["mean"] == pytest.approx(
+        float(torch.stack(per_draw).mean()), rel=1e-5
+    )
     # mean-only flow: the per-channel terms add up to the estimator; every registered estimator is reported
-    assert sum(report["channels"]["kl_per_frame"]) == pytest.approx(report["kl_per_frame"]["vits"]["mean"], rel=1e-6)
+    assert sum(report["channels"]["kl_per_frame"]) == pytest.approx(
+        report["kl_per_frame"]["vits"]["mean"], rel=1e-6
+    )
     assert set(estimator_names()) | {"vits_mean_of_3"} == set(report["kl_per_frame"])
-    assert report["utterances"] == 6 and report["frames"] == int(frames) and len(report["channels"]["log_scale_ratio"]) == 6
+    assert (
+        report["utterances"] == 6
+        and report["frames"] == int(frames)
+        and len(report["channels"]["log_scale_ratio"]) == 6
+    )
     assert 0 < report["alignment_agreement"] <= 1
 
 
@@ -89,18 +103,25 @@ def test_report_is_reproducible_and_sensible(corpus):
     assert kl["clamp"]["mean"] >= kl["vits"]["mean"] and kl["gaussian_closed_form"]["sd"] < kl["vits"]["sd"]
     assert set(first["prob_negative"]) == {"1", "4", "16", "64"}
     assert first["gaussian_closed_form_error"]["mean"] == pytest.approx(
-        kl["gaussian_closed_form"]["mean"] - kl["mc"]["mean"])
+        kl["gaussian_closed_form"]["mean"] - kl["mc"]["mean"]
+    )
 
 
 def test_zero_kl_generator_is_negative_half_the_time(corpus):
     """q = p exactly (zero projections, identity flow): VITS's estimate is 0.5 (chi2_n - n) per utterance."""
     folder, filelist, ref = corpus
-    state = {k: (torch.zeros_like(v) if k.startswith(("enc_p.proj", "enc_q.proj")) or ".post." in k else v)
-             for k, v in ref.state_dict().items()}
+    state = {
+        k: (torch.zeros_like(v) if k.startswith(("enc_p.proj", "enc_q.proj")) or ".post." in k else v)
+        for k, v in ref.state_dict().items()
+    }
     gen = load_vits_generator(state, CONFIG)
     report = run_audit(folder, filelist, gen, particles=16)
     kl = report["kl_per_frame"]
-    assert kl["gaussian_closed_form"]["mean"] == 0 and kl["mc"]["mean"] == 0 and report["collapsed_fraction"] == 1
+    assert (
+        kl["gaussian_closed_form"]["mean"] == 0
+        and kl["mc"]["mean"] == 0
+        and report["collapsed_fraction"] == 1
+    )
     assert abs(kl["vits"]["mean"]) < 4 * kl["vits"]["mcse"]
     for size in ("1", "4", "16"):
         row = report["prob_negative"][size]
@@ -111,8 +132,22 @@ def test_zero_kl_generator_is_negative_half_the_time(corpus):
 def test_cli_writes_a_complete_report(corpus, tmp_path, capsys):
     folder, filelist, _ = corpus
     out = tmp_path / "out"
-    argv = [str(folder / "G_1.pth"), "--config", str(folder / "config.json"), "--filelist", str(filelist),
-            "--data-root", str(folder), "--out", str(out), "--batch-size", "2", "--particles", "3", "-q"]
+    argv = [
+        str(folder / "G_1.pth"),
+        "--config",
+        str(folder / "config.json"),
+        "--filelist",
+        str(filelist),
+        "--data-root",
+        str(folder),
+        "--out",
+        str(out),
+        "--batch-size",
+        "2",
+        "--particles",
+        "3",
+        "-q",
+    ]
     assert run_main(main, argv) == 0
     assert "6 utterances" in capsys.readouterr().out
     report = json.loads((out / "report.json").read_text())
@@ -121,8 +156,11 @@ def test_cli_writes_a_complete_report(corpus, tmp_path, capsys):
         assert key in report
     assert {"mean", "mcse", "sd"} <= set(report["kl_per_frame"]["vits"])
     assert "| vits |" in (out / "report.md").read_text()
-    assert sorted(p.name for p in (out / "figures").iterdir()) == ["channels.png", "kl_per_frame.png",
-                                                                   "prob_negative.png"]
+    assert sorted(p.name for p in (out / "figures").iterdir()) == [
+        "channels.png",
+        "kl_per_frame.png",
+        "prob_negative.png",
+    ]
     idata = azc.load(out / "audit.nc")
     assert azc.group(idata, "posterior")["kl_vits"].shape == (1, 3, 6)
     assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []
@@ -134,21 +172,37 @@ def test_cli_writes_a_complete_report(corpus, tmp_path, capsys):
 
 def _bad_inputs(folder, tmp_path):
     """(name, argv overrides, expected message) for every bad input the audit must name."""
-    torch.save({"model": {k: v for k, v in torch.load(folder / "G_1.pth")["model"].items()
-                          if not k.startswith("enc_q.")}}, tmp_path / "no_enc_q.pth")
-    (tmp_path / "wrong.json").write_text(json.dumps({**CONFIG, "model": {**CONFIG["model"], "hidden_channels": 4}}))
-    (tmp_path / "rate.json").write_text(json.dumps({**CONFIG, "data": {**CONFIG["data"], "sampling_rate": 16000}}))
+    torch.save(
+        {
+            "model": {
+                k: v for k, v in torch.load(folder / "G_1.pth")["model"].items() if not k.startswith("enc_q.")
+            }
+        },
+        tmp_path / "no_enc_q.pth",
+    )
+    (tmp_path / "wrong.json").write_text(
+        json.dumps({**CONFIG, "model": {**CONFIG["model"], "hidden_channels": 4}})
+    )
+    (tmp_path / "rate.json").write_text(
+        json.dumps({**CONFIG, "data": {**CONFIG["data"], "sampling_rate": 16000}})
+    )
     lists = {"missing": "u0.wav|ab\nnope.wav|ab\n", "symbol": "u0.wav|ab\nu1.wav|a#b\n", "empty": "\n"}
     for name, text in lists.items():
         (tmp_path / f"{name}.txt").write_text(text)
     return [
         ({"checkpoint": tmp_path / "no_enc_q.pth"}, r"no_enc_q\.pth: no enc_q weights"),
         ({"checkpoint": tmp_path / "absent.pth"}, r"checkpoint not found: .*absent\.pth"),
-        ({"--config": tmp_path / "wrong.json"}, r"config says hidden_channels=4 but the weights in .*G_1\.pth have "
-                                                r"hidden_channels=8"),
+        (
+            {"--config": tmp_path / "wrong.json"},
+            r"config says hidden_channels=4 but the weights in .*G_1\.pth have "
+            r"hidden_channels=8",
+        ),
         ({"--filelist": tmp_path / "missing.txt"}, r"missing\.txt:2: wav file not found: .*nope\.wav"),
-        ({"--config": tmp_path / "rate.json"}, r"list\.txt:1: .*u0\.wav: sampling rate 8000 Hz, the config expects "
-                                               r"16000 Hz"),
+        (
+            {"--config": tmp_path / "rate.json"},
+            r"list\.txt:1: .*u0\.wav: sampling rate 8000 Hz, the config expects "
+            r"16000 Hz",
+        ),
         ({"--filelist": tmp_path / "symbol.txt"}, r"symbol\.txt:2: unknown symbol '#'"),
         ({"--filelist": tmp_path / "empty.txt"}, r"empty\.txt: the filelist has no utterances"),
         ({"--particles": 1}, r"particles must be an int >= 2"),
@@ -158,27 +212,52 @@ def _bad_inputs(folder, tmp_path):
 def test_every_bad_input_is_one_line_exit_2_and_no_report(corpus, tmp_path, capsys):
     folder, filelist, _ = corpus
     for overrides, message in _bad_inputs(folder, tmp_path):
-        args = {"checkpoint": folder / "G_1.pth", "--config": folder / "config.json", "--filelist": filelist,
-                "--data-root": folder, "--out": tmp_path / "out", **overrides}
+        args = {
+            "checkpoint": folder / "G_1.pth",
+            "--config": folder / "config.json",
+            "--filelist": filelist,
+            "--data-root": folder,
+            "--out": tmp_path / "out",
+            **overrides,
+        }
         argv = [str(args.pop("checkpoint"))] + [str(x) for kv in args.items() for x in kv] + ["-q"]
         assert run_main(main, argv, prog="pyro-vits audit") == 2, message
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and err.startswith("pyro-vits audit: error: "), err
         assert __import__("re").search(message, err), (message, err)
-        assert not (tmp_path / "out" / "report.json").exists() and not (tmp_path / "out" / "report.md").exists()
+        assert (
+            not (tmp_path / "out" / "report.json").exists() and not (tmp_path / "out" / "report.md").exists()
+        )
 
 
 @pytest.mark.slow
 def test_module_runs_as_a_script(corpus, tmp_path):
     folder, filelist, _ = corpus
-    cmd = [sys.executable, "-m", "pyro_vits.apps.audit", str(folder / "G_1.pth"), "--config",
-           str(folder / "config.json"), "--filelist", str(filelist), "--data-root", str(folder), "--out",
-           str(tmp_path / "out"), "--particles", "2"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pyro_vits.apps.audit",
+        str(folder / "G_1.pth"),
+        "--config",
+        str(folder / "config.json"),
+        "--filelist",
+        str(filelist),
+        "--data-root",
+        str(folder),
+        "--out",
+        str(tmp_path / "out"),
+        "--particles",
+        "2",
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "ignoring dec, dp" in done.stderr and (tmp_path / "out" / "report.json").exists()
-    bad = subprocess.run(cmd[:-4] + ["--out", str(tmp_path / "o2"), "--particles", "1"], capture_output=True,
-                         text=True, timeout=300)
+    bad = subprocess.run(
+        cmd[:-4] + ["--out", str(tmp_path / "o2"), "--particles", "1"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert bad.returncode == 2 and "particles must be" in bad.stderr
 
 
@@ -191,8 +270,25 @@ def test_example_tutorial_runs(corpus, capsys):
     spec = importlib.util.spec_from_file_location("audit_vits", path)
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)
-    args = example.parse_args([str(folder / "G_1.pth"), str(folder / "config.json"), str(filelist), "--data-root",
-                               str(folder), "--batch-size", "3", "--particles", "2", "--max-utterances", "4"])
+    args = example.parse_args(
+        [
+            str(folder / "G_1.pth"),
+            str(folder / "config.json"),
+            str(filelist),
+            "--data-root",
+            str(folder),
+            "--batch-size",
+            "3",
+            "--particles",
+            "2",
+            "--max-utterances",
+            "4",
+        ]
+    )
     report = example.main(args)
     printed = capsys.readouterr().out
-    assert report["utterances"] == 4 and "one training step's KL" in printed and "gaussian_closed_form" in printed
+    assert (
+        report["utterances"] == 4
+        and "one training step's KL" in printed
+        and "gaussian_closed_form" in printed
+    )

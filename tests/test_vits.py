@@ -19,7 +19,9 @@ def inputs(gen_kwargs, seed=3):
     gen = torch.Generator().manual_seed(seed)
     n_vocab, spec = gen_kwargs.get("n_vocab", 20), gen_kwargs.get("spec", 17)
     x = torch.randint(0, n_vocab, (3, 7), generator=gen) * (torch.arange(7) < LENGTHS_TEXT[:, None])
-    y = torch.randn(3, spec, 11, generator=gen).abs() * (torch.arange(11) < LENGTHS_SPEC[:, None]).unsqueeze(1)
+    y = torch.randn(3, spec, 11, generator=gen).abs() * (torch.arange(11) < LENGTHS_SPEC[:, None]).unsqueeze(
+        1
+    )
     return x, y
 
 
@@ -58,7 +60,9 @@ def test_loaded_generator_reproduces_reference(saved, caplog):
         assert torch.equal(y_mask, mask_ref)
         torch.manual_seed(0)
         torch.testing.assert_close(z, (m_ref + torch.randn_like(m_ref) * torch.exp(logs_ref)) * mask_ref)
-        torch.testing.assert_close(gen.flow(z, y_mask, g=g), ref.flow(z, mask_ref, g_ref), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            gen.flow(z, y_mask, g=g), ref.flow(z, mask_ref, g_ref), rtol=1e-5, atol=1e-5
+        )
     assert gen.config["n_speakers"] == kwargs.get("n_speakers", 0) and gen.config["n_heads"] == 2
     assert isinstance(gen.enc_p, TextEncoder) and not gen.training
 
@@ -69,24 +73,28 @@ def test_state_dict_coqui_names_and_module_prefix(saved):
     state = {}
     for key, value in ref.state_dict().items():
         for old, new in renames.items():
-            key = new + key[len(old):] if key.startswith(old) else key
+            key = new + key[len(old) :] if key.startswith(old) else key
         state["module." + key] = value
     gen = load_vits_generator(state)
     x, _ = inputs(kwargs)
     with torch.no_grad():
-        torch.testing.assert_close(gen.enc_p(x, LENGTHS_TEXT)[1], ref.enc_p(x, LENGTHS_TEXT)[1], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            gen.enc_p(x, LENGTHS_TEXT)[1], ref.enc_p(x, LENGTHS_TEXT)[1], rtol=1e-5, atol=1e-5
+        )
     gen2 = load_vits_generator({"model": ref.state_dict()})  # a checkpoint dict in memory
     assert gen2.config == gen.config
 
 
 def test_bad_checkpoints_and_configs(saved, tmp_path):
-    ref, kwargs, path, config = saved
+    ref, kwargs, path, _ = saved
     state = ref.state_dict()
     for part in ("enc_p", "enc_q", "flow"):
         with pytest.raises(ValueError, match=f"no {part} weights"):
             load_vits_generator({k: v for k, v in state.items() if not k.startswith(part + ".")})
     bad = vits_config({**kwargs, "hidden": 16})
-    with pytest.raises(ValueError, match="config says hidden_channels=16 but the weights in .* have hidden_channels=8"):
+    with pytest.raises(
+        ValueError, match="config says hidden_channels=16 but the weights in .* have hidden_channels=8"
+    ):
         load_vits_generator(path, bad)
     with pytest.raises(ValueError, match="spec_channels=9"):
         load_vits_generator(path, vits_config(kwargs, filter_length=16))

@@ -39,12 +39,14 @@ class RefLayerNorm(nn.Module):
 
 
 class RefAttention(nn.Module):
-    """Multi-head self-attention with Shaw et al. relative keys/values clipped to |i - j| <= 4 (zero beyond)."""
+    """Multi-head self-attention, Shaw et al. relative keys/values clipped to |i - j| <= 4 (zero beyond)."""
 
     def __init__(self, channels, n_heads):
         super().__init__()
         self.n_heads, self.d = n_heads, channels // n_heads
-        self.conv_q, self.conv_k, self.conv_v, self.conv_o = (nn.Conv1d(channels, channels, 1) for _ in range(4))
+        self.conv_q, self.conv_k, self.conv_v, self.conv_o = (
+            nn.Conv1d(channels, channels, 1) for _ in range(4)
+        )
         self.emb_rel_k = nn.Parameter(torch.randn(1, 2 * WINDOW + 1, self.d) * self.d**-0.5)
         self.emb_rel_v = nn.Parameter(torch.randn(1, 2 * WINDOW + 1, self.d) * self.d**-0.5)
 
@@ -94,7 +96,9 @@ class RefEncoder(nn.Module):
     def forward(self, x, mask):
         attn_mask = mask.unsqueeze(2) * mask.unsqueeze(-1)
         x = x * mask
-        for attn, norm_1, ffn, norm_2 in zip(self.attn_layers, self.norm_layers_1, self.ffn_layers, self.norm_layers_2):
+        for attn, norm_1, ffn, norm_2 in zip(
+            self.attn_layers, self.norm_layers_1, self.ffn_layers, self.norm_layers_2
+        ):
             x = norm_1(x + attn(x, attn_mask))
             x = norm_2(x + ffn(x, mask))
         return x * mask
@@ -122,16 +126,19 @@ class RefWN(nn.Module):
         self.hidden, self.n_layers = hidden, n_layers
         if gin:
             self.cond_layer = weight_norm(nn.Conv1d(gin, 2 * hidden * n_layers, 1))
-        self.in_layers = nn.ModuleList(weight_norm(nn.Conv1d(hidden, 2 * hidden, kernel, padding=kernel // 2))
-                                       for _ in range(n_layers))
+        self.in_layers = nn.ModuleList(
+            weight_norm(nn.Conv1d(hidden, 2 * hidden, kernel, padding=kernel // 2)) for _ in range(n_layers)
+        )
         self.res_skip_layers = nn.ModuleList(
-            weight_norm(nn.Conv1d(hidden, 2 * hidden if i < n_layers - 1 else hidden, 1)) for i in range(n_layers))
+            weight_norm(nn.Conv1d(hidden, 2 * hidden if i < n_layers - 1 else hidden, 1))
+            for i in range(n_layers)
+        )
 
     def forward(self, x, mask, g=None):
         out, h = 0, self.hidden
         cond = self.cond_layer(g) if g is not None else None
         for i in range(self.n_layers):
-            a = self.in_layers[i](x) + (cond[:, 2 * h * i: 2 * h * (i + 1)] if cond is not None else 0)
+            a = self.in_layers[i](x) + (cond[:, 2 * h * i : 2 * h * (i + 1)] if cond is not None else 0)
             res_skip = self.res_skip_layers[i](torch.tanh(a[:, :h]) * torch.sigmoid(a[:, h:]))
             if i < self.n_layers - 1:
                 x = (x + res_skip[:, :h]) * mask
@@ -164,7 +171,7 @@ class RefCoupling(nn.Module):
         self.post = nn.Conv1d(hidden, self.half, 1)  # mean-only
 
     def forward(self, x, mask, g=None):
-        x0, x1 = x[:, : self.half], x[:, self.half:]
+        x0, x1 = x[:, : self.half], x[:, self.half :]
         shift = self.post(self.enc(self.pre(x0) * mask, mask, g)) * mask
         return torch.cat([x0, shift + x1 * mask], 1)
 
@@ -189,8 +196,19 @@ class RefFlow(nn.Module):
 class RefGenerator(nn.Module):
     """The keys of VITS's SynthesizerTrn: enc_p, enc_q, flow, emb_g, plus stand-ins for dec and dp."""
 
-    def __init__(self, n_vocab=20, spec=17, inter=6, hidden=8, filter_channels=12, n_heads=2, n_layers=2,
-                 kernel=3, n_speakers=0, gin=0):
+    def __init__(
+        self,
+        n_vocab=20,
+        spec=17,
+        inter=6,
+        hidden=8,
+        filter_channels=12,
+        n_heads=2,
+        n_layers=2,
+        kernel=3,
+        n_speakers=0,
+        gin=0,
+    ):
         super().__init__()
         self.enc_p = RefTextEncoder(n_vocab, inter, hidden, filter_channels, n_heads, n_layers, kernel)
         self.enc_q = RefPosteriorEncoder(spec, inter, hidden, gin)
@@ -212,20 +230,51 @@ def randomized(module: nn.Module, seed: int, scale: float = 0.3) -> nn.Module:
 def save_like_vits(model: nn.Module, path) -> None:
     """VITS utils.save_checkpoint: {'model', 'iteration', 'optimizer', 'learning_rate'}."""
     optimizer = torch.optim.AdamW(model.parameters(), 2e-4, betas=(0.8, 0.99), eps=1e-9)
-    torch.save({"model": model.state_dict(), "iteration": 1000, "optimizer": optimizer.state_dict(),
-                "learning_rate": 2e-4}, path)
+    torch.save(
+        {
+            "model": model.state_dict(),
+            "iteration": 1000,
+            "optimizer": optimizer.state_dict(),
+            "learning_rate": 2e-4,
+        },
+        path,
+    )
 
 
 def vits_config(gen_kwargs: dict, sampling_rate=8000, filter_length=32, hop_length=8) -> dict:
     """A VITS config.json for a RefGenerator built with ``gen_kwargs``."""
-    defaults = dict(n_vocab=20, spec=17, inter=6, hidden=8, filter_channels=12, n_heads=2, n_layers=2, kernel=3,
-                    n_speakers=0, gin=0)
+    defaults = dict(
+        n_vocab=20,
+        spec=17,
+        inter=6,
+        hidden=8,
+        filter_channels=12,
+        n_heads=2,
+        n_layers=2,
+        kernel=3,
+        n_speakers=0,
+        gin=0,
+    )
     kw = {**defaults, **gen_kwargs}
     return {
         "train": {"segment_size": 8192},
-        "data": {"sampling_rate": sampling_rate, "filter_length": filter_length, "hop_length": hop_length,
-                 "win_length": filter_length, "add_blank": True, "n_speakers": kw["n_speakers"], "cleaned_text": True},
-        "model": {"inter_channels": kw["inter"], "hidden_channels": kw["hidden"],
-                  "filter_channels": kw["filter_channels"], "n_heads": kw["n_heads"], "n_layers": kw["n_layers"],
-                  "kernel_size": kw["kernel"], "p_dropout": 0.1, "gin_channels": kw["gin"]},
+        "data": {
+            "sampling_rate": sampling_rate,
+            "filter_length": filter_length,
+            "hop_length": hop_length,
+            "win_length": filter_length,
+            "add_blank": True,
+            "n_speakers": kw["n_speakers"],
+            "cleaned_text": True,
+        },
+        "model": {
+            "inter_channels": kw["inter"],
+            "hidden_channels": kw["hidden"],
+            "filter_channels": kw["filter_channels"],
+            "n_heads": kw["n_heads"],
+            "n_layers": kw["n_layers"],
+            "kernel_size": kw["kernel"],
+            "p_dropout": 0.1,
+            "gin_channels": kw["gin"],
+        },
     }
