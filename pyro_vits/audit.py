@@ -377,6 +377,16 @@ def audit(
         raise ValueError(f"particles must be an int >= 2 (the MCSE needs two draws), got {particles!r}")
     for size in batch_sizes:
         check_positive_ints(batch_sizes=size)
+    if speech_config.n_freq != generator.config["spec_channels"]:
+        raise ValueError(
+            f"speech_config gives {speech_config.n_freq} spectrogram channels (filter_length // 2 + 1), the "
+            f"generator's enc_q expects {generator.config['spec_channels']}"
+        )
+    if len(speech_config.symbols) > generator.config["n_vocab"]:
+        raise ValueError(
+            f"the symbol table has {len(speech_config.symbols)} symbols, the generator's enc_p "
+            f"{generator.config['n_vocab']}: they do not belong together"
+        )
     if out is not None:
         _check_out(Path(out), overwrite)
     utterances = open_corpus(data, data_root) if isinstance(data, (str, os.PathLike)) else data

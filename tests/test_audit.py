@@ -292,3 +292,15 @@ def test_example_tutorial_runs(corpus, capsys):
         and "one training step's KL" in printed
         and "gaussian_closed_form" in printed
     )
+
+
+def test_audit_rejects_a_speech_config_for_another_model(corpus):
+    folder, filelist, _ = corpus
+    gen = load_vits_generator(folder / "G_1.pth")
+    with pytest.raises(ValueError, match="gives 65 spectrogram channels .* expects 33"):
+        audit(gen, filelist, speech_config=SpeechConfig(filter_length=128, win_length=128, hop_length=16))
+    small = load_vits_generator(randomized(RefGenerator(n_vocab=100, spec=33), seed=2).state_dict())
+    with pytest.raises(ValueError, match="the symbol table has 178 symbols, the generator's enc_p 100"):
+        audit(small, filelist, speech_config=SpeechConfig.from_vits_config(CONFIG))
+    with pytest.raises(ValueError, match="speech_config is required"):
+        audit(gen, filelist)
