@@ -166,7 +166,7 @@ def _masked(values: Tensor, mask: Tensor) -> Tensor:
 class AuditDraws:
     """What the stream keeps: per utterance ``frames (N,)`` and ``estimates[name] (N, K)`` nats; per channel
     the sums over utterances, frames and the mean over draws of VITS's KL term and of ``logs_q - logs_p``
-    ``(C,)``; the fraction of frames whose aligned token agrees with draw 0's."""
+    ``(C,)``; how many (frame, draw) pairs of draws 1..K-1 share draw 0's token, out of how many."""
 
     particles: int
     batch_size: int
@@ -175,7 +175,8 @@ class AuditDraws:
     estimates: dict[str, list[np.ndarray]] = field(default_factory=dict)
     channel_kl: np.ndarray | None = None
     channel_log_ratio: np.ndarray | None = None
-    agreement: list[float] = field(default_factory=list)
+    same_token: float = 0.0
+    compared: float = 0.0
 
     def add(self, batch: SpeechBatch, latents: LatentDraws, values: Mapping[str, Tensor]) -> None:
         self.frames.extend(batch.spec_lengths.tolist())
@@ -196,15 +197,20 @@ class AuditDraws:
         self.channel_log_ratio = (
             ratio_c if self.channel_log_ratio is None else self.channel_log_ratio + ratio_c
         )
-        if self.particles > 1:
-            same = (latents.tokens[1:] == latents.tokens[:1]).double() * latents.mask[:, 0]
-            self.agreement.append(float(same.sum() / (latents.mask.sum() * (self.particles - 1))))
+        same = (latents.tokens[1:] == latents.tokens[:1]).double() * latents.mask[:, 0]
+        self.same_token += float(same.sum())
+        self.compared += float(latents.mask.sum()) * (self.particles - 1)
 
     def arrays(self) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """``(frames (N,), {name: (N, K)})``."""
         return np.asarray(self.frames, dtype=np.float64), {
             k: np.concatenate(v) for k, v in self.estimates.items()
         }
+
+
+def _check_particles(particles: int) -> None:
+    if not isinstance(particles, int) or isinstance(particles, bool) or particles < 2:
+        raise ValueError(f"particles must be an int >= 2 (the MCSE needs two draws), got {particles!r}")
 
 
 def collect(
@@ -218,6 +224,7 @@ def collect(
 ) -> AuditDraws:
     """Stream ``batches`` through :func:`draw_latents` and every estimator; keep only per-utterance scalars.
     ``batch_size`` is VITS's training batch size, for the batch-level statistics of :func:`summarize`."""
+    _check_particles(particles)
     names = estimator_names()
     rng = torch.Generator().manual_seed(seed)
     draws = AuditDraws(particles, batch_size)
@@ -245,16 +252,16 @@ def _per_frame_stats(x: np.ndarray, frames: np.ndarray, batch_size: int) -> dict
     utterance's per-frame value (pooled over utterances) and of VITS's batch loss at ``batch_size``."""
     n, k = x.shape
     total = frames.sum()
-    var_draw = x.var(1, ddof=1) if k > 1 else np.full(n, np.nan)
-    batch_sd = []
-    for start in range(0, n, batch_size):
-        loss = x[start : start + batch_size].sum(0) / frames[start : start + batch_size].sum()
-        batch_sd.append(loss.var(ddof=1) if k > 1 else np.nan)
+    var_draw = x.var(1, ddof=1)
+    batch_var = [
+        (x[start : start + batch_size].sum(0) / frames[start : start + batch_size].sum()).var(ddof=1)
+        for start in range(0, n, batch_size)
+    ]
     return {
         "mean": float(x.mean(1).sum() / total),
         "mcse": float(math.sqrt(var_draw.sum() / k) / total),
         "sd": float(math.sqrt(np.mean(var_draw / frames**2))),
-        "sd_batch": float(math.sqrt(np.mean(batch_sd))),
+        "sd_batch": float(math.sqrt(np.mean(batch_var))),
     }
 
 
@@ -262,7 +269,7 @@ def _prob_negative(x: np.ndarray, sizes: Sequence[int], rng: np.random.Generator
     """P(sum of ``size`` one-draw utterance estimates < 0) = P(VITS's batch loss < 0): measured on random
     batches (utterances drawn with replacement, one of the K draws each) and by the normal approximation."""
     n, k = x.shape
-    mu, sigma = float(x.mean()), float(x.std(ddof=1)) if x.size > 1 else 0.0
+    mu, sigma = float(x.mean()), float(x.std(ddof=1))
     out = {}
     for size in sizes:
         if size == 1:
@@ -320,7 +327,7 @@ def summarize(
         "prob_negative": negative["vits"],
         "prob_negative_by_estimator": negative,
         "skewness_per_utterance": _skewness(estimates["vits"] / frames[:, None]),
-        "alignment_agreement": float(np.mean(draws.agreement)) if draws.agreement else None,
+        "alignment_agreement": draws.same_token / draws.compared,
     }
     if "gaussian_closed_form" in estimates and REFERENCE in estimates:
         diff = _per_frame_stats(estimates["gaussian_closed_form"] - estimates[REFERENCE], frames, batch_size)
@@ -373,8 +380,7 @@ def audit(
     check_positive_ints(batch_size=batch_size)
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
         raise ValueError(f"seed must be a non-negative int, got {seed!r}")
-    if not isinstance(particles, int) or particles < 2:
-        raise ValueError(f"particles must be an int >= 2 (the MCSE needs two draws), got {particles!r}")
+    _check_particles(particles)
     for size in batch_sizes:
         check_positive_ints(batch_sizes=size)
     if speech_config.n_freq != generator.config["spec_channels"]:
@@ -475,8 +481,7 @@ def _markdown(report: Mapping[str, Any]) -> str:
             f"Gaussian closed form (ignoring the flow) minus `{error['reference']}`: {error['mean']:.5g} "
             f"± {error['mcse']:.2g} nats/frame.",
         ]
-    if report.get("alignment_agreement") is not None:
-        lines += ["", f"Alignment agreement between draws: {report['alignment_agreement']:.4f} of frames."]
+    lines += ["", f"Alignment agreement between draws: {report['alignment_agreement']:.4f} of frames."]
     return "\n".join(lines) + "\n"
 
 
