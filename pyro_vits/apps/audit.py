@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import resource
 import sys
 from collections.abc import Sequence
 
@@ -47,6 +46,12 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     )
     parser.add_argument("--max-utterances", type=int, default=None, help="audit only the first N utterances")
     parser.add_argument("--particles", type=int, default=8, help="draws of z per utterance (>= 2; default 8)")
+    parser.add_argument(
+        "--chunk-size",
+        type=int,
+        default=8,
+        help="utterances processed at once (memory; the results do not depend on it; default 8)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:<i> or auto (default cpu)")
     parser.add_argument(
@@ -73,15 +78,6 @@ def _log_to_stderr(quiet: bool) -> None:
         handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
         logger.addHandler(handler)
-
-
-def _peak_memory_mb(device: object) -> dict[str, float]:
-    import torch
-
-    peak = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
-    if getattr(device, "type", None) == "cuda":
-        peak["peak_cuda_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
-    return peak
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -120,6 +116,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         speech_config=speech,
         data_root=args.data_root,
         max_utterances=args.max_utterances,
+        chunk_size=args.chunk_size,
         device=device,
         out=args.out,
         overwrite=args.overwrite,
@@ -127,7 +124,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             "checkpoint": str(args.checkpoint),
             "config": str(args.config),
             "filelist": str(args.filelist),
-            **_peak_memory_mb(device),
         },
     )
     vits, negative = report["kl_per_frame"]["vits"], report["prob_negative"][str(batch_size)]
