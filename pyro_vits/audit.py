@@ -38,7 +38,7 @@ from .data.align import attention_mask, expand_prior, maximum_path, neg_cent
 from .data.speech import SpeechBatch, SpeechConfig, Utterance, open_corpus, speech_batches
 from .estimators import kl_estimate, prob_negative, prob_negative_normal_approx
 from .flows import ResidualCouplingBlock
-from .model import sequence_mask
+from .data.batch import sequence_mask
 from .prior import FlowPrior
 from .vits import VITSGenerator
 

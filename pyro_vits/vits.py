@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from .flows import ResidualCouplingBlock, load_vits_flow
 from .guide import PosteriorEncoder
-from .model import sequence_mask
+from .data.batch import sequence_mask
 from .text_encoder import WINDOW_SIZE, TextEncoder
 
 __all__ = ["VITSPosteriorEncoder", "VITSGenerator", "load_vits_generator", "read_vits_config"]

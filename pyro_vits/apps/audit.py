@@ -14,6 +14,8 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from ._args import configure_logging, device_name, nonnegative_int, positive_int
+
 __all__ = ["build_parser", "main"]
 
 logger = logging.getLogger("pyro_vits")
@@ -40,20 +42,24 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--out", required=True, help="output folder for the report")
     parser.add_argument(
         "--batch-size",
-        type=int,
+        type=positive_int,
         default=None,
         help="VITS's training batch size (default: the config's train.batch_size, else 16)",
     )
-    parser.add_argument("--max-utterances", type=int, default=None, help="audit only the first N utterances")
+    parser.add_argument(
+        "--max-utterances", type=positive_int, default=None, help="audit only the first N utterances"
+    )
     parser.add_argument("--particles", type=int, default=8, help="draws of z per utterance (>= 2; default 8)")
     parser.add_argument(
         "--chunk-size",
-        type=int,
+        type=positive_int,
         default=8,
         help="utterances processed at once (memory; the results do not depend on it; default 8)",
     )
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:<i> or auto (default cpu)")
+    parser.add_argument("--seed", type=nonnegative_int, default=0)
+    parser.add_argument(
+        "--device", type=device_name, default="cpu", help="cpu, cuda, cuda:<i> or auto (default cpu)"
+    )
     parser.add_argument(
         "--resample",
         action="store_true",
@@ -65,27 +71,12 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
-class _StderrHandler(logging.Handler):
-    """Writes to whatever ``sys.stderr`` is at the time of the record."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        print(self.format(record), file=sys.stderr)
-
-
-def _log_to_stderr(quiet: bool) -> None:
-    logger.setLevel(logging.WARNING if quiet else logging.INFO)
-    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
-        handler = _StderrHandler()
-        handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
-        logger.addHandler(handler)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _log_to_stderr(args.quiet)
+    configure_logging(args.quiet, args.verbose)
     from ..audit import audit
     from ..data.speech import SpeechConfig
-    from ..train import resolve_device
+    from .._device import resolve_device
     from ..vits import load_vits_generator, read_vits_config
 
     device = resolve_device(args.device)
