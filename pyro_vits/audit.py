@@ -112,6 +112,23 @@ def _check_batch(generator: VITSGenerator, batch: SpeechBatch) -> None:
             f"{batch.sources[int(bad[0, 0])]}: token ids beyond the generator's {n_vocab} symbols "
             "(the symbol table does not match the model)"
         )
+    _check_speakers(generator.n_speakers, batch)
+
+
+def _check_speakers(n_speakers: int, batch: SpeechBatch) -> None:
+    if (batch.speakers is None) != (n_speakers == 0):
+        raise ValueError(
+            f"{batch.sources[0]}: the generator has {n_speakers} speakers but the corpus "
+            f"{'has no' if batch.speakers is None else 'has'} speaker ids (a multi-speaker model needs "
+            "'wav_path|speaker_id|text' lines, a single-speaker one 'wav_path|text')"
+        )
+    if batch.speakers is not None:
+        bad = (batch.speakers >= n_speakers).nonzero()
+        if bad.numel():
+            b = int(bad[0, 0])
+            raise ValueError(
+                f"{batch.sources[b]}: speaker id {int(batch.speakers[b])}, the generator has {n_speakers}"
+            )
 
 
 def utterance_noise(batch: SpeechBatch, particles: int, channels: int, seed: int) -> Tensor:

@@ -306,3 +306,23 @@ def test_audit_rejects_a_speech_config_for_another_model(corpus):
         audit(small, filelist, speech_config=SpeechConfig.from_vits_config(CONFIG))
     with pytest.raises(ValueError, match="speech_config is required"):
         audit(gen, filelist)
+
+
+def test_multispeaker_generator_and_speaker_ids(tmp_path):
+    kwargs = {**GEN_KWARGS, "n_speakers": 3, "gin": 5}
+    ref = randomized(RefGenerator(**kwargs), seed=8, scale=0.2)
+    gen = load_vits_generator(ref.state_dict(), vits_config(kwargs, filter_length=64, hop_length=16))
+    filelist = write_corpus(tmp_path, texts=TEXTS[:3])
+    lines = filelist.read_text().splitlines()
+    filelist.write_text(
+        "".join(f"{wav}|{i % 3}|{text}\n" for i, (wav, text) in enumerate(line.split("|") for line in lines))
+    )
+    report = run_audit(tmp_path, filelist, gen, particles=2)
+    channels_sum = sum(report["channels"]["kl_per_frame"])
+    assert report["utterances"] == 3 and channels_sum == pytest.approx(report["kl_per_frame"]["vits"]["mean"])
+    filelist.write_text(f"{lines[0].split('|')[0]}|7|ab\n")
+    with pytest.raises(ValueError, match=r"list\.txt:1: speaker id 7, the generator has 3"):
+        run_audit(tmp_path, filelist, gen)
+    filelist.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match=r"list\.txt:1: the generator has 3 speakers but the corpus has no"):
+        run_audit(tmp_path, filelist, gen)
