@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import soundfile
 import torch
-from vits_reference import RefGenerator, randomized, save_like_vits, vits_config
+from vits_generator_reference import RefGenerator, randomized, save_like_vits, vits_config
 
 from pyro_vits import _arviz_compat as azc
 from pyro_vits.apps import run_main
