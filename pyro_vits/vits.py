@@ -301,7 +301,8 @@ def load_vits_generator(
 
     ``config``: VITS ``config.json`` (path or dict); its ``model`` sizes, ``data.filter_length`` and
     ``data.n_speakers`` (and a top-level ``symbols`` list) must match the weights, and its
-    ``model.p_dropout`` is kept. Raises ``ValueError`` for missing parts or disagreeing sizes.
+    ``model.p_dropout`` is kept (and the flow's settings, e.g. ``dilation_rate_flow``, are read from it by
+    :func:`~pyro_vits.flows.load_vits_flow`). Raises ``ValueError`` for missing parts or disagreeing sizes.
     """
     state, label = _state_dict(obj)
     parts = _split_parts(state, label)
@@ -311,7 +312,10 @@ def load_vits_generator(
         config = read_vits_config(config)
         _check_config(sizes, config, label)
         p_dropout = float(config["model"].get("p_dropout", 0.0))
-    flow = load_vits_flow({"flow." + k: v for k, v in parts["flow"].items()})
+    try:
+        flow = load_vits_flow({"flow." + k: v for k, v in parts["flow"].items()}, config=config)
+    except ValueError as err:
+        raise ValueError(f"{label}: {err}") from err
     if flow.channels != sizes["inter_channels"] or flow.gin_channels != sizes["gin_channels"]:
         raise ValueError(
             f"{label}: flow has {flow.channels} channels and gin {flow.gin_channels}, enc_p "
