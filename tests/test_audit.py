@@ -98,6 +98,10 @@ def test_report_is_reproducible_and_sensible(corpus):
         report.pop("wall_s"), report.pop("peak_rss_mb", None)
     assert first == second
     rechunked = run_audit(folder, filelist, chunk_size=1)  # same draws, other padding: equal up to rounding
+    assert (
+        run_audit(folder, iter(list(read_filelist(filelist, folder))))["kl_per_frame"]
+        == first["kl_per_frame"]
+    )
     for name, row in first["kl_per_frame"].items():
         assert rechunked["kl_per_frame"][name]["mean"] == pytest.approx(row["mean"], rel=1e-5, abs=1e-6)
     kl = first["kl_per_frame"]
