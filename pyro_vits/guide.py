@@ -100,9 +100,14 @@ class PosteriorEncoder(GaussianGuide):
             if batch.speaker is None:
                 raise ValueError("this guide is speaker-conditioned but batch.speaker is None")
             g = self.emb_g(batch.speaker).unsqueeze(-1)
-        h = self.pre(batch.x) * batch.mask
-        h = self.enc(h, batch.mask, g=g)
-        stats = self.proj(h) * batch.mask
+        return self.encode(batch.x, batch.mask, g)
+
+    def encode(self, x: Tensor, x_mask: Tensor, g: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """VITS's encoder computation: ``x (N, x_channels, T)``, ``x_mask (N, 1, T)``, speaker embedding
+        ``g (N, gin_channels, 1)`` or None -> ``(m_q, logs_q)``, each ``(N, channels, T)``, 0 on padding."""
+        h = self.pre(x) * x_mask
+        h = self.enc(h, x_mask, g=g)
+        stats = self.proj(h) * x_mask
         m_q, logs_q = torch.split(stats, self.channels, dim=1)
         return m_q, logs_q
 
