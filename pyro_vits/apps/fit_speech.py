@@ -20,7 +20,6 @@ import argparse
 import json
 import logging
 import sys
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,11 +42,11 @@ PRESETS: dict[str, dict[str, Any]] = {
     "cpu": dict(n_fft=512, hop_length=256, inter_channels=16, hidden_channels=64, filter_channels=128,
                 n_heads=2, n_layers=2, flow_n_layers=2, n_flows=4, guide_layers=4, decoder_channels=64,
                 gin_channels=16, steps=300, batch_size=8, lr=2e-3, max_utterances=300, max_frames=900,
-                eval_samples=4, heldout_size=24),
+                eval_samples=4, eval_size=32, heldout_size=24),
     "vits": dict(n_fft=1024, hop_length=256, inter_channels=192, hidden_channels=192, filter_channels=768,
                  n_heads=2, n_layers=6, flow_n_layers=4, n_flows=4, guide_layers=16, decoder_channels=256,
                  gin_channels=256, steps=20000, batch_size=32, lr=2e-4, max_utterances=None, max_frames=1000,
-                 eval_samples=8, heldout_size=48),
+                 eval_samples=8, eval_size=64, heldout_size=48),
 }
 """Defaults by preset; an explicit option wins."""
 
@@ -113,7 +112,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--affine", action="store_true", help="affine couplings (VITS: mean-only)")
     p.add_argument("--single-speaker", action="store_true", help="ignore the corpus's speaker ids")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--log-every", type=int, default=50, help="steps between evaluations")
+    p.add_argument("--log-every", type=int, default=None, help="steps between evaluations (default: steps / 5)")
     p.add_argument("--checkpoint-every", type=int, default=None)
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace the run files in a non-empty --out")
@@ -121,7 +120,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.add_argument("-v", "--verbose", action="store_true", help="tracebacks on errors")
     for key in ("n_fft", "hop_length", *SIZE_KEYS, "steps", "batch_size", "max_utterances", "max_frames",
-                "eval_samples", "heldout_size"):
+                "eval_samples", "eval_size", "heldout_size"):
         p.add_argument(f"--{key.replace('_', '-')}", type=int, default=None, help="(preset)")
     p.add_argument("--lr", type=float, default=None, help="(preset) learning rate")
     return p
@@ -141,19 +140,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     corpus = read_corpus(args.corpus, speech, max_utterances=s["max_utterances"], max_frames=s["max_frames"],
                          heldout_size=s["heldout_size"], speakers=not args.single_speaker)
     model, guide = build_pair(s, speech, corpus.n_speakers, mean_only=not args.affine)
-    extra = dict(corpus=str(args.corpus), speech=dict(sampling_rate=speech.sampling_rate, n_fft=speech.filter_length,
-                 hop_length=speech.hop_length, add_blank=speech.add_blank), settings=s)
-    start = time.perf_counter()
+    extra = dict(corpus=str(args.corpus), settings=s, speech=dict(
+        sampling_rate=speech.sampling_rate, n_fft=speech.filter_length, hop_length=speech.hop_length,
+        add_blank=speech.add_blank))
     result = fit(model, guide, corpus.train, steps=s["steps"], elbo=make_elbo(args.elbo, args.particles),
                  lr=s["lr"], batch_size=s["batch_size"], device=args.device, seed=args.seed, out_dir=args.out,
-                 log_every=args.log_every, progress=not args.quiet, heldout=corpus.heldout,
-                 eval_samples=s["eval_samples"], extra_config=extra, checkpoint_every=args.checkpoint_every,
-                 resume=args.resume, overwrite=args.overwrite)
-    wall = time.perf_counter() - start
+                 log_every=args.log_every or max(1, s["steps"] // 5), progress=not args.quiet,
+                 heldout=corpus.heldout, eval_samples=s["eval_samples"], eval_size=s["eval_size"],
+                 extra_config=extra, checkpoint_every=args.checkpoint_every, resume=args.resume,
+                 overwrite=args.overwrite)
     path = export_vits_generator(result.model, result.guide, speech, args.out, s["steps"],
                                  train=dict(seed=args.seed, batch_size=s["batch_size"], learning_rate=s["lr"]))
     last = result.metrics[-1] if result.metrics else {}
-    summary = dict(steps=s["steps"], wall_s=round(wall, 2), steps_per_s=round(s["steps"] / wall, 3),
+    summary = dict(steps=s["steps"], wall_s=round(result.wall_s, 2), svi_steps_per_s=last.get("it_per_s"),
                    utterances=corpus.train.n, frames=corpus.train.num_frames, vits_generator=str(path),
                    **{k: v for k, v in last.items() if k.endswith("_per_frame")})
     print(json.dumps(summary, indent=2))
