@@ -1,7 +1,7 @@
-"""Train VITS's latent model on speech with Pyro: text encoder, monotonic alignment, flow prior, posterior encoder.
+"""Train VITS's latent model on speech with Pyro: text encoder, alignment, flow prior, posterior encoder.
 
-    make speech-corpus                                                   # espeak-ng corpus in data/speech-corpus
-    python examples/fit_vits_speech.py --corpus data/speech-corpus       # CPU preset: a few minutes, 2 cores
+    make speech-corpus                                              # espeak-ng corpus in data/speech-corpus
+    python examples/fit_vits_speech.py --corpus data/speech-corpus  # CPU preset: a few minutes, 2 cores
     python examples/fit_vits_speech.py --corpus data/speech-corpus --device cuda   # VITS's sizes
 
 The five steps below are the whole recipe; ``python -m pyro_vits.apps.fit_speech`` is the same with every
@@ -32,10 +32,11 @@ def main() -> None:
     preset = PRESETS["vits" if args.device.startswith("cuda") else "cpu"]
     steps = args.steps or preset["steps"]
 
-    # 1. The corpus as VITS reads it: 22,050 Hz wavs -> linear spectrograms, phonemes -> symbol ids (+ blanks).
+    # 1. The corpus as VITS reads it: 22,050 Hz wavs -> linear spectrograms, phonemes -> ids (+ blanks).
     speech = SpeechConfig(filter_length=preset["n_fft"], hop_length=preset["hop_length"],
                           win_length=preset["n_fft"])
-    corpus = read_corpus(args.corpus, speech, max_frames=preset["max_frames"], heldout_size=preset["heldout_size"],
+    corpus = read_corpus(args.corpus, speech, max_frames=preset["max_frames"],
+                         heldout_size=preset["heldout_size"],
                          max_utterances=args.max_utterances or preset["max_utterances"])
     print(f"{corpus.train.n} training utterances ({corpus.train.num_frames} frames), "
           f"{0 if corpus.heldout is None else corpus.heldout.n} held out, {corpus.n_speakers} speakers")

@@ -5,7 +5,7 @@ embedding ``g_n``)::
 
     m_p, logs_p = enc_p(text_n)                             # (C, L_n) per symbol: VITS's TextEncoder
     A(z)        = maximum_path(neg_cent(f(z; g_n), m_p, logs_p))   # (T_n, L_n) hard monotonic alignment
-    z_n ~ FlowPrior(m_p A(z)^T, logs_p A(z)^T, f, mask_n, g_n)      # (C, T_n): N(f(z); A m_p, A s_p)|det df/dz|
+    z_n ~ FlowPrior(m_p A(z)^T, logs_p A(z)^T, f, mask_n, g_n)      # (C, T_n): N(f(z); A m_p, A s_p)|det f'|
     x_n | z_n ~ MaskedNormal(dec(z_n), exp(log_sigma_x), mask_n)   # x = log |STFT| (F, T_n), nats
 
 Guide: VITS's posterior encoder (:class:`~pyro_vits.guide.PosteriorEncoder`) on the linear magnitude
@@ -97,11 +97,13 @@ class AlignedFlowPrior(TorchDistribution):
         if text_mask.shape[-2:] != (1, m_p.shape[-1]) or mask.dim() < 2 or mask.shape[-2] != 1:
             raise ValueError(f"text_mask must be (..., 1, L={m_p.shape[-1]}) and mask (..., 1, T), got "
                              f"{tuple(text_mask.shape)} and {tuple(mask.shape)}")
-        shapes = [m_p.shape[:-2], text_mask.shape[:-2], mask.shape[:-2]] + ([] if g is None else [g.shape[:-2]])
+        shapes = [m_p.shape[:-2], text_mask.shape[:-2], mask.shape[:-2]]
+        shapes += [] if g is None else [g.shape[:-2]]
         batch_shape = torch.broadcast_shapes(*shapes)
         self.m_p, self.logs_p, self.text_mask, self.flow, self.mask, self.g = (
             m_p, logs_p, text_mask.to(m_p.dtype), flow, mask.to(m_p.dtype), g)
-        super().__init__(batch_shape, torch.Size((flow.channels, mask.shape[-1])), validate_args=validate_args)
+        event_shape = torch.Size((flow.channels, mask.shape[-1]))
+        super().__init__(batch_shape, event_shape, validate_args=validate_args)
 
     def expand(self, batch_shape: torch.Size, _instance: AlignedFlowPrior | None = None) -> AlignedFlowPrior:
         new = self._get_checked_instance(AlignedFlowPrior, _instance)
@@ -201,8 +203,8 @@ class SpeechModel(nn.Module):
         super().__init__()
         check_positive_ints(n_vocab=n_vocab, spec_channels=spec_channels, decoder_channels=decoder_channels)
         if not isinstance(n_speakers, int) or n_speakers < 0 or (n_speakers > 0) != (gin_channels > 0):
-            raise ValueError(f"n_speakers and gin_channels must be non-negative ints, both 0 or both positive, "
-                             f"got n_speakers={n_speakers!r}, gin_channels={gin_channels!r}")
+            raise ValueError("n_speakers and gin_channels must be non-negative ints, both 0 or both "
+                             f"positive, got n_speakers={n_speakers!r}, gin_channels={gin_channels!r}")
         self.config: dict[str, Any] = dict(
             n_vocab=n_vocab, spec_channels=spec_channels, inter_channels=inter_channels,
             hidden_channels=hidden_channels, filter_channels=filter_channels, n_heads=n_heads,

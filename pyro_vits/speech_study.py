@@ -122,7 +122,8 @@ def negative_kl_fraction(model: SpeechModel, guide: Any, data: SpeechData, batch
     v = torch.tensor(values, dtype=torch.float64)
     p = float((v < 0).double().mean())
     return dict(prob_negative=p, prob_negative_se=math.sqrt(p * (1 - p) / batches),
-                kl_per_frame_mean=float(v.mean()), kl_per_frame_sd=float(v.std()) if batches > 1 else math.nan)
+                kl_per_frame_mean=float(v.mean()),
+                kl_per_frame_sd=float(v.std()) if batches > 1 else math.nan)
 
 
 def t_interval(values: Sequence[float], level: float = 0.95) -> dict[str, float]:
@@ -137,7 +138,8 @@ def t_interval(values: Sequence[float], level: float = 0.95) -> dict[str, float]
     return dict(mean=float(x.mean()), se=se, half_width=float(t.ppf(0.5 + level / 2, n - 1)) * se, n=n)
 
 
-def summarise(runs: Sequence[Mapping[str, Any]], keys: Sequence[str]) -> dict[str, dict[str, dict[str, float]]]:
+def summarise(runs: Sequence[Mapping[str, Any]], keys: Sequence[str]
+              ) -> dict[str, dict[str, dict[str, float]]]:
     """``{variant: {key: t_interval over the variant's seeds}}`` from run records with ``variant`` and ``key``
     entries."""
     out: dict[str, dict[str, dict[str, float]]] = {}

@@ -33,7 +33,8 @@ _WEIGHT_NORM = {".parametrizations.weight.original0": ".weight_g",
 
 
 def _vits_keys(prefix: str, module: nn.Module, skip: tuple[str, ...] = ()) -> dict[str, Tensor]:
-    """``module``'s state under ``prefix.``, weight-norm entries renamed to VITS's ``weight_g``/``weight_v``."""
+    """``module``'s state under ``prefix.``, weight-norm entries renamed to VITS's
+    ``weight_g``/``weight_v``."""
     out = {}
     for key, value in module.state_dict().items():
         if key.startswith(skip):
@@ -51,8 +52,8 @@ def _check_pair(model: SpeechModel, guide: PosteriorEncoder) -> None:
                         f"{type(guide).__name__}")
     cfg = model.config
     if (guide.config["x_channels"], guide.channels) != (cfg["spec_channels"], cfg["inter_channels"]):
-        raise ValueError(f"the guide maps {guide.config['x_channels']} -> {guide.channels} channels, the model "
-                         f"expects {cfg['spec_channels']} -> {cfg['inter_channels']}")
+        raise ValueError(f"the guide maps {guide.config['x_channels']} -> {guide.channels} channels, "
+                         f"the model expects {cfg['spec_channels']} -> {cfg['inter_channels']}")
     if cfg["n_speakers"] > 0 and getattr(guide, "emb_g", None) is not model.emb_g:
         raise ValueError("a VITS generator has one speaker embedding: the guide must share the model's emb_g "
                          "(see speech_model_and_guide)")
@@ -85,8 +86,8 @@ def vits_config(model: SpeechModel, guide: PosteriorEncoder, speech: SpeechConfi
             "mel_fmin": 0.0, "mel_fmax": None, "add_blank": speech.add_blank, "n_speakers": cfg["n_speakers"],
         },
         "model": {
-            **{k: cfg[k] for k in ("inter_channels", "hidden_channels", "filter_channels", "n_heads", "n_layers",
-                                   "kernel_size", "p_dropout", "gin_channels")},
+            **{k: cfg[k] for k in ("inter_channels", "hidden_channels", "filter_channels", "n_heads",
+                                   "n_layers", "kernel_size", "p_dropout", "gin_channels")},
             "resblock": "1", "resblock_kernel_sizes": [3, 7, 11],
             "resblock_dilation_sizes": [[1, 3, 5], [1, 3, 5], [1, 3, 5]], "upsample_rates": [8, 8, 2, 2],
             "upsample_initial_channel": 512, "upsample_kernel_sizes": [16, 16, 4, 4], "n_layers_q": 3,

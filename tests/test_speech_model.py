@@ -1,5 +1,5 @@
-"""The speech model (text -> aligned flow prior -> spectrogram) on the committed tiny corpus: SVI steps, its KL
-term against VITS's computation (reference written here), the exported VITS generator, and bad input."""
+"""The speech model (text -> aligned flow prior -> spectrogram) on the committed tiny corpus: SVI steps, its
+KL term against VITS's computation (reference written here), the exported VITS generator, and bad input."""
 
 from __future__ import annotations
 
@@ -80,7 +80,8 @@ def test_subset_trims_padding_and_keeps_ids(corpus):
 
 def test_speech_data_rejects_fewer_frames_than_symbols():
     with pytest.raises(ValueError, match="at least one frame per symbol"):
-        SpeechData(torch.ones(1, 3, 4), torch.tensor([4]), torch.ones(1, 5, dtype=torch.long), torch.tensor([5]))
+        SpeechData(torch.ones(1, 3, 4), torch.tensor([4]), torch.ones(1, 5, dtype=torch.long),
+                   torch.tensor([5]))
     with pytest.raises(ValueError, match="non-finite"):
         SpeechData(torch.full((1, 3, 4), math.nan), torch.tensor([4]), torch.ones(1, 2, dtype=torch.long),
                    torch.tensor([2]))
@@ -106,7 +107,8 @@ def test_one_svi_step_updates_every_part(corpus, mean_only, speakers):
     assert math.isfinite(loss)
     moved = {n.split(".")[0] for n, p in [*model.named_parameters(), *guide.named_parameters()]
              if not torch.equal(p.detach(), before[n])}
-    expected = {"enc_p", "flow", "dec", "log_sigma_x", "pre", "enc", "proj"} | ({"emb_g"} if speakers else set())
+    expected = {"enc_p", "flow", "dec", "log_sigma_x", "pre", "enc", "proj"}
+    expected |= {"emb_g"} if speakers else set()
     assert expected <= moved
 
 
@@ -141,7 +143,8 @@ def vits_reference_kl(z, m_q_unused, logs_q, m_p, logs_p, x_mask, y_mask, flow, 
     paths = []
     for b in range(z.shape[0]):
         frames, tokens = int(y_mask[b].sum()), int(x_mask[b].sum())
-        zp, mu, ls = (t.double().numpy() for t in (z_p[b, :, :frames], m_p[b, :, :tokens], logs_p[b, :, :tokens]))
+        zp, mu, ls = (t.double().numpy()
+                      for t in (z_p[b, :, :frames], m_p[b, :, :tokens], logs_p[b, :, :tokens]))
         score = (-0.5 * math.log(2 * math.pi) - ls[:, None, :]
                  - 0.5 * (zp[:, :, None] - mu[:, None, :]) ** 2 * np.exp(-2 * ls[:, None, :])).sum(0)
         path = np.zeros((z.shape[-1], m_p.shape[-1]))
@@ -201,7 +204,8 @@ def test_prior_draws_use_an_even_alignment(corpus):
     assert z.shape == (3, data.n, 6, data.frames) and bool((z * (1 - data.mask) == 0).all())
     path = even_alignment(data.mask, data.text_mask)
     valid = data.mask[:, 0] > 0
-    assert bool((path.sum(-1)[valid] == 1).all()) and bool((path.sum(-2) >= 1).sum(-1).eq(data.text_lengths).all())
+    assert bool((path.sum(-1)[valid] == 1).all())
+    assert bool((path.sum(-2) >= 1).sum(-1).eq(data.text_lengths).all())
     token = path.argmax(-1)
     assert bool(((token[:, 1:] >= token[:, :-1]) | ~valid[:, 1:]).all())
 
@@ -238,7 +242,8 @@ def test_exported_generator_reloads_and_reproduces(tmp_path, corpus, speakers):
     for config in (None, tmp_path / "vits" / "config.json"):
         gen = load_vits_generator(path, config)
         with torch.no_grad():
-            for got, want in zip(gen.enc_p(data.text, data.text_lengths), model.enc_p(data.text, data.text_lengths)):
+            want_p = model.enc_p(data.text, data.text_lengths)
+            for got, want in zip(gen.enc_p(data.text, data.text_lengths), want_p):
                 torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
             g = gen.speaker_embedding(data.speaker if speakers else None)
             _, m_q, logs_q, y_mask = gen.enc_q(data.spec, data.lengths, g=g)

@@ -25,9 +25,9 @@ SPEECH = SpeechConfig(filter_length=256, hop_length=128, win_length=256)
 def setup():
     corpus = read_corpus(TINY, SPEECH)
     torch.manual_seed(0)
-    model, guide = speech_model_and_guide(len(VITS_SYMBOLS), SPEECH.n_freq, inter_channels=4, hidden_channels=8,
-                                          filter_channels=16, n_layers=1, flow_n_layers=1, n_flows=2,
-                                          decoder_channels=8, guide_layers=1, n_speakers=2, gin_channels=3)
+    model, guide = speech_model_and_guide(len(VITS_SYMBOLS), SPEECH.n_freq, inter_channels=4,
+                                          hidden_channels=8, filter_channels=16, n_layers=1,
+                                          flow_n_layers=1, n_flows=2, decoder_channels=8, guide_layers=1, n_speakers=2, gin_channels=3)
     return corpus, model, guide
 
 
@@ -35,7 +35,8 @@ def traces(model, guide, data, seed=0):
     pyro.set_rng_seed(seed)
     with torch.no_grad():
         guide_trace = poutine.trace(guide).get_trace(data, subsample_size=3)
-        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(data, subsample_size=3)
+        replayed = poutine.replay(model, trace=guide_trace)
+        model_trace = poutine.trace(replayed).get_trace(data, subsample_size=3)
     model_trace.compute_log_prob()
     guide_trace.compute_score_parts()
     return model_trace, guide_trace

@@ -73,8 +73,8 @@ def read_corpus(folder: str | Path, speech: SpeechConfig, *, max_utterances: int
         raise NotADirectoryError(f"corpus {folder} is not a folder (expected an LJSpeech-format folder)")
     next(read_ljspeech(folder))  # metadata.csv must exist and hold utterances
     if (folder / "train.txt").is_file():
-        train = load_speech_data(folder / "train.txt", speech, data_root=folder, max_utterances=max_utterances,
-                                 max_frames=max_frames)
+        train = load_speech_data(folder / "train.txt", speech, data_root=folder,
+                                 max_utterances=max_utterances, max_frames=max_frames)
         val = folder / "val.txt"
         heldout = (load_speech_data(val, speech, data_root=folder, max_utterances=heldout_size,
                                     max_frames=max_frames) if val.is_file() and val.stat().st_size else None)
@@ -112,7 +112,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--affine", action="store_true", help="affine couplings (VITS: mean-only)")
     p.add_argument("--single-speaker", action="store_true", help="ignore the corpus's speaker ids")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--log-every", type=int, default=None, help="steps between evaluations (default: steps / 5)")
+    p.add_argument("--log-every", type=int, default=None,
+                   help="steps between evaluations (default: steps / 5)")
     p.add_argument("--checkpoint-every", type=int, default=None)
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace the run files in a non-empty --out")
@@ -150,7 +151,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                  extra_config=extra, checkpoint_every=args.checkpoint_every, resume=args.resume,
                  overwrite=args.overwrite)
     path = export_vits_generator(result.model, result.guide, speech, args.out, s["steps"],
-                                 train=dict(seed=args.seed, batch_size=s["batch_size"], learning_rate=s["lr"]))
+                                 train=dict(seed=args.seed, batch_size=s["batch_size"],
+                                            learning_rate=s["lr"]))
     last = result.metrics[-1] if result.metrics else {}
     summary = dict(steps=s["steps"], wall_s=round(result.wall_s, 2), svi_steps_per_s=last.get("it_per_s"),
                    utterances=corpus.train.n, frames=corpus.train.num_frames, vits_generator=str(path),

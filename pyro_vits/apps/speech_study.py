@@ -1,11 +1,12 @@
-"""``python -m pyro_vits.apps.speech_study``: the KL-loss variants trained on speech (:mod:`pyro_vits.speech_study`).
+"""``python -m pyro_vits.apps.speech_study``: the KL-loss variants trained on speech.
 
     python -m pyro_vits.apps.speech_study --corpus data/speech-corpus --out runs/speech-study --docs docs
 
 Trains every variant (``vits``, ``clamp``, ``abs``, ``abs_elementwise``, ``vits_k4``) for each seed with the
 CPU preset of :mod:`pyro_vits.apps.fit_speech` (options override it), then writes ``<out>/results.json`` and,
 with ``--docs``, ``<docs>/speech_study.md`` (the table with 95 % t-intervals over seeds, and each variant's
-difference from ``vits`` paired by seed). Each run's folder ``<out>/<variant>-s<seed>`` is a normal run folder.
+difference from ``vits`` paired by seed); ``<out>/<variant>-s<seed>`` are the runs' folders. The variants
+and measures are :mod:`pyro_vits.speech_study`'s.
 """
 
 from __future__ import annotations
@@ -13,9 +14,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import multiprocessing
 import sys
 import time
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -23,24 +26,27 @@ from . import run_main
 from .fit_speech import PRESETS, SpeechCorpus, build_pair, read_corpus
 from ..data.speech import SpeechConfig
 from ..model import evaluate
-from ..speech_study import (VARIANTS, negative_kl_fraction, paired_difference, reconstruction_error_db, summarise,
-                            variant_elbo)
+from ..speech_study import (VARIANTS, negative_kl_fraction, paired_difference, reconstruction_error_db,
+                            summarise, variant_elbo)
+from ..train import _atomic_write as atomic_write
 from ..train import fit
 
 __all__ = ["build_parser", "main", "run_variant", "render"]
 
 logger = logging.getLogger("pyro_vits")
 
-KEYS = ("heldout_elbo_per_frame", "heldout_kl_per_frame", "heldout_recon_db", "prob_negative_kl", "s_per_step")
-LABELS = {"heldout_elbo_per_frame": "held-out ELBO (nats/frame)", "heldout_kl_per_frame": "held-out KL (nats/frame)",
-          "heldout_recon_db": "reconstruction error (dB RMS)", "prob_negative_kl": "P(logged KL < 0)",
+LABELS = {"heldout_elbo_per_frame": "held-out ELBO (nats/frame)",
+          "heldout_kl_per_frame": "held-out KL (nats/frame)",
+          "heldout_recon_db": "reconstruction error (dB RMS)",
+          "prob_negative_kl": "P(logged KL < 0)",
           "s_per_step": "s / step"}
+KEYS = tuple(LABELS)
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
-    p.add_argument("--corpus", required=True, help="corpus folder with train.txt/val.txt (make speech-corpus)")
-    p.add_argument("--out", default="runs/speech-study", help="study folder (one run folder per variant/seed)")
+    p.add_argument("--corpus", required=True, help="folder with train.txt/val.txt (make speech-corpus)")
+    p.add_argument("--out", default="runs/speech-study", help="study folder (a run folder per variant/seed)")
     p.add_argument("--docs", default=None, help="also write <docs>/speech_study.md")
     p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
@@ -50,6 +56,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--eval-samples", type=int, default=16, help="guide draws per held-out utterance")
     p.add_argument("--negative-batches", type=int, default=64, help="minibatches drawn for P(logged KL < 0)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--jobs", type=int, default=1, help="runs at once (processes; each reads the corpus)")
     p.add_argument("--overwrite", action="store_true", help="replace the run folders")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
@@ -68,10 +75,11 @@ def run_variant(corpus: SpeechCorpus, variant: str, seed: int, args: argparse.Na
     wall = time.perf_counter() - start
     heldout = corpus.heldout.to(result.device)
     measures = evaluate(result.model, result.guide, heldout, num_samples=args.eval_samples, seed=seed)
-    negative = negative_kl_fraction(result.model, result.guide, corpus.train.to(result.device), args.batch_size,
-                                    args.negative_batches, seed=seed)
+    negative = negative_kl_fraction(result.model, result.guide, corpus.train.to(result.device),
+                                    args.batch_size, args.negative_batches, seed=seed)
     return dict(variant=variant, seed=seed, steps=args.steps, wall_s=wall, s_per_step=wall / args.steps,
-                heldout_elbo_per_frame=measures["elbo_per_frame"], heldout_kl_per_frame=measures["kl_per_frame"],
+                heldout_elbo_per_frame=measures["elbo_per_frame"],
+                heldout_kl_per_frame=measures["kl_per_frame"],
                 heldout_elbo_mcse_per_frame=measures["elbo_stderr_per_frame"],
                 heldout_recon_db=reconstruction_error_db(result.model, result.guide, heldout),
                 prob_negative_kl=negative["prob_negative"], logged_kl_per_frame=negative["kl_per_frame_mean"],
@@ -89,8 +97,8 @@ def render(results: Mapping[str, Any]) -> str:
     table = summarise(runs, KEYS)
     lines = [
         "# The KL-loss variants on speech", "",
-        f"Generated by `{setup['command']}` ({setup['utc']}); numbers are means over {len(setup['seeds'])} seeds "
-        "± the half-width of the 95 % Student-t interval over seeds.", "",
+        f"Generated by `{setup['command']}` ({setup['utc']}); numbers are means over "
+        f"{len(setup['seeds'])} seeds ± the half-width of the 95 % Student-t interval over seeds.", "",
         f"Corpus: {setup['corpus']['train']} training / {setup['corpus']['heldout']} held-out utterances of "
         f"`{setup['corpus']['folder']}` ({setup['corpus']['description']}). Model: the CPU preset of "
         f"`pyro_vits.apps.fit_speech` ({setup['sizes']}), {setup['steps']} steps of {setup['batch_size']} "
@@ -101,49 +109,77 @@ def render(results: Mapping[str, Any]) -> str:
     ]
     lines += [f"| {v} | " + " | ".join(_cell(table[v][k]) for k in KEYS) + " |" for v in table]
     lines += ["", "Difference from `vits`, paired by seed (95 % t-interval; * where it excludes 0):", "",
-              "| variant | Δ held-out ELBO | Δ held-out KL | Δ reconstruction error (dB) |", "|---|---|---|---|"]
+              "| variant | Δ held-out ELBO | Δ held-out KL | Δ reconstruction error (dB) |",
+              "|---|---|---|---|"]
     for v in (v for v in table if v != "vits" and "vits" in table):
         cells = []
         for key in KEYS[:3]:
             d = paired_difference(runs, key, v)
             cells.append(_cell(d) + (" *" if abs(d["mean"]) > d["half_width"] else ""))
         lines.append(f"| {v} | " + " | ".join(cells) + " |")
-    lines += ["", "Held-out ELBO and KL: 16 guide draws per utterance (`pyro_vits.model.evaluate`); "
-              "reconstruction error: `dec(m_q)` against the log-magnitude spectrogram; P(logged KL < 0): "
-              f"fraction of {setup['negative_batches']} training minibatches of {setup['batch_size']} utterances "
-              "whose one-draw VITS KL (`-H(q) - log p(z)`, per frame) is negative at the end of training.", ""]
+    lines += ["", f"Held-out ELBO and KL: {setup['eval_samples']} guide draws per utterance "
+              "(`pyro_vits.model.evaluate`); reconstruction error: `dec(m_q)` against the log-magnitude "
+              "spectrogram; P(logged KL < 0): fraction of "
+              f"{setup['negative_batches']} training minibatches of {setup['batch_size']} utterances whose "
+              "one-draw VITS KL (`-H(q) - log p(z)`, per frame) is negative at the end of training.", ""]
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def _read(args: argparse.Namespace) -> SpeechCorpus:
     s = PRESETS["cpu"]
     speech = SpeechConfig(filter_length=s["n_fft"], hop_length=s["hop_length"], win_length=s["n_fft"])
     corpus = read_corpus(args.corpus, speech, max_utterances=args.max_utterances, max_frames=s["max_frames"],
                          heldout_size=s["heldout_size"])
-    if corpus.heldout is None or len(args.seeds) < 2:
-        raise ValueError("the study needs a corpus with val.txt (held-out utterances) and at least 2 seeds")
-    runs = []
-    for seed in args.seeds:
-        for variant in args.variants:
-            runs.append(run_variant(corpus, variant, seed, args))
-            logger.info("%s seed %d: %s", variant, seed, runs[-1])
-    info = json.loads((Path(args.corpus) / "corpus.json").read_text()) if (Path(args.corpus) / "corpus.json").is_file() else {}
-    description = (f"espeak-ng {info.get('synthesiser_version', '?')}, {len(info.get('voices', []))} voice(s), "
-                   f"{info.get('hours', float('nan')):.2f} h in all" if info else "")
-    setup = dict(command="python -m pyro_vits.apps.speech_study " + " ".join(argv if argv is not None else sys.argv[1:]),
-                 utc=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), seeds=args.seeds, steps=args.steps,
-                 batch_size=args.batch_size, negative_batches=args.negative_batches,
-                 sizes={k: s[k] for k in ("inter_channels", "hidden_channels", "n_layers", "guide_layers", "n_fft")},
-                 corpus=dict(folder=str(args.corpus), train=corpus.train.n, heldout=corpus.heldout.n,
-                             description=description))
+    if corpus.heldout is None:
+        raise ValueError(f"{args.corpus}: the study needs held-out utterances (val.txt)")
+    return corpus
+
+
+def _run_job(args: argparse.Namespace, variant: str, seed: int) -> dict[str, Any]:
+    """One run in a worker process (which reads the corpus itself)."""
+    import torch
+
+    torch.set_num_threads(1)
+    return run_variant(_read(args), variant, seed, args)
+
+
+def _setup(args: argparse.Namespace, corpus: SpeechCorpus, argv: Sequence[str]) -> dict[str, Any]:
+    """What the page states about how its numbers were made."""
+    summary = Path(args.corpus) / "corpus.json"
+    info = json.loads(summary.read_text()) if summary.is_file() else {}
+    description = (f"espeak-ng {info.get('synthesiser_version', '?')}, {len(info.get('voices', []))} "
+                   f"voice(s), {info.get('hours', float('nan')):.2f} h in all") if info else "no corpus.json"
+    s = PRESETS["cpu"]
+    return dict(command="python -m pyro_vits.apps.speech_study " + " ".join(argv),
+                utc=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), seeds=args.seeds, steps=args.steps,
+                batch_size=args.batch_size, negative_batches=args.negative_batches,
+                eval_samples=args.eval_samples,
+                sizes={k: s[k] for k in ("inter_channels", "hidden_channels", "n_layers", "guide_layers",
+                                         "n_fft")},
+                corpus=dict(folder=str(args.corpus), train=corpus.train.n, heldout=corpus.heldout.n,
+                            description=description))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if len(args.seeds) < 2 or args.jobs < 1:
+        raise ValueError("the study needs at least 2 seeds and --jobs >= 1")
+    corpus = _read(args)
+    jobs = [(variant, seed) for seed in args.seeds for variant in args.variants]
+    if args.jobs == 1:
+        runs = [run_variant(corpus, variant, seed, args) for variant, seed in jobs]
+    else:
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(args.jobs, mp_context=context) as pool:
+            runs = list(pool.map(_run_job, [args] * len(jobs), *zip(*jobs)))
+    setup = _setup(args, corpus, argv if argv is not None else sys.argv[1:])
     results = dict(setup=setup, runs=runs)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(results, indent=2))
+    atomic_write(out / "results.json", lambda f: json.dump(results, f, indent=2))
     if args.docs:
         Path(args.docs).mkdir(parents=True, exist_ok=True)
-        (Path(args.docs) / "speech_study.md").write_text(render(results))
+        atomic_write(Path(args.docs) / "speech_study.md", lambda f: f.write(render(results)))
     print(render(results))
     return 0
 

@@ -5,7 +5,7 @@
     <out>/metadata.csv     id|text|normalized text   (normalized = the symbols the model reads, see below)
     <out>/wavs/<id>.wav    mono, 16-bit PCM, ``sample_rate`` Hz (22,050 by default, as LJSpeech)
     <out>/train.txt        VITS filelists of the same utterances, paths relative to <out>:
-    <out>/val.txt            ``wavs/<id>.wav|<normalized>`` (one voice) or ``wavs/<id>.wav|<sid>|<normalized>``
+    <out>/val.txt          ``wavs/<id>.wav|<normalized>`` (one voice), ``wavs/<id>.wav|<sid>|<normalized>``
     <out>/corpus.json      the summary (:class:`CorpusSummary`): sizes, voices, synthesiser and its version
 
 The normalized text is either the IPA phonemes ``espeak-ng -q --ipa`` gives for each clause, with the
@@ -92,7 +92,7 @@ def find_espeak(executable: str = "espeak-ng") -> str:
 
 
 def espeak_version(executable: str = "espeak-ng") -> str:
-    """The synthesiser's version line, e.g. ``'eSpeak NG text-to-speech: 1.51  Data at: ...'`` -> ``'1.51'``."""
+    """The synthesiser's version, e.g. ``'1.51'`` from ``'eSpeak NG text-to-speech: 1.51  Data at: ...'``."""
     out = subprocess.run([find_espeak(executable), "--version"], capture_output=True, text=True, check=True)
     match = re.search(r"text-to-speech:\s*(\S+)", out.stdout)
     return match.group(1) if match else out.stdout.strip()

@@ -66,8 +66,9 @@ class SpeechData:
         short = (self.lengths < self.text_lengths).nonzero()
         if len(short):
             i = int(short[0])
-            raise ValueError(f"utterance {i} has {int(self.lengths[i])} frames for {int(self.text_lengths[i])} "
-                             "symbols: a monotonic alignment needs at least one frame per symbol")
+            raise ValueError(f"utterance {i} has {int(self.lengths[i])} frames for "
+                             f"{int(self.text_lengths[i])} symbols: a monotonic alignment needs at least one "
+                             "frame per symbol")
         for name in ("speaker", "index"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, Tensor) or value.shape != (n,)
