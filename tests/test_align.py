@@ -65,7 +65,9 @@ def test_maximum_path_equals_reference_dp(seed):
 def test_maximum_path_ties_and_edges():
     scores = torch.zeros(1, 4, 2)  # every path ties: stay on the last token as long as possible backwards
     mask = torch.ones(1, 4, 2)
-    np.testing.assert_array_equal(maximum_path(scores, mask)[0].numpy(), reference_path(np.zeros((4, 2)), 4, 2))
+    np.testing.assert_array_equal(
+        maximum_path(scores, mask)[0].numpy(), reference_path(np.zeros((4, 2)), 4, 2)
+    )
     assert maximum_path(scores, mask)[0, :, 0].tolist() == [1, 0, 0, 0]
     square = maximum_path(torch.randn(1, 3, 3), torch.ones(1, 3, 3))[0]
     assert torch.equal(square, torch.eye(3))  # T_text == T_spec: the diagonal is the only path
@@ -84,8 +86,11 @@ def test_neg_cent_is_summed_gaussian_log_density():
     gen = torch.Generator().manual_seed(0)
     z_p, m_p, logs_p = (torch.randn(2, 4, n, generator=gen) for n in (7, 3, 3))
     scores = neg_cent(z_p, m_p, logs_p.double().float())
-    direct = torch.distributions.Normal(m_p.unsqueeze(2), torch.exp(logs_p).unsqueeze(2)).log_prob(
-        z_p.unsqueeze(3)).sum(1)  # (B, T_spec, T_text)
+    direct = (
+        torch.distributions.Normal(m_p.unsqueeze(2), torch.exp(logs_p).unsqueeze(2))
+        .log_prob(z_p.unsqueeze(3))
+        .sum(1)
+    )  # (B, T_spec, T_text)
     torch.testing.assert_close(scores, direct, rtol=1e-5, atol=1e-4)
     assert math.isfinite(float(scores.sum()))
 

@@ -38,13 +38,21 @@ def stft_reference(wav: torch.Tensor, n_fft: int, hop: int, win: int) -> torch.T
 
 @pytest.mark.parametrize("n_fft,hop,win", [(64, 16, 64), (64, 16, 48), (512, 128, 512)])
 def test_linear_spectrogram_matches_vits_formula(n_fft, hop, win):
-    wav = torch.rand(2, 2000, generator=torch.Generator().manual_seed(n_fft + win), dtype=torch.float64) * 2 - 1
+    wav = (
+        torch.rand(2, 2000, generator=torch.Generator().manual_seed(n_fft + win), dtype=torch.float64) * 2 - 1
+    )
     spec = linear_spectrogram(wav, n_fft, hop, win)
     expected = stft_reference(wav, n_fft, hop, win)
-    assert spec.shape == expected.shape == (2, n_fft // 2 + 1, (2000 + 2 * ((n_fft - hop) // 2) - n_fft) // hop + 1)
+    assert (
+        spec.shape
+        == expected.shape
+        == (2, n_fft // 2 + 1, (2000 + 2 * ((n_fft - hop) // 2) - n_fft) // hop + 1)
+    )
     torch.testing.assert_close(spec, expected, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(linear_spectrogram(wav[1], n_fft, hop, win), spec[1])  # any leading dims
-    assert linear_spectrogram(wav.float().reshape(1, 2, 2000), n_fft, hop, win).shape == (1, 2) + spec.shape[1:]
+    assert (
+        linear_spectrogram(wav.float().reshape(1, 2, 2000), n_fft, hop, win).shape == (1, 2) + spec.shape[1:]
+    )
 
 
 def test_linear_spectrogram_rejects_bad_input():
@@ -123,15 +131,22 @@ def test_multispeaker_filelist_and_ljspeech_folder(tmp_path):
     assert batch.text_lengths.tolist() == [15, 7]
 
 
-@pytest.mark.parametrize("lines,error,match", [
-    (["u0.wav|ab", "missing.wav|ab"], FileNotFoundError, r"list\.txt:2: wav file not found: .*missing\.wav"),
-    (["u0.wav|a7"], ValueError, r"list\.txt:1: unknown symbol '7'"),
-    (["u0.wav|ab", "u1.wav|1|ab"], ValueError, r"list\.txt:2: 3 fields where earlier lines have 2"),
-    (["u0.wav|x|ab"], ValueError, r"list\.txt:1: speaker id must be"),
-    (["u0.wav"], ValueError, r"list\.txt:1: expected 'wav_path\|text'"),
-    (["u0.wav|"], ValueError, r"list\.txt:1: empty text"),
-    ([""], ValueError, r"list\.txt: the filelist has no utterances"),
-])
+@pytest.mark.parametrize(
+    "lines,error,match",
+    [
+        (
+            ["u0.wav|ab", "missing.wav|ab"],
+            FileNotFoundError,
+            r"list\.txt:2: wav file not found: .*missing\.wav",
+        ),
+        (["u0.wav|a7"], ValueError, r"list\.txt:1: unknown symbol '7'"),
+        (["u0.wav|ab", "u1.wav|1|ab"], ValueError, r"list\.txt:2: 3 fields where earlier lines have 2"),
+        (["u0.wav|x|ab"], ValueError, r"list\.txt:1: speaker id must be"),
+        (["u0.wav"], ValueError, r"list\.txt:1: expected 'wav_path\|text'"),
+        (["u0.wav|"], ValueError, r"list\.txt:1: empty text"),
+        ([""], ValueError, r"list\.txt: the filelist has no utterances"),
+    ],
+)
 def test_bad_corpus_lines_name_file_and_line(tmp_path, lines, error, match):
     filelist = make_corpus(tmp_path, lines)
     with pytest.raises(error, match=match):
@@ -140,8 +155,17 @@ def test_bad_corpus_lines_name_file_and_line(tmp_path, lines, error, match):
 
 def test_wrong_rate_names_line_and_config_from_vits(tmp_path):
     filelist = make_corpus(tmp_path, ["u0.wav|ab"])
-    config = SpeechConfig.from_vits_config({"data": {"sampling_rate": 22050, "filter_length": 256,
-                                                     "hop_length": 64, "win_length": 256, "add_blank": False}})
+    config = SpeechConfig.from_vits_config(
+        {
+            "data": {
+                "sampling_rate": 22050,
+                "filter_length": 256,
+                "hop_length": 64,
+                "win_length": 256,
+                "add_blank": False,
+            }
+        }
+    )
     assert config.n_freq == 129 and not config.add_blank and config.symbols == VITS_SYMBOLS
     with pytest.raises(ValueError, match=r"list\.txt:1: .*u0\.wav: sampling rate 8000 Hz"):
         list(speech_batches(open_corpus(filelist, tmp_path), config, batch_size=1))

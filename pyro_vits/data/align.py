@@ -34,8 +34,11 @@ def _forward_pass(value: np.ndarray, t_spec: np.ndarray, t_text: np.ndarray) -> 
     x = np.arange(tokens)
     for y in range(frames):
         # band of row y: max(0, t_text + y - t_spec) <= x < min(t_text, y + 1), only for rows y < t_spec
-        band = ((x >= np.maximum(0, t_text + y - t_spec)[:, None]) & (x < np.minimum(t_text, y + 1)[:, None])
-                & (y < t_spec)[:, None])
+        band = (
+            (x >= np.maximum(0, t_text + y - t_spec)[:, None])
+            & (x < np.minimum(t_text, y + 1)[:, None])
+            & (y < t_spec)[:, None]
+        )
         if y == 0:
             v_prev = np.where(x == 0, np.float32(0.0), _MAX_NEG_VAL)[None, :]
             v_cur = np.full((1, tokens), _MAX_NEG_VAL, dtype=np.float32)
@@ -85,8 +88,10 @@ def maximum_path(neg_cent: Tensor, mask: Tensor) -> Tensor:
     bad = np.flatnonzero((t_text < 1) | (t_text > t_spec))
     if bad.size:
         b = int(bad[0])
-        raise ValueError(f"utterance {b} of the batch has {int(t_text[b])} text tokens for {int(t_spec[b])} "
-                         "frames: a monotonic alignment needs 1 <= tokens <= frames")
+        raise ValueError(
+            f"utterance {b} of the batch has {int(t_text[b])} text tokens for {int(t_spec[b])} "
+            "frames: a monotonic alignment needs 1 <= tokens <= frames"
+        )
     _forward_pass(scores, t_spec, t_text)
     path = _backtrack(scores, t_spec, t_text)
     return torch.from_numpy(path).to(device=neg_cent.device, dtype=neg_cent.dtype)
@@ -100,8 +105,10 @@ def neg_cent(z_p: Tensor, m_p: Tensor, logs_p: Tensor) -> Tensor:
         if not isinstance(value, Tensor) or value.dim() != 3:
             raise ValueError(f"{name} must be a (B, C, T) Tensor, got {getattr(value, 'shape', value)!r}")
     if m_p.shape != logs_p.shape or m_p.shape[:2] != z_p.shape[:2]:
-        raise ValueError(f"m_p and logs_p must have shape (B, C, T_text) with (B, C) = {tuple(z_p.shape[:2])} "
-                         f"of z_p, got {tuple(m_p.shape)} and {tuple(logs_p.shape)}")
+        raise ValueError(
+            f"m_p and logs_p must have shape (B, C, T_text) with (B, C) = {tuple(z_p.shape[:2])} "
+            f"of z_p, got {tuple(m_p.shape)} and {tuple(logs_p.shape)}"
+        )
     with torch.no_grad():
         s_p_sq_r = torch.exp(-2 * logs_p)
         const = torch.sum(-0.5 * math.log(2 * math.pi) - logs_p, [1], keepdim=True)

@@ -74,8 +74,10 @@ def cleaned_text_to_sequence(cleaned_text: str, symbols: Sequence[str] = VITS_SY
     except KeyError:
         pos = next(i for i, ch in enumerate(cleaned_text) if ch not in table)
         ch = cleaned_text[pos]
-        raise ValueError(f"unknown symbol {ch!r} (U+{ord(ch):04X}) at character {pos} of the text; the symbol "
-                         f"table has {len(table)} symbols") from None
+        raise ValueError(
+            f"unknown symbol {ch!r} (U+{ord(ch):04X}) at character {pos} of the text; the symbol "
+            f"table has {len(table)} symbols"
+        ) from None
 
 
 def intersperse(sequence: Sequence[int], item: int = 0) -> list[int]:
@@ -96,7 +98,9 @@ def linear_spectrogram(wav: Tensor, n_fft: int, hop_length: int, win_length: int
     if not isinstance(wav, Tensor) or not wav.is_floating_point() or wav.dim() < 1:
         raise TypeError(f"wav must be a floating Tensor of shape (..., samples), got {wav!r:.80}")
     if win_length > n_fft or hop_length > n_fft:
-        raise ValueError(f"win_length and hop_length must be <= n_fft={n_fft}, got {win_length}, {hop_length}")
+        raise ValueError(
+            f"win_length and hop_length must be <= n_fft={n_fft}, got {win_length}, {hop_length}"
+        )
     pad = (n_fft - hop_length) // 2
     samples = wav.shape[-1]
     if samples + 2 * pad < n_fft or samples <= pad:
@@ -104,8 +108,17 @@ def linear_spectrogram(wav: Tensor, n_fft: int, hop_length: int, win_length: int
     flat = wav.reshape(-1, 1, samples)
     flat = F.pad(flat, (pad, pad), mode="reflect").squeeze(1)
     window = torch.hann_window(win_length, dtype=wav.dtype, device=wav.device)
-    stft = torch.stft(flat, n_fft, hop_length=hop_length, win_length=win_length, window=window, center=False,
-                      normalized=False, onesided=True, return_complex=True)
+    stft = torch.stft(
+        flat,
+        n_fft,
+        hop_length=hop_length,
+        win_length=win_length,
+        window=window,
+        center=False,
+        normalized=False,
+        onesided=True,
+        return_complex=True,
+    )
     spec = torch.sqrt(stft.real.pow(2) + stft.imag.pow(2) + 1e-6)
     return spec.reshape(wav.shape[:-1] + spec.shape[-2:])
 
@@ -132,8 +145,10 @@ def read_wav(path: str | Path, sampling_rate: int, resample: bool = False) -> Te
     audio = audio[:, 0]
     if rate != sampling_rate:
         if not resample:
-            raise ValueError(f"{path}: sampling rate {rate} Hz, the config expects {sampling_rate} Hz "
-                             "(resample the corpus, or ask for resampling)")
+            raise ValueError(
+                f"{path}: sampling rate {rate} Hz, the config expects {sampling_rate} Hz "
+                "(resample the corpus, or ask for resampling)"
+            )
         from scipy.signal import resample_poly
 
         g = math.gcd(rate, sampling_rate)
@@ -175,7 +190,9 @@ def read_filelist(path: str | Path, data_root: str | Path | None = None) -> Iter
     for number, line in _lines(path):
         fields, source = line.split("|"), f"{path}:{number}"
         if len(fields) not in (2, 3) or not fields[0].strip():
-            raise ValueError(f"{source}: expected 'wav_path|text' or 'wav_path|speaker_id|text', got {line!r:.80}")
+            raise ValueError(
+                f"{source}: expected 'wav_path|text' or 'wav_path|speaker_id|text', got {line!r:.80}"
+            )
         if n_fields is not None and len(fields) != n_fields:
             raise ValueError(f"{source}: {len(fields)} fields where earlier lines have {n_fields}")
         n_fields = len(fields)
@@ -203,7 +220,9 @@ def read_ljspeech(folder: str | Path) -> Iterator[Utterance]:
         if len(fields) not in (2, 3) or not fields[0].strip():
             raise ValueError(f"{metadata}:{number}: expected 'id|text|normalized text', got {line!r:.80}")
         count += 1
-        yield Utterance(folder / "wavs" / f"{fields[0].strip()}.wav", fields[-1], None, f"{metadata}:{number}")
+        yield Utterance(
+            folder / "wavs" / f"{fields[0].strip()}.wav", fields[-1], None, f"{metadata}:{number}"
+        )
     if count == 0:
         raise ValueError(f"{metadata}: no utterances")
 
@@ -237,8 +256,12 @@ class SpeechConfig:
     resample: bool = False
 
     def __post_init__(self) -> None:
-        check_positive_ints(sampling_rate=self.sampling_rate, filter_length=self.filter_length,
-                            hop_length=self.hop_length, win_length=self.win_length)
+        check_positive_ints(
+            sampling_rate=self.sampling_rate,
+            filter_length=self.filter_length,
+            hop_length=self.hop_length,
+            win_length=self.win_length,
+        )
         if not self.symbols or not all(isinstance(s, str) for s in self.symbols):
             raise ValueError("symbols must be a non-empty sequence of strings")
 
@@ -258,8 +281,12 @@ class SpeechConfig:
         if missing:
             raise ValueError(f"config 'data' section lacks {missing}")
         symbols = config.get("symbols", VITS_SYMBOLS)
-        return cls(**{k: data[k] for k in keys}, add_blank=bool(data.get("add_blank", True)),
-                   symbols=tuple(symbols), resample=resample)
+        return cls(
+            **{k: data[k] for k in keys},
+            add_blank=bool(data.get("add_blank", True)),
+            symbols=tuple(symbols),
+            resample=resample,
+        )
 
 
 @dataclass
@@ -276,9 +303,14 @@ class SpeechBatch:
     sources: tuple[str, ...]
 
     def to(self, device: torch.device | str) -> SpeechBatch:
-        return SpeechBatch(self.text.to(device), self.text_lengths.to(device), self.spec.to(device),
-                           self.spec_lengths.to(device),
-                           None if self.speakers is None else self.speakers.to(device), self.sources)
+        return SpeechBatch(
+            self.text.to(device),
+            self.text_lengths.to(device),
+            self.spec.to(device),
+            self.spec_lengths.to(device),
+            None if self.speakers is None else self.speakers.to(device),
+            self.sources,
+        )
 
     def __len__(self) -> int:
         return len(self.sources)
