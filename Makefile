@@ -6,7 +6,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 ARGS ?=
 
-.PHONY: install test run clean
+.PHONY: install test run clean test-latest test-matrix
 
 install: $(VENV)/.installed
 
@@ -19,11 +19,23 @@ $(VENV)/.installed: pyproject.toml
 test: install
 	$(BIN)/python -m pytest -q
 
+# The second leg of the test matrix: the newest installed Python >= 3.12 (scripts/newest-python.sh fails loudly
+# when there is none), in its own venv, where pip resolves ArviZ 1.x; the leg checks that it really got 1.x.
+LATEST_VENV ?= .venv-latest
+
+test-latest:
+	py="$$(scripts/newest-python.sh)" && $(MAKE) install PYTHON="$$py" VENV=$(LATEST_VENV)
+	$(LATEST_VENV)/bin/python -c "import arviz, sys; v = arviz.__version__; print('leg 2: Python', sys.version.split()[0], 'ArviZ', v); sys.exit(int(v.split('.')[0]) < 1)"
+	$(LATEST_VENV)/bin/python -m pytest -q
+
+# Both legs CI runs: Python 3.11 + ArviZ 0.2x (make test), newest Python >= 3.12 + ArviZ 1.x (make test-latest).
+test-matrix: test test-latest
+
 run: install
 	$(BIN)/python examples/fit_vits_prior.py $(ARGS)
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) $(LATEST_VENV) .pytest_cache
 
 # The KL-estimator study's documentation numbers and figures (docs/results.json, docs/figures/*.png,
 # docs/tables/*.md, docs/kl_estimators.md rendered from docs/kl_estimators.template.md). CPU, reproducible.

@@ -34,6 +34,7 @@ __all__ = [
     "rhat",
     "mcse",
     "summary",
+    "psis",
     "psis_khat",
 ]
 
@@ -152,15 +153,48 @@ def summary(data: xr.Dataset) -> pd.DataFrame:
         return az.summary(data, round_to="none")
 
 
-def psis_khat(log_weights: np.ndarray) -> np.ndarray:
-    """Pareto k-hat of importance log-weights ``(..., S)`` (last dim = samples) -> ``(...)``."""
+MIN_PSIS_SAMPLES = 30
+"""Fewest importance samples for which both ArviZ versions fit the Pareto tail (6 tail draws = S/5; with 5,
+ArviZ 1.x's tail fit returns NaN because its first-quartile draw is the tail minimum)."""
+
+
+def _log_normalise(log_weights: np.ndarray) -> np.ndarray:
+    top = log_weights.max(axis=-1, keepdims=True)
+    return log_weights - (top + np.log(np.exp(log_weights - top).sum(axis=-1, keepdims=True)))
+
+
+def psis(log_weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Pareto-smoothed importance sampling of log-weights ``(..., S)`` (last dim = samples).
+
+    Returns ``(smoothed log-weights (..., S) normalised to logsumexp 0 over S, Pareto k-hat (...))``.
+    ArviZ 0.2x: ``arviz.psislw(log_weights)``. ArviZ 1.x: ``arviz_stats.base.array_stats.psislw``, whose
+    argument is a log-likelihood (it smooths the ratios ``exp(-ary)``, the PSIS-LOO convention), so it is given
+    ``-log_weights``. Both fit a generalised Pareto tail to the largest ~``min(S/5, 3 sqrt(S))`` weights (0.2x
+    rounds that count up, 1.x down) with different tail-fit priors: on S = 2000 draws their k-hat agree within
+    0.025 (tests/test_arviz_compat.py); at small S (tens of draws) they can differ by ~0.1.
+    With fewer than :data:`MIN_PSIS_SAMPLES` samples the tail has < 6 weights and cannot be fitted: the weights
+    come back normalised but unsmoothed and k-hat is ``inf`` (ArviZ 0.2x's convention for a too-short tail; 1.x raises or gives NaN).
+    """
     log_weights = np.asarray(log_weights, dtype=np.float64)
     if log_weights.ndim < 1 or log_weights.shape[-1] < 5:
         raise ValueError(f"log_weights must have shape (..., S) with S >= 5, got {log_weights.shape}")
-    if hasattr(az, "psislw"):
-        _, khat = az.psislw(log_weights)
-    else:  # arviz 1.x keeps PSIS in arviz_stats
-        from arviz_stats import psislw  # type: ignore[import-not-found]
+    if not np.all(np.isfinite(log_weights)):
+        raise ValueError("log_weights must be finite")
+    if log_weights.shape[-1] < MIN_PSIS_SAMPLES:  # too few weights to fit a tail
+        return _log_normalise(log_weights), np.full(log_weights.shape[:-1], np.inf)
+    if ARVIZ_MAJOR < 1:
+        smoothed, khat = az.psislw(log_weights)
+    else:
+        from arviz_stats.base import array_stats  # type: ignore[import-not-found]
 
-        _, khat = psislw(xr.DataArray(log_weights, dims=[f"d{i}" for i in range(log_weights.ndim - 1)] + ["__sample__"]))
-    return np.asarray(khat, dtype=np.float64)
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            smoothed, khat = array_stats.psislw(-log_weights, r_eff=1, axis=-1)
+        # 1.x's tail fit gives NaN when the tail weights, divided by the largest, collapse onto their minimum
+        # (first quartile == minimum): one weight dominates, the worst case, reported as inf (k-hat > 0.7 "bad")
+        khat = np.where(np.isnan(khat), np.inf, khat)
+    return _log_normalise(np.asarray(smoothed, dtype=np.float64)), np.asarray(khat, dtype=np.float64)
+
+
+def psis_khat(log_weights: np.ndarray) -> np.ndarray:
+    """Pareto k-hat of importance log-weights ``(..., S)`` (last dim = samples) -> ``(...)``."""
+    return psis(log_weights)[1]
