@@ -32,7 +32,7 @@ test-latest:
 test-matrix: test test-latest
 
 run: install
-	$(BIN)/python examples/fit_vits_prior.py $(ARGS)
+	$(BIN)/pyro-vits fit $(ARGS)
 
 clean:
 	rm -rf $(VENV) $(LATEST_VENV) .pytest_cache
@@ -42,6 +42,11 @@ clean:
 .PHONY: docs
 docs: install
 	$(BIN)/python examples/compare_kl_estimators.py --preset docs --device cpu --out runs/kl-study-docs --docs docs
+
+# docs/api.md from the docstrings (tests/test_architecture.py fails when the committed page is stale).
+.PHONY: docs-api
+docs-api: install
+	$(BIN)/python scripts/gen_api.py
 
 # A synthesised speech corpus (LJSpeech layout + VITS filelists) in $(SPEECH_CORPUS): espeak-ng voices reading
 # the sentences of Debian's fortunes-min; both come from apt (installed here when missing, needs root).

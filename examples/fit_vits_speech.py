@@ -16,7 +16,8 @@ import json
 from pyro_vits.apps.fit_speech import PRESETS, build_pair, read_corpus
 from pyro_vits.data.speech import SpeechConfig
 from pyro_vits.model import evaluate
-from pyro_vits.train import fit, make_elbo
+from pyro_vits.elbo import make_elbo
+from pyro_vits.train import fit
 from pyro_vits.vits_export import export_vits_generator
 
 

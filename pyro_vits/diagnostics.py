@@ -23,6 +23,7 @@ from torch import Tensor
 
 from . import _arviz_compat
 from ._validate import check_positive_ints
+from .train import rundir
 
 __all__ = [
     "GradientStats",
@@ -330,16 +331,17 @@ def write_run_inference_data(
     """Write ``run_dir/inference_data.nc`` and ``run_dir/summary.{csv,md}`` for a finished
     :func:`~pyro_vits.train.fit` run (``config.json`` and ``metrics.jsonl`` in ``run_dir``).
 
-    ``data`` is a :class:`~pyro_vits.model.Batch`; its first ``max_utterances`` utterances get
+    ``data`` is a :class:`~pyro_vits.data.batch.Batch`; its first ``max_utterances`` utterances get
     ``num_samples`` guide draws of ``z`` in ``posterior`` (one chain; dims ``utterance, channel, frame``),
     their ``x``/``mask`` in ``observed_data`` and their PSIS k-hats in the ``psis_khat`` attribute. The
     logged metrics are ``sample_stats`` (one chain, draws = logged steps); the summary covers the last half
     of the logged steps. Returns the path of the netCDF file.
     """
     run_dir = Path(run_dir)
-    metrics_path, config_path = run_dir / "metrics.jsonl", run_dir / "config.json"
+    metrics_path, config_path = run_dir / rundir.METRICS, run_dir / rundir.CONFIG
     if not metrics_path.exists() or not config_path.exists():
-        raise ValueError(f"run_dir must hold config.json and metrics.jsonl from train.fit, got {run_dir}")
+        raise ValueError(f"run_dir must hold {rundir.CONFIG} and {rundir.METRICS} from train.fit, "
+                         f"got {run_dir}")
     check_positive_ints(max_utterances=max_utterances)
     records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
     if not records:
@@ -357,8 +359,8 @@ def write_run_inference_data(
               "mask": ["utterance", "frame"]},
         config={"config": config, "psis_khat": khat.tolist(), "khat_thresholds": list(KHAT_THRESHOLDS)},
     )
-    path = _arviz_compat.save(idata, run_dir / "inference_data.nc")
+    path = _arviz_compat.save(idata, run_dir / rundir.INFERENCE_DATA)
     keys = [k for k in ("elbo_per_frame", "kl_per_frame", "heldout_elbo_per_frame", "heldout_kl_per_frame")
             if k in records[0]]
-    write_summary(summary_table(idata, "sample_stats", 0.5, keys or None), run_dir / "summary")
+    write_summary(summary_table(idata, "sample_stats", 0.5, keys or None), run_dir / rundir.SUMMARY)
     return path

@@ -5,7 +5,9 @@ Launch one process per CPU share or GPU with ``torchrun`` (gloo on CPU, nccl on 
     torchrun --nproc_per_node 2 examples/fit_vits_prior.py --distributed --device cpu
     torchrun --nproc_per_node 2 -m pyro_vits.cli fit --distributed        # the same, as pyro-vits fit
 
-and pass the context to :func:`~pyro_vits.train.fit` (``fit(..., distributed=ctx)``). Every process holds
+and pass the context to :func:`~pyro_vits.train.fit` (``fit(..., distributed=ctx)``):
+:class:`DistributedContext` is the :class:`~pyro_vits.train.parallel.DataParallel` strategy ``fit`` plugs in
+(this module does not import the training loop, nor it this module). Every process holds
 the whole data set and the same model and guide (seeded identically; ``DistributedDataParallel``'s
 constructor broadcasts rank 0's parameters anyway).
 
@@ -59,8 +61,8 @@ from pyro.infer import ELBO
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
-from .model import Batch
-from .train import resolve_device
+from ._device import resolve_device
+from .data.batch import FitData
 
 __all__ = [
     "DataParallelELBO",
@@ -143,7 +145,7 @@ class DistributedContext:
         dist.broadcast_object_list(box, src=src)
         return box[0]
 
-    def data_parallel(self, model: nn.Module, guide: nn.Module, elbo: ELBO, data: Batch,
+    def data_parallel(self, model: nn.Module, guide: nn.Module, elbo: ELBO, data: FitData,
                       batch_size: int | None, seed: int) -> DataParallelELBO:
         """The data-parallel ELBO step for ``model``/``guide`` on ``data`` (see :class:`DataParallelELBO`)."""
         return DataParallelELBO(self, model, guide, elbo, data, batch_size, seed)
@@ -257,7 +259,7 @@ class DataParallelELBO:
     the gradient is the single-process gradient on the combined minibatch.
     """
 
-    def __init__(self, ctx: DistributedContext, model: nn.Module, guide: nn.Module, elbo: ELBO, data: Batch,
+    def __init__(self, ctx: DistributedContext, model: nn.Module, guide: nn.Module, elbo: ELBO, data: FitData,
                  batch_size: int | None, seed: int) -> None:
         combined = data.n if batch_size is None else min(batch_size, data.n)
         if combined < ctx.world_size:
@@ -282,9 +284,9 @@ class DataParallelELBO:
 
     def _shard_indices(self, step: int) -> Tensor:
         ids = minibatch_indices(self.seed, step, self.data.n, self.batch_size)
-        return shard(ids, self.ctx.rank, self.ctx.world_size).to(self.data.x.device)
+        return shard(ids, self.ctx.rank, self.ctx.world_size).to(self.data.device)
 
-    def begin(self, step: int) -> Batch:
+    def begin(self, step: int) -> FitData:
         """Seed this rank's noise for ``step`` and pick its utterances; returns them as a batch (for a
         re-trace of the step by the NaN/Inf guard)."""
         self._idx = self._shard_indices(step)

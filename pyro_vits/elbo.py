@@ -10,6 +10,9 @@ subsampling plates / ``poutine.scale`` and ``vectorize_particles=True/False``.
 - :class:`IWAE_DReG`: the importance-weighted bound (``RenyiELBO(alpha=0)``'s value) with the doubly
   reparameterised gradient (Tucker et al. 2018) for the guide.
 
+:data:`ELBOS` names them (with Pyro's ``Trace_ELBO`` as ``"trace"``) for configs and command lines;
+:func:`make_elbo` builds one by name.
+
 STL and DReG stop the gradient through *all* tensors a guide site's distribution holds, so a structured
 guide whose site parameters depend on upstream latent samples also loses that path (exact for mean-field
 and data-amortised guides such as VITS's posterior encoder).
@@ -26,7 +29,7 @@ import torch
 from pyro.distributions import Independent, MaskedDistribution
 from pyro.distributions.torch_distribution import ExpandedDistribution
 from pyro.distributions.util import is_identically_zero, scale_and_mask, sum_rightmost
-from pyro.infer import RenyiELBO, Trace_ELBO
+from pyro.infer import ELBO, RenyiELBO, Trace_ELBO
 from pyro.infer.trace_elbo import _compute_log_r
 from pyro.infer.util import get_dependent_plate_dims, torch_item
 from pyro.poutine import Trace
@@ -34,7 +37,10 @@ from pyro.util import warn_if_nan
 from torch import Tensor
 from torch.distributions import Distribution, TransformedDistribution
 
-__all__ = ["HybridEntropyELBO", "STL_ELBO", "IWAE_DReG", "analytic_entropy", "detach_distribution"]
+from ._validate import check_positive_ints
+
+__all__ = ["ELBOS", "HybridEntropyELBO", "STL_ELBO", "IWAE_DReG", "analytic_entropy", "detach_distribution",
+           "make_elbo"]
 
 Site = dict[str, Any]
 
@@ -261,3 +267,19 @@ def _plate_sum(sum_dims: list[int]) -> Callable[[Tensor], Tensor]:
 
 def _scale_by(weights: Tensor) -> Callable[[Tensor], Tensor]:
     return lambda grad: grad * weights
+
+
+ELBOS: dict[str, type[ELBO]] = {
+    "trace": Trace_ELBO, "vits": HybridEntropyELBO, "stl": STL_ELBO, "iwae_dreg": IWAE_DReG,
+}
+"""The ELBO classes by name (the KL *estimators* on tensors are :mod:`pyro_vits.estimators`' registry)."""
+
+
+def make_elbo(estimator: str = "trace", particles: int = 1, vectorize: bool = True) -> ELBO:
+    """The ELBO named ``estimator`` (a key of :data:`ELBOS`) with ``particles`` particles per step and
+    ``max_plate_nesting=1``: ``trace`` (``Trace_ELBO``), ``vits`` (:class:`HybridEntropyELBO`, VITS's
+    analytic-entropy estimator), ``stl``, ``iwae_dreg``."""
+    if estimator not in ELBOS:
+        raise ValueError(f"estimator must be one of {tuple(ELBOS)}, got {estimator!r}")
+    check_positive_ints(particles=particles)
+    return ELBOS[estimator](num_particles=particles, vectorize_particles=vectorize, max_plate_nesting=1)

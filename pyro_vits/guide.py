@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from ._validate import check_positive_ints
 from .flows import WN
-from .model import Batch, VITSPriorModel, utterance_plate
+from .data.batch import Batch, utterance_plate
 from .prior import MaskedNormal
 
 __all__ = ["GaussianGuide", "PosteriorEncoder", "LocalGuide", "ObservationGuide"]
@@ -164,9 +164,12 @@ class ObservationGuide(GaussianGuide):
         self.log_sigma = math.log(sigma_x)
 
     @classmethod
-    def for_teacher(cls, teacher: VITSPriorModel) -> ObservationGuide:
-        """The proposal matching ``teacher`` (which must have ``decoder="identity"``)."""
-        if not isinstance(teacher, VITSPriorModel) or teacher.config["decoder"] != "identity":
+    def for_teacher(cls, teacher: nn.Module) -> ObservationGuide:
+        """The proposal matching ``teacher`` (a :class:`~pyro_vits.model.VITSPriorModel` with
+        ``decoder="identity"``)."""
+        config = getattr(teacher, "config", None)
+        if (not isinstance(config, dict) or config.get("decoder") != "identity"
+                or not hasattr(teacher, "sigma_x")):
             raise ValueError("teacher must be a VITSPriorModel with decoder='identity'")
         return cls(teacher.sigma_x)
 

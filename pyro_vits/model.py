@@ -1,4 +1,4 @@
-"""The VITS prior as a Pyro generative model, a synthetic teacher, its data, and an evaluator.
+"""The VITS prior as a Pyro generative model, and an evaluator.
 
 Generative model (one utterance ``n``; latents ``(C, T)``, ``T_n`` valid frames)::
 
@@ -7,14 +7,15 @@ Generative model (one utterance ``n``; latents ``(C, T)``, ``T_n`` valid frames)
 
 ``m_p, logs_p`` stand for the text encoder's (duration-expanded) outputs and are part of the data.
 All ``*_per_frame`` numbers are nats per valid frame with channels summed (VITS's normalisation).
+:class:`~pyro_vits.data.batch.Batch` and the synthetic teacher (:mod:`pyro_vits.data.teacher`) live in
+:mod:`pyro_vits.data`; their names stay importable from here.
 """
 
 from __future__ import annotations
 
-import copy
+import importlib
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import pyro
@@ -24,8 +25,9 @@ from pyro.poutine.util import site_is_subsample
 from torch import Tensor, nn
 
 from ._validate import check_positive_ints
+from .data.batch import Batch, sequence_mask, utterance_plate
 from .flows import ResidualCouplingBlock, flatten_leading
-from .prior import FlowPrior, MaskedNormal, check_mask
+from .prior import FlowPrior, MaskedNormal
 
 __all__ = [
     "Batch",
@@ -38,115 +40,15 @@ __all__ = [
 ]
 
 DECODERS = ("conv1x1", "identity")
+_MOVED = {"make_teacher": "pyro_vits.data.teacher", "sample_dataset": "pyro_vits.data.teacher"}
 
 
-@dataclass
-class Batch:
-    """A padded set of utterances.
-
-    ``x, m_p, logs_p``: ``(N, C, T)``; ``mask``: ``(N, 1, T)`` 0/1 prefix mask; ``lengths``: ``(N,)`` long;
-    ``speaker``: ``(N,)`` long or None; ``index``: ``(N,)`` long ids of the utterances in the dataset they
-    were drawn from (defaults to ``arange(N)``; :class:`~pyro_vits.guide.LocalGuide` indexes by it).
-    """
-
-    x: Tensor
-    m_p: Tensor
-    logs_p: Tensor
-    mask: Tensor
-    lengths: Tensor
-    speaker: Tensor | None = None
-    index: Tensor | None = None
-
-    def __post_init__(self) -> None:
-        for name in ("x", "m_p", "logs_p", "mask", "lengths"):
-            if not isinstance(getattr(self, name), Tensor):
-                raise TypeError(f"{name} must be a Tensor, got {type(getattr(self, name)).__name__}")
-        if self.x.dim() != 3 or not self.x.is_floating_point():
-            raise ValueError(f"x must be a floating (N, C, T) tensor, got {self.x.dtype} "
-                             f"{tuple(self.x.shape)}")
-        n, _, t = self.x.shape
-        for name in ("m_p", "logs_p"):
-            if getattr(self, name).shape != self.x.shape:
-                raise ValueError(f"{name} must have the shape of x {tuple(self.x.shape)}, got "
-                                 f"{tuple(getattr(self, name).shape)}")
-        if self.mask.shape != (n, 1, t):
-            raise ValueError(f"mask must have shape (N={n}, 1, T={t}), got {tuple(self.mask.shape)}")
-        self.mask = check_mask(self.mask, self.x)
-        if self.lengths.shape != (n,) or self.lengths.dtype != torch.long:
-            raise ValueError(f"lengths must be a long tensor of shape ({n},), got {self.lengths.dtype} "
-                             f"{tuple(self.lengths.shape)}")
-        if not torch.equal(self.mask, sequence_mask(self.lengths, t).to(self.mask)):
-            raise ValueError("mask must equal the prefix mask of lengths (frame t is valid iff t < length)")
-        for name in ("speaker", "index"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, Tensor) or value.shape != (n,)
-                                      or value.dtype != torch.long):
-                raise ValueError(f"{name} must be None or a long tensor of shape ({n},), got {value!r}")
-        if self.index is None:
-            self.index = torch.arange(n, device=self.x.device)
-        self.check_finite()
-
-    def check_finite(self, name: str = "batch") -> None:
-        """Raise ValueError if ``x``, ``m_p`` or ``logs_p`` holds NaN/Inf (one fused check; ``name`` labels
-        the batch in the message)."""
-        fields = ("x", "m_p", "logs_p")
-        if bool(torch.stack([torch.isfinite(getattr(self, f)).all() for f in fields]).all()):
-            return
-        for f in fields:
-            bad = ~torch.isfinite(getattr(self, f))
-            if bool(bad.any()):
-                n, c, t = bad.nonzero()[0].tolist()
-                raise ValueError(f"{name}.{f} has {int(bad.sum())} non-finite value(s) (NaN/Inf), the first "
-                                 f"at utterance {n}, channel {c}, frame {t}")
-
-    @property
-    def n(self) -> int:
-        """Number of utterances N."""
-        return self.x.shape[0]
-
-    @property
-    def channels(self) -> int:
-        return self.x.shape[1]
-
-    @property
-    def frames(self) -> int:
-        """Padded length T."""
-        return self.x.shape[2]
-
-    @property
-    def num_frames(self) -> int:
-        """Number of valid frames (synchronises with the device)."""
-        return int(self.lengths.sum())
-
-    def _derive(self, fn: Callable[[Tensor], Tensor]) -> Batch:
-        """Apply ``fn`` to every tensor field, skipping validation (the result derives from a valid batch)."""
-        new = copy.copy(self)
-        for name in ("x", "m_p", "logs_p", "mask", "lengths", "speaker", "index"):
-            value = getattr(self, name)
-            setattr(new, name, None if value is None else fn(value))
-        return new
-
-    def to(self, device: torch.device | str) -> Batch:
-        return self._derive(lambda t: t.to(device))
-
-    def subset(self, idx: Tensor) -> Batch:
-        """Utterances ``idx`` (``(B,)`` long, positions in this batch); ``index`` keeps the dataset ids."""
-        return self._derive(lambda t: t[idx])
-
-
-def sequence_mask(lengths: Tensor, frames: int) -> Tensor:
-    """``(N,)`` lengths -> ``(N, 1, T)`` float mask, 1 where ``t < length``."""
-    return (torch.arange(frames, device=lengths.device) < lengths[:, None]).unsqueeze(1).float()
-
-
-def utterance_plate(
-    batch: Batch, subsample_size: int | None = None, subsample: Tensor | None = None
-) -> pyro.plate:
-    """The ``"utterances"`` plate (dim -1) over ``batch.n``, shared by the model and every guide."""
-    return pyro.plate(
-        "utterances", batch.n, subsample_size=subsample_size, subsample=subsample, dim=-1,
-        device=batch.x.device,
-    )
+def __getattr__(name: str) -> Any:
+    """``make_teacher``/``sample_dataset`` from :mod:`pyro_vits.data.teacher`, which builds on this module
+    (so it is imported on first use, not here)."""
+    if name in _MOVED:
+        return getattr(importlib.import_module(_MOVED[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class VITSPriorModel(nn.Module):
@@ -248,87 +150,6 @@ class VITSPriorModel(nn.Module):
             z = pyro.sample("z", self.prior(sub))
             pyro.sample("x", self.likelihood(z, sub), obs=sub.x)
         return z
-
-
-def make_teacher(
-    channels: int,
-    hidden_channels: int,
-    kernel_size: int = 5,
-    dilation_rate: int = 1,
-    n_layers: int = 2,
-    n_flows: int = 4,
-    *,
-    n_speakers: int = 0,
-    gin_channels: int = 0,
-    mean_only: bool = True,
-    sigma_x: float = 0.1,
-    post_std: float = 2.0,
-    seed: int = 0,
-) -> VITSPriorModel:
-    """A frozen random :class:`VITSPriorModel` with an identity decoder to generate data from.
-
-    VITS zero-initialises each coupling's ``post`` conv (identity flow, Gaussian prior); here its weights
-    are ``N(0, (post_std / sqrt(hidden))^2)`` (the log-scale half of affine couplings 4x smaller, for
-    stability), so each coupling shifts by O(``post_std``) nonlinearly and the prior is clearly
-    non-Gaussian. Built under ``seed`` without touching the global RNG; parameters have no gradients.
-    """
-    if not post_std > 0:
-        raise ValueError(f"post_std must be positive, got {post_std!r}")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        teacher = VITSPriorModel(
-            channels, hidden_channels, kernel_size, dilation_rate, n_layers, n_flows, n_speakers=n_speakers,
-            gin_channels=gin_channels, mean_only=mean_only, sigma_x=sigma_x, decoder="identity",
-            name="teacher",
-        )
-        with torch.no_grad():
-            for layer in teacher.flow.flows[::2]:
-                std = torch.full((layer.post.out_channels, 1, 1), post_std / math.sqrt(hidden_channels))
-                std[layer.half_channels:] /= 4
-                layer.post.weight.normal_().mul_(std)
-                layer.post.bias.normal_().mul_(std[:, 0, 0])
-    return teacher.requires_grad_(False).eval()
-
-
-def sample_dataset(
-    teacher: VITSPriorModel,
-    n: int,
-    frames: int,
-    *,
-    seed: int,
-    min_frames: int | None = None,
-    phone_frames: float = 4.0,
-) -> Batch:
-    """Draw ``n`` utterances of at most ``frames`` frames from ``teacher``'s joint.
-
-    Lengths are uniform on ``[min_frames, frames]`` (default ``frames // 2``, at least 1). ``m_p, logs_p``
-    mimic VITS's duration-expanded text encoder: piecewise constant over "phones" of geometric length (mean
-    ``phone_frames``), ``m_p ~ N(0, 1)``, ``logs_p ~ U[-0.5, 0.5]`` per phone and channel. Then
-    ``z ~ p_teacher(z)``, ``x = dec(z) + sigma_x * eps``; padded frames of every field are exactly 0.
-    Uses ``seed`` without touching the global RNG; tensors are on the teacher's device and dtype.
-    """
-    min_frames = max(1, frames // 2) if min_frames is None else min_frames
-    check_positive_ints(n=n)
-    if not (isinstance(frames, int) and isinstance(min_frames, int) and 1 <= min_frames <= frames):
-        raise ValueError(f"need 1 <= min_frames <= frames, got min_frames={min_frames!r}, frames={frames!r}")
-    if not phone_frames >= 1:
-        raise ValueError(f"phone_frames must be >= 1, got {phone_frames!r}")
-    param = next(teacher.parameters())
-    device, dtype, c = param.device, param.dtype, teacher.channels
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
-        torch.manual_seed(seed)
-        lengths = torch.randint(min_frames, frames + 1, (n,), device=device)
-        mask = sequence_mask(lengths, frames).to(dtype)
-        new_phone = torch.rand(n, 1, frames, device=device) < 1.0 / phone_frames
-        new_phone[..., 0] = False
-        phone = new_phone.cumsum(-1).expand(n, c, frames)
-        m_p = torch.randn(n, c, frames, device=device, dtype=dtype).gather(-1, phone) * mask
-        logs_p = (torch.rand(n, c, frames, device=device, dtype=dtype) - 0.5).gather(-1, phone) * mask
-        speaker = torch.randint(teacher.n_speakers, (n,), device=device) if teacher.n_speakers else None
-        data = Batch(torch.zeros_like(m_p), m_p, logs_p, mask, lengths, speaker)
-        z = teacher.prior(data).sample()
-        data.x = teacher.likelihood(z, data).sample()
-    return data
 
 
 def _vectorised(fn: Callable[..., Any], num_samples: int) -> Callable[..., Any]:

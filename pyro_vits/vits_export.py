@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from torch import Tensor, nn
 from .data.speech import SpeechConfig
 from .guide import PosteriorEncoder
 from .speech_model import SpeechModel
+from .train.rundir import atomic_write
 
 __all__ = ["vits_generator_state", "vits_config", "export_vits_generator"]
 
@@ -102,17 +102,6 @@ def vits_config(model: SpeechModel, guide: PosteriorEncoder, speech: SpeechConfi
     }
 
 
-def _atomic(path: Path, write: Any, mode: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, mode) as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def export_vits_generator(model: SpeechModel, guide: PosteriorEncoder, speech: SpeechConfig,
                           out_dir: str | os.PathLike, step: int,
                           train: Mapping[str, Any] | None = None) -> Path:
@@ -125,6 +114,6 @@ def export_vits_generator(model: SpeechModel, guide: PosteriorEncoder, speech: S
     checkpoint = {"model": vits_generator_state(model, guide), "iteration": step}
     config = vits_config(model, guide, speech, train)
     path = folder / f"G_{step}.pth"
-    _atomic(path, lambda f: torch.save(checkpoint, f), "wb")
-    _atomic(folder / "config.json", lambda f: json.dump(config, f, indent=2), "w")
+    atomic_write(path, lambda f: torch.save(checkpoint, f), "wb")
+    atomic_write(folder / "config.json", lambda f: json.dump(config, f, indent=2))
     return path

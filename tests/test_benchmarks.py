@@ -41,6 +41,7 @@ def _finite_positive(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
 
 
+@pytest.mark.slow
 def test_quick_run_writes_complete_json(tmp_path):
     out = tmp_path / "cpu.json"
     proc = subprocess.run(

@@ -20,7 +20,8 @@ from torch import nn
 from pyro_vits.guide import PosteriorEncoder
 from pyro_vits.model import VITSPriorModel, make_teacher, sample_dataset, utterance_plate
 from pyro_vits.prior import MaskedNormal
-from pyro_vits.train import NonFiniteError, _grads_finite, fit, load_checkpoint
+from pyro_vits.train import NonFiniteError, fit, load_checkpoint
+from pyro_vits.train.guard import grads_finite as _grads_finite
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -173,6 +174,7 @@ KILL_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_killed_during_a_checkpoint_write_keeps_the_previous_checkpoint(data, tmp_path):
     out = tmp_path / "run"
     env = dict(os.environ, OMP_NUM_THREADS="1")

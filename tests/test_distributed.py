@@ -233,6 +233,7 @@ def test_unsupported_setups_are_refused_before_any_collective():
     pyro.clear_param_store()
 
 
+@pytest.mark.slow
 def test_first_step_gradient_equals_the_single_process_gradient(ranks):
     _, results = ranks
     losses, grads, _ = reference_training()
@@ -244,6 +245,7 @@ def test_first_step_gradient_equals_the_single_process_gradient(ranks):
     assert all(r["store_is_module"] for r in results)  # the param store holds the DDP-synced tensors
 
 
+@pytest.mark.slow
 def test_training_keeps_ranks_identical_and_matches_one_process(ranks):
     _, results = ranks
     losses, _, reference = reference_training()
@@ -260,6 +262,7 @@ def test_training_keeps_ranks_identical_and_matches_one_process(ranks):
         assert torch.equal(results[0]["resumed_state"][name], value), name
 
 
+@pytest.mark.slow
 def test_rank_zero_alone_writes_the_run_folder(ranks):
     tmp, results = ranks
     run = tmp / "run"
@@ -277,12 +280,13 @@ def test_rank_zero_alone_writes_the_run_folder(ranks):
         assert torch.equal(value, results[1]["state"][f"model.{name}"]), name
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(sys.platform == "win32", reason="torchrun's gloo needs a POSIX host")
 def test_example_under_torchrun(tmp_path):
     out = tmp_path / "run"
     torchrun = Path(sys.executable).with_name("torchrun")
     command = [str(torchrun), "--nproc_per_node", "2", "--master_port", str(_free_port()),
-               str(REPO / "examples" / "fit_vits_prior.py"), "--distributed", "--device", "cpu",
+               "-m", "pyro_vits.cli", "fit", "--distributed", "--device", "cpu",
                *"--steps 6 --log-every 3 --n-train 16 --batch-size 6 --n-heldout 4 --channels 4 --hidden 8 "
                 "--frames 12 --n-flows 2 --enc-layers 2 --eval-samples 2 --teacher-samples 4".split(),
                "--no-progress", "--out", str(out)]

@@ -30,7 +30,7 @@ from pyro_vits.study import (
     training_data,
 )
 
-pytestmark = pytest.mark.usefixtures("single_thread")
+pytestmark = [pytest.mark.usefixtures("single_thread"), pytest.mark.slow]
 QUICK = PRESETS["quick"]
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "compare_kl_estimators.py"
 

@@ -194,6 +194,7 @@ def test_unknown_estimator_nan_policy_and_device_cli(capsys):
             in cli_error(capsys, "--device", "tpu"))
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_cuda_without_cuda_cli_exits_2_without_traceback(capsys):
     assert f"argument --device: {NO_CUDA}" in cli_error(capsys, "--device", "cuda")

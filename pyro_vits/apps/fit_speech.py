@@ -29,7 +29,8 @@ from . import run_main
 from ..data.speech import VITS_SYMBOLS, SpeechConfig, read_ljspeech
 from ..data.speech_data import SpeechData, load_speech_data
 from ..speech_model import SpeechModel, speech_model_and_guide
-from ..train import ESTIMATORS, fit, make_elbo
+from ..elbo import ELBOS, make_elbo
+from ..train import fit
 from ..vits_export import export_vits_generator
 
 __all__ = ["PRESETS", "SIZE_KEYS", "SpeechCorpus", "build_parser", "main", "read_corpus", "build_pair"]
@@ -106,7 +107,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--preset", choices=tuple(PRESETS), default=None,
                    help="sizes and schedule (default: vits on CUDA, else cpu)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:<i> or auto")
-    p.add_argument("--elbo", choices=tuple(ESTIMATORS), default="vits",
+    p.add_argument("--elbo", choices=tuple(ELBOS), default="vits",
                    help="ELBO estimator (vits: VITS's analytic-entropy KL)")
     p.add_argument("--particles", type=int, default=1, help="K guide draws per step (vectorised)")
     p.add_argument("--affine", action="store_true", help="affine couplings (VITS: mean-only)")

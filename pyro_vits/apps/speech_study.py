@@ -28,7 +28,7 @@ from ..data.speech import SpeechConfig
 from ..model import evaluate
 from ..speech_study import (VARIANTS, negative_kl_fraction, paired_difference, reconstruction_error_db,
                             summarise, variant_elbo)
-from ..train import _atomic_write as atomic_write
+from ..train.rundir import atomic_write
 from ..train import fit
 
 __all__ = ["build_parser", "main", "run_variant", "render"]
