@@ -43,7 +43,7 @@ def main() -> None:
           f"{0 if corpus.heldout is None else corpus.heldout.n} held out, {corpus.n_speakers} speakers")
 
     # 2. Model p(z | text) p(x | z) and guide q(z | spectrogram): VITS's enc_p + flow, and enc_q.
-    model, guide = build_pair(preset, speech, corpus.n_speakers)
+    model, guide = build_pair(preset, speech, corpus.n_speakers, seed=args.seed)
 
     # 3. SVI with VITS's estimator (analytic entropy of q, one draw for the flow prior).
     result = fit(model, guide, corpus.train, steps=steps, elbo=make_elbo("vits", 1), lr=preset["lr"],

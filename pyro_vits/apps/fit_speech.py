@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from . import run_main
 from ..data.speech import VITS_SYMBOLS, SpeechConfig, read_ljspeech
 from ..data.speech_data import SpeechData, load_speech_data
@@ -91,13 +93,16 @@ def read_corpus(folder: str | Path, speech: SpeechConfig, *, max_utterances: int
     return SpeechCorpus(train, heldout, speech, n_speakers)
 
 
-def build_pair(sizes: dict[str, Any], speech: SpeechConfig, n_speakers: int, mean_only: bool = True
-               ) -> tuple[SpeechModel, Any]:
-    """Model and guide of the given ``sizes`` (:data:`SIZE_KEYS`) for ``speech``'s spectrogram."""
+def build_pair(sizes: dict[str, Any], speech: SpeechConfig, n_speakers: int, mean_only: bool = True,
+               seed: int = 0) -> tuple[SpeechModel, Any]:
+    """Model and guide of the given ``sizes`` (:data:`SIZE_KEYS`) for ``speech``'s spectrogram, initialised
+    from ``seed`` (the global random state is left as it was)."""
     kwargs = {k: sizes[k] for k in SIZE_KEYS if k not in ("guide_layers", "gin_channels")}
-    return speech_model_and_guide(
-        len(VITS_SYMBOLS), speech.n_freq, guide_layers=sizes["guide_layers"], mean_only=mean_only,
-        n_speakers=n_speakers, gin_channels=sizes["gin_channels"] if n_speakers else 0, **kwargs)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return speech_model_and_guide(
+            len(VITS_SYMBOLS), speech.n_freq, guide_layers=sizes["guide_layers"], mean_only=mean_only,
+            n_speakers=n_speakers, gin_channels=sizes["gin_channels"] if n_speakers else 0, **kwargs)
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
@@ -141,7 +146,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                           add_blank=not args.no_add_blank)
     corpus = read_corpus(args.corpus, speech, max_utterances=s["max_utterances"], max_frames=s["max_frames"],
                          heldout_size=s["heldout_size"], speakers=not args.single_speaker)
-    model, guide = build_pair(s, speech, corpus.n_speakers, mean_only=not args.affine)
+    model, guide = build_pair(s, speech, corpus.n_speakers, mean_only=not args.affine, seed=args.seed)
     extra = dict(corpus=str(args.corpus), settings=s, speech=dict(
         sampling_rate=speech.sampling_rate, n_fft=speech.filter_length, hop_length=speech.hop_length,
         add_blank=speech.add_blank))

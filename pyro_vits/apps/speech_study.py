@@ -65,7 +65,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
 def run_variant(corpus: SpeechCorpus, variant: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
     """Train one variant with one seed; its held-out measures and timing as a flat record."""
     settings = PRESETS["cpu"]
-    model, guide = build_pair(settings, corpus.speech, corpus.n_speakers)
+    model, guide = build_pair(settings, corpus.speech, corpus.n_speakers, seed=seed)
     elbo = variant_elbo(variant)
     start = time.perf_counter()
     result = fit(model, guide, corpus.train, steps=args.steps, elbo=elbo, lr=settings["lr"],
