@@ -329,3 +329,17 @@ def test_model_type_checks_batch():
     with pytest.raises(TypeError, match="SpeechData"):
         model("not a batch")
     assert isinstance(model, SpeechModel)
+
+
+def test_build_pair_is_seeded_and_leaves_the_global_rng_alone():
+    from pyro_vits.apps.fit_speech import PRESETS, build_pair
+
+    sizes = dict(PRESETS["cpu"], **SIZES, gin_channels=4)
+    state = torch.get_rng_state()
+    (m1, g1), (m2, g2) = (build_pair(sizes, SPEECH, 2, seed=4) for _ in range(2))
+    assert torch.equal(torch.get_rng_state(), state)
+    for a, b in zip([*m1.parameters(), *g1.parameters()], [*m2.parameters(), *g2.parameters()]):
+        assert torch.equal(a, b)
+    m3, _ = build_pair(sizes, SPEECH, 2, seed=5)
+    assert not torch.equal(m1.enc_p.emb.weight, m3.enc_p.emb.weight)
+    assert g1.emb_g is m1.emb_g
