@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -10,7 +11,10 @@ import pytest
 import torch
 from pyro import poutine
 
+from pyro_vits.apps import run_main
 from pyro_vits.apps.fit_speech import read_corpus
+from pyro_vits.apps.speech_study import main as study_main
+from pyro_vits.apps.speech_study import render
 from pyro_vits.data.speech import VITS_SYMBOLS, SpeechConfig
 from pyro_vits.elbo import HybridEntropyELBO
 from pyro_vits.speech_model import speech_model_and_guide
@@ -114,3 +118,34 @@ def test_t_interval_and_paired_difference():
     assert diff["mean"] == pytest.approx(0.51) and diff["half_width"] < 0.1
     with pytest.raises(ValueError):
         t_interval([1.0])
+
+
+def fake_results():
+    runs = []
+    for seed in (0, 1, 2):
+        for i, variant in enumerate(("vits", "clamp", "abs_elementwise")):
+            runs.append(dict(variant=variant, seed=seed, steps=10, s_per_step=1.0 + i,
+                             heldout_elbo_per_frame=-100.0 - 5 * i - seed, heldout_kl_per_frame=3.0 + i,
+                             heldout_recon_db=10.0, prob_negative_kl=0.0, logged_kl_per_frame=3.0,
+                             logged_kl_sd_per_frame=0.1, training_steps_kl_negative=0 if i == 1 else None))
+    setup = dict(command="python -m pyro_vits.apps.speech_study ...", utc="now", seeds=[0, 1, 2], steps=10,
+                 batch_size=8, negative_batches=4, eval_samples=2, sizes={},
+                 corpus=dict(folder="c", train=5, heldout=2, description="d"))
+    return dict(setup=setup, runs=runs)
+
+
+def test_render_states_the_command_table_and_findings():
+    text = render(fake_results())
+    assert "python -m pyro_vits.apps.speech_study" in text and "| abs_elementwise |" in text
+    assert "negative on 0 of 30 training steps" in text
+    assert "`abs_elementwise`: held-out ELBO differs from `vits` (-10 ± 0 nats/frame)" in text
+
+
+def test_render_only_needs_results(tmp_path, capsys):
+    (tmp_path / "results.json").write_text(json.dumps(fake_results()))
+    assert run_main(study_main, ["--corpus", "x", "--out", str(tmp_path), "--render-only", "--docs",
+                                 str(tmp_path / "docs")]) == 0
+    assert (tmp_path / "docs" / "speech_study.md").read_text().startswith("# The KL-loss variants on speech")
+    capsys.readouterr()
+    assert run_main(study_main, ["--corpus", "x", "--out", str(tmp_path / "none"), "--render-only"]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
