@@ -49,8 +49,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+    args = build_parser(prog).parse_args(argv)
     sentences = read_sentences(args.text, min_chars=args.min_chars, max_chars=args.max_chars)
     voices = [v.strip() for v in args.voices.split(",") if v.strip()]
     summary = build_corpus(
@@ -66,4 +66,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run_main(main, prog="pyro-vits corpus"))
+    sys.exit(run_main(lambda argv: main(argv, prog="pyro-vits corpus"), prog="pyro-vits corpus"))

@@ -139,8 +139,8 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
     return dict(chosen, preset=preset)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+    args = build_parser(prog).parse_args(argv)
     s = _settings(args)
     speech = SpeechConfig(filter_length=s["n_fft"], hop_length=s["hop_length"], win_length=s["n_fft"],
                           add_blank=not args.no_add_blank)
@@ -168,4 +168,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run_main(main, prog="pyro-vits fit-speech"))
+    sys.exit(run_main(lambda argv: main(argv, prog="pyro-vits fit-speech"), prog="pyro-vits fit-speech"))

@@ -205,8 +205,8 @@ def _publish(results: Mapping[str, Any], docs: str | None) -> None:
     print(render(results))
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+    args = build_parser(prog).parse_args(argv)
     if args.render_only:
         path = Path(args.out) / "results.json"
         if not path.is_file():
@@ -233,4 +233,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run_main(main, prog="pyro-vits speech-study"))
+    sys.exit(run_main(lambda argv: main(argv, prog="pyro-vits speech-study"), prog="pyro-vits speech-study"))
