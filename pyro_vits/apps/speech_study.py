@@ -139,7 +139,7 @@ def _findings(runs: Sequence[Mapping[str, Any]], table: Mapping[str, Any]) -> li
         kl = table["vits"]["heldout_kl_per_frame"]["mean"]
         lines.append(f"- Scope: {kl:.3g} nats/frame of KL here, short training and a small latent (see the "
                      "sizes above), far from a converged VITS (about 1 nat/frame over 192 channels, where the "
-                     "logged KL can go negative); what `clamp`/`abs` do there is not measured by this page.")
+                     "logged KL can go negative); what `clamp`/`abs` do there is not measured here.")
     if "vits_k4" in table and "vits" in table:
         ratio = table["vits_k4"]["s_per_step"]["mean"] / table["vits"]["s_per_step"]["mean"]
         lines.append(f"- `vits_k4` cost {ratio:.2g}× the time per step of `vits` on this shared CPU.")
