@@ -13,8 +13,6 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-import torch
-
 from pyro_vits.audit import audit, draw_latents
 from pyro_vits.data.speech import SpeechConfig, open_corpus, speech_batches
 from pyro_vits.estimators import vits_kl
@@ -41,7 +39,7 @@ def main(args: argparse.Namespace) -> dict:
 
     # One batch, one draw of z: the KL value a VITS training step logs for it (with its own alignment).
     batch = next(speech_batches(open_corpus(args.filelist, args.data_root), speech, args.batch_size))
-    latents = draw_latents(generator, batch, particles=1, rng=torch.Generator().manual_seed(args.seed))
+    latents = draw_latents(generator, batch, particles=1, seed=args.seed)
     logged = vits_kl(latents.z_p[0], latents.logs_q, latents.m_p[0], latents.logs_p[0], latents.mask)
     print(f"one training step's KL on the first batch: {float(logged):.4f} nats/frame")
 

@@ -21,6 +21,7 @@ import os
 import shutil
 import tempfile
 import time
+import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,7 +38,7 @@ from .data.align import attention_mask, expand_prior, maximum_path, neg_cent
 from .data.speech import SpeechBatch, SpeechConfig, Utterance, open_corpus, speech_batches
 from .estimators import kl_estimate, prob_negative, prob_negative_normal_approx
 from .flows import ResidualCouplingBlock
-from .model import sequence_mask
+from .data.batch import sequence_mask
 from .prior import FlowPrior
 from .vits import VITSGenerator
 
@@ -111,20 +112,47 @@ def _check_batch(generator: VITSGenerator, batch: SpeechBatch) -> None:
             f"{batch.sources[int(bad[0, 0])]}: token ids beyond the generator's {n_vocab} symbols "
             "(the symbol table does not match the model)"
         )
+    _check_speakers(generator.n_speakers, batch)
+
+
+def _check_speakers(n_speakers: int, batch: SpeechBatch) -> None:
+    if (batch.speakers is None) != (n_speakers == 0):
+        raise ValueError(
+            f"{batch.sources[0]}: the generator has {n_speakers} speakers but the corpus "
+            f"{'has no' if batch.speakers is None else 'has'} speaker ids (a multi-speaker model needs "
+            "'wav_path|speaker_id|text' lines, a single-speaker one 'wav_path|text')"
+        )
+    if batch.speakers is not None:
+        bad = (batch.speakers >= n_speakers).nonzero()
+        if bad.numel():
+            b = int(bad[0, 0])
+            raise ValueError(
+                f"{batch.sources[b]}: speaker id {int(batch.speakers[b])}, the generator has {n_speakers}"
+            )
+
+
+def utterance_noise(batch: SpeechBatch, particles: int, channels: int, seed: int) -> Tensor:
+    """``N(0, 1)`` noise ``(K, B, C, T_spec)`` (0 on padded frames); utterance ``b``'s comes from a generator
+    seeded by ``seed`` and its ``source`` (``file:line``)."""
+    lengths = batch.spec_lengths.tolist()
+    eps = torch.zeros(particles, len(lengths), channels, batch.spec.shape[-1])
+    for b, (source, length) in enumerate(zip(batch.sources, lengths)):
+        gen = torch.Generator().manual_seed(zlib.crc32(f"{seed}|{source}".encode()))
+        eps[:, b, :, :length] = torch.randn(particles, channels, length, generator=gen)
+    return eps
 
 
 @torch.no_grad()
-def draw_latents(
-    generator: VITSGenerator, batch: SpeechBatch, particles: int, rng: torch.Generator
-) -> LatentDraws:
-    """VITS's training forward on the latent path for ``particles`` draws of ``z`` (noise from ``rng`` on the
-    CPU, so results do not depend on the device). ``batch`` must be on the generator's device."""
+def draw_latents(generator: VITSGenerator, batch: SpeechBatch, particles: int, seed: int) -> LatentDraws:
+    """VITS's training forward on the latent path for ``particles`` draws of ``z``. ``batch`` must be on the
+    generator's device. The noise is drawn on the CPU per utterance (:func:`utterance_noise`), so the draws do
+    not depend on the device, the batching or the position of an utterance in the corpus."""
     _check_batch(generator, batch)
     _, m_tok, logs_tok, x_mask = generator.enc_p(batch.text, batch.text_lengths)
     g = generator.speaker_embedding(batch.speakers)
     mask = sequence_mask(batch.spec_lengths, batch.spec.shape[-1]).to(batch.spec.dtype)
     m_q, logs_q = generator.enc_q.guide.encode(batch.spec, mask, g)
-    eps = torch.randn((particles,) + tuple(m_q.shape), generator=rng, dtype=m_q.dtype).to(m_q.device)
+    eps = utterance_noise(batch, particles, m_q.shape[1], seed).to(device=m_q.device, dtype=m_q.dtype)
     z = (m_q + eps * torch.exp(logs_q)) * mask
     z_p, logdet = generator.flow.forward_and_logdet(z, mask, g=g)
     k, (b, c, t) = particles, m_q.shape
@@ -165,16 +193,18 @@ def _masked(values: Tensor, mask: Tensor) -> Tensor:
 @dataclass
 class AuditDraws:
     """What the stream keeps: per utterance ``frames (N,)`` and ``estimates[name] (N, K)`` nats; per channel
-    the sums over utterances, frames and the mean over draws of VITS's KL term and of ``logs_q - logs_p``
-    ``(C,)``; how many (frame, draw) pairs of draws 1..K-1 share draw 0's token, out of how many."""
+    ``(C,)`` the sums over utterances and frames (mean over draws) of VITS's KL term and of ``logs_q -
+    logs_p``, and the summed variance over draws of each utterance's KL term; how many (frame, draw) pairs of
+    draws 1..K-1 share draw 0's token, out of how many."""
 
     particles: int
     batch_size: int
     frames: list[int] = field(default_factory=list)
     sources: list[str] = field(default_factory=list)
     estimates: dict[str, list[np.ndarray]] = field(default_factory=dict)
-    channel_kl: np.ndarray | None = None
-    channel_log_ratio: np.ndarray | None = None
+    channel_kl: np.ndarray | float = 0.0
+    channel_kl_var: np.ndarray | float = 0.0
+    channel_log_ratio: np.ndarray | float = 0.0
     same_token: float = 0.0
     compared: float = 0.0
 
@@ -189,14 +219,11 @@ class AuditDraws:
             - 0.5
             + 0.5 * (latents.z_p - latents.m_p) ** 2 * torch.exp(-2 * latents.logs_p)
         )
-        kl_c = _masked(elem, latents.mask).double().sum((1, 3)).mean(0).cpu().numpy()
-        ratio_c = (
-            _masked(latents.logs_q - latents.logs_p, latents.mask).double().sum((1, 3)).mean(0).cpu().numpy()
-        )
-        self.channel_kl = kl_c if self.channel_kl is None else self.channel_kl + kl_c
-        self.channel_log_ratio = (
-            ratio_c if self.channel_log_ratio is None else self.channel_log_ratio + ratio_c
-        )
+        kl_c = _masked(elem, latents.mask).double().sum(3)  # (K, B, C) per utterance and draw
+        self.channel_kl = self.channel_kl + kl_c.sum(1).mean(0).cpu().numpy()
+        self.channel_kl_var = self.channel_kl_var + kl_c.var(0).sum(0).cpu().numpy()
+        ratio = _masked(latents.logs_q - latents.logs_p, latents.mask).double()
+        self.channel_log_ratio = self.channel_log_ratio + ratio.sum((1, 3)).mean(0).cpu().numpy()
         same = (latents.tokens[1:] == latents.tokens[:1]).double() * latents.mask[:, 0]
         self.same_token += float(same.sum())
         self.compared += float(latents.mask.sum()) * (self.particles - 1)
@@ -226,11 +253,10 @@ def collect(
     ``batch_size`` is VITS's training batch size, for the batch-level statistics of :func:`summarize`."""
     _check_particles(particles)
     names = estimator_names()
-    rng = torch.Generator().manual_seed(seed)
     draws = AuditDraws(particles, batch_size)
     for batch in batches:
         batch = batch.to(device)
-        latents = draw_latents(generator, batch, particles, rng)
+        latents = draw_latents(generator, batch, particles, seed)
         with torch.no_grad():
             prior = AlignedPrior(latents, generator.flow)
             values = {
@@ -321,6 +347,7 @@ def summarize(
         "channels": {
             "log_scale_ratio": (draws.channel_log_ratio / total).tolist(),
             "kl_per_frame": channel_kl.tolist(),
+            "kl_per_frame_mcse": (np.sqrt(draws.channel_kl_var / k) / total).tolist(),
             "collapse_threshold": COLLAPSE_THRESHOLD,
         },
         "collapsed_fraction": float(np.mean(channel_kl < COLLAPSE_THRESHOLD)),
@@ -358,6 +385,7 @@ def audit(
     max_utterances: int | None = None,
     device: torch.device | str = "cpu",
     batch_sizes: Sequence[int] = BATCH_SIZES,
+    chunk_size: int = 8,
     out: str | os.PathLike | None = None,
     overwrite: bool = False,
     extra: Mapping[str, Any] | None = None,
@@ -365,9 +393,11 @@ def audit(
     """Audit ``generator``'s KL on ``data`` (a filelist, an LJSpeech folder or an iterable of
     :class:`~pyro_vits.data.speech.Utterance`); returns the report dict (see :func:`summarize`).
 
-    ``batch_size``: VITS's training batch size (utterances are streamed in batches of it, and ``sd_batch`` /
-    P(negative) refer to it); ``particles``: draws of ``z`` per utterance (>= 2, for the MCSE); ``seed``
+    ``batch_size``: VITS's training batch size (``sd_batch`` and P(negative) refer to it; consecutive
+    utterances form the batches); ``particles``: draws of ``z`` per utterance (>= 2, for the MCSE); ``seed``
     fixes every draw; ``speech_config``: the audio/text settings (VITS ``data`` section; required);
+    ``chunk_size``: utterances processed at once (memory grows with ``chunk_size * particles`` and the longest
+    utterance; results do not depend on it);
     ``out``: also write report.json, report.md, figures and audit.nc there (:func:`write_report`);
     ``extra``: more JSON-able fields for the report (e.g. the inputs' paths).
     """
@@ -377,7 +407,7 @@ def audit(
         )
     if not isinstance(speech_config, SpeechConfig):
         raise ValueError("speech_config is required (SpeechConfig.from_vits_config(config))")
-    check_positive_ints(batch_size=batch_size)
+    check_positive_ints(batch_size=batch_size, chunk_size=chunk_size)
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
         raise ValueError(f"seed must be a non-negative int, got {seed!r}")
     _check_particles(particles)
@@ -400,7 +430,7 @@ def audit(
     training = generator.training
     generator.eval()
     try:
-        batches = speech_batches(utterances, speech_config, batch_size, max_utterances=max_utterances)
+        batches = speech_batches(utterances, speech_config, chunk_size, max_utterances=max_utterances)
         draws = collect(
             generator.to(device),
             batches,
@@ -416,12 +446,28 @@ def audit(
         seed=seed,
         device=str(device),
         wall_s=time.perf_counter() - start,
+        **_peak_memory_mb(device),
         generator=generator.config,
         **dict(extra or {}),
     )
     if out is not None:
         write_report(report, draws, out, overwrite=overwrite)
     return report
+
+
+def _peak_memory_mb(device: torch.device | str) -> dict[str, float]:
+    """The process's peak resident memory (POSIX) and, on CUDA, the peak allocated by torch, in MiB."""
+    peak = {}
+    try:
+        import resource
+    except ImportError:  # not on Windows
+        pass
+    else:
+        peak["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    device = torch.device(device)
+    if device.type == "cuda":
+        peak["peak_cuda_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return peak
 
 
 # ---------------------------------------------------------------------------------------------------------

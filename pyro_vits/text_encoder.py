@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from ._validate import check_positive_ints
-from .model import sequence_mask
+from .data.batch import sequence_mask
 from .nn.attention import Encoder
 
 __all__ = ["TextEncoder"]

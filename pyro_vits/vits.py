@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from .flows import ResidualCouplingBlock, load_vits_flow
 from .guide import PosteriorEncoder
-from .model import sequence_mask
+from .data.batch import sequence_mask
 from .text_encoder import WINDOW_SIZE, TextEncoder
 
 __all__ = ["VITSPosteriorEncoder", "VITSGenerator", "load_vits_generator", "read_vits_config"]
@@ -217,6 +217,41 @@ def _posterior_sizes(enc_q: Mapping[str, Tensor], label: str) -> dict[str, int]:
     )
 
 
+_REPORTED_SIZES = (
+    "n_vocab",
+    "spec_channels",
+    "inter_channels",
+    "hidden_channels",
+    "filter_channels",
+    "n_heads",
+    "n_layers",
+    "kernel_size",
+    "gin_channels",
+    "n_speakers",
+    "enc_q_layers",
+)
+
+
+def _generator_sizes(parts: Mapping[str, Mapping[str, Tensor]], label: str) -> dict[str, int]:
+    """Every size of the latent path read from the weights; ``enc_p``, ``enc_q`` and ``emb_g`` must agree."""
+    sizes = {**_text_encoder_sizes(parts["enc_p"], label), **_posterior_sizes(parts["enc_q"], label)}
+    emb_g = parts["emb_g"].get("weight")
+    sizes["n_speakers"] = 0 if emb_g is None else emb_g.shape[0]
+    if (emb_g is None) != (sizes["gin_channels"] == 0) or (
+        emb_g is not None and emb_g.shape[1] != sizes["gin_channels"]
+    ):
+        raise ValueError(
+            f"{label}: speaker conditioning needs emb_g with gin_channels columns "
+            f"(emb_g {None if emb_g is None else tuple(emb_g.shape)}, gin_channels {sizes['gin_channels']})"
+        )
+    if (sizes["enc_q_inter"], sizes["enc_q_hidden"]) != (sizes["inter_channels"], sizes["hidden_channels"]):
+        raise ValueError(
+            f"{label}: enc_q has (inter, hidden) = ({sizes['enc_q_inter']}, {sizes['enc_q_hidden']}), "
+            f"enc_p ({sizes['inter_channels']}, {sizes['hidden_channels']})"
+        )
+    return sizes
+
+
 def _check_config(sizes: Mapping[str, int], config: Mapping[str, Any], label: str) -> None:
     """Every size the config states must equal the one read from the weights."""
     model, data = config.get("model"), config.get("data", {})
@@ -266,73 +301,41 @@ def load_vits_generator(
 
     ``config``: VITS ``config.json`` (path or dict); its ``model`` sizes, ``data.filter_length`` and
     ``data.n_speakers`` (and a top-level ``symbols`` list) must match the weights, and its
-    ``model.p_dropout`` is kept. Raises ``ValueError`` for missing parts or disagreeing sizes.
+    ``model.p_dropout`` is kept (and the flow's settings, e.g. ``dilation_rate_flow``, are read from it by
+    :func:`~pyro_vits.flows.load_vits_flow`). Raises ``ValueError`` for missing parts or disagreeing sizes.
     """
     state, label = _state_dict(obj)
     parts = _split_parts(state, label)
-    sizes = {**_text_encoder_sizes(parts["enc_p"], label), **_posterior_sizes(parts["enc_q"], label)}
-    emb_g = parts["emb_g"].get("weight")
-    sizes["n_speakers"] = 0 if emb_g is None else emb_g.shape[0]
-    if (emb_g is None) != (sizes["gin_channels"] == 0) or (
-        emb_g is not None and emb_g.shape[1] != sizes["gin_channels"]
-    ):
-        raise ValueError(
-            f"{label}: speaker conditioning needs emb_g with gin_channels columns "
-            f"(emb_g {None if emb_g is None else tuple(emb_g.shape)}, gin_channels {sizes['gin_channels']})"
-        )
-    if (sizes["enc_q_inter"], sizes["enc_q_hidden"]) != (sizes["inter_channels"], sizes["hidden_channels"]):
-        raise ValueError(
-            f"{label}: enc_q has (inter, hidden) = ({sizes['enc_q_inter']}, {sizes['enc_q_hidden']}), "
-            f"enc_p ({sizes['inter_channels']}, {sizes['hidden_channels']})"
-        )
+    sizes = _generator_sizes(parts, label)
     p_dropout = 0.0
     if config is not None:
         config = read_vits_config(config)
         _check_config(sizes, config, label)
         p_dropout = float(config["model"].get("p_dropout", 0.0))
-    flow = load_vits_flow({"flow." + k: v for k, v in parts["flow"].items()})
+    try:
+        flow = load_vits_flow({"flow." + k: v for k, v in parts["flow"].items()}, config=config)
+    except ValueError as err:
+        raise ValueError(f"{label}: {err}") from err
     if flow.channels != sizes["inter_channels"] or flow.gin_channels != sizes["gin_channels"]:
         raise ValueError(
             f"{label}: flow has {flow.channels} channels and gin {flow.gin_channels}, enc_p "
             f"{sizes['inter_channels']} and gin {sizes['gin_channels']}"
         )
     enc_p = TextEncoder(
-        sizes["n_vocab"],
-        sizes["inter_channels"],
-        sizes["hidden_channels"],
-        sizes["filter_channels"],
-        sizes["n_heads"],
-        sizes["n_layers"],
-        sizes["kernel_size"],
+        *(sizes[k] for k in ("n_vocab", "inter_channels", "hidden_channels", "filter_channels", "n_heads")),
+        *(sizes[k] for k in ("n_layers", "kernel_size")),
         p_dropout,
     )
     _load(enc_p, parts["enc_p"], "enc_p", label)
     guide = PosteriorEncoder(
-        sizes["spec_channels"],
-        sizes["inter_channels"],
-        sizes["hidden_channels"],
-        sizes["enc_q_kernel"],
+        *(sizes[k] for k in ("spec_channels", "inter_channels", "hidden_channels", "enc_q_kernel")),
         ENC_Q_DILATION,
         sizes["enc_q_layers"],
         n_speakers=sizes["n_speakers"],
         gin_channels=sizes["gin_channels"],
         name="enc_q",
     )
-    _load(guide, {**parts["enc_q"], **({"emb_g.weight": emb_g} if emb_g is not None else {})}, "enc_q", label)
-    config_out = {
-        key: sizes[key]
-        for key in (
-            "n_vocab",
-            "spec_channels",
-            "inter_channels",
-            "hidden_channels",
-            "filter_channels",
-            "n_heads",
-            "n_layers",
-            "kernel_size",
-            "gin_channels",
-            "n_speakers",
-        )
-    }
-    config_out.update(p_dropout=p_dropout, n_flows=flow.config["n_flows"], enc_q_layers=sizes["enc_q_layers"])
+    _load(guide, {**parts["enc_q"], **{"emb_g." + k: v for k, v in parts["emb_g"].items()}}, "enc_q", label)
+    config_out = {key: sizes[key] for key in _REPORTED_SIZES}
+    config_out.update(p_dropout=p_dropout, n_flows=flow.config["n_flows"])
     return VITSGenerator(enc_p, VITSPosteriorEncoder(guide), flow, config_out).eval()

@@ -1,8 +1,9 @@
-"""pyro_vits.nn.attention against a literal reference of VITS's transformer pieces.
+"""pyro_vits.nn.attention against references of VITS's transformer pieces.
 
-The reference below works position by position from the published equations (scaled dot-product attention,
-Shaw et al. relative keys/values in a clipped window with zeros beyond it, post-norm layers) and reads the
-weights by VITS's parameter names from a state dict; it does not import pyro_vits.nn.
+``vits_reference`` (the flows' functional reference) covers LayerNorm, FFN, Encoder and FFT; the attention
+options are also checked against ``ref_attention`` below, which works position by position from the published
+equations (scaled dot-product attention, Shaw et al. relative keys/values in a clipped window with zeros
+beyond it). Both read the weights by VITS's parameter names from a state dict; neither imports pyro_vits.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
+from vits_reference import ref_conv, ref_encoder, ref_ffn, ref_fft
 
 from pyro_vits.nn import FFN, FFT, Encoder, LayerNorm, MultiHeadAttention
 
@@ -20,22 +21,6 @@ DTYPE = torch.float64
 
 
 # --------------------------------------------------------------------------- reference
-
-
-def ref_conv(x, sd, name, pad=(0, 0)):
-    """1-D convolution with explicit zero padding; weight from ``name.weight`` or weight norm g/v."""
-    if f"{name}.weight" in sd:
-        w = sd[f"{name}.weight"]
-    else:
-        g, v = sd[f"{name}.parametrizations.weight.original0"], sd[f"{name}.parametrizations.weight.original1"]
-        w = g * v / v.pow(2).sum((1, 2), keepdim=True).sqrt()
-    return F.conv1d(F.pad(x, pad), w, sd[f"{name}.bias"])
-
-
-def ref_layer_norm(x, sd, name):
-    mu = x.mean(1, keepdim=True)
-    var = (x - mu).pow(2).mean(1, keepdim=True)
-    return (x - mu) / torch.sqrt(var + 1e-5) * sd[f"{name}.gamma"][:, None] + sd[f"{name}.beta"][:, None]
 
 
 def ref_attention(x, mask, sd, name, n_heads, window=None, proximal=False, block=None):
@@ -71,42 +56,6 @@ def ref_attention(x, mask, sd, name, n_heads, window=None, proximal=False, block
     return ref_conv(out, sd, f"{name}.conv_o")
 
 
-def ref_ffn(x, mask, sd, name, kernel, causal=False, gelu=False):
-    pad = (kernel - 1, 0) if causal else ((kernel - 1) // 2, kernel // 2)
-    h = ref_conv(x * mask, sd, f"{name}.conv_1", pad)
-    h = h * torch.sigmoid(1.702 * h) if gelu else torch.relu(h)
-    return ref_conv(h * mask, sd, f"{name}.conv_2", pad) * mask
-
-
-def ref_encoder(x, mask, sd, n_heads, n_layers, kernel, window, g=None, cond_idx=None):
-    attn_mask = mask * mask.transpose(1, 2)  # (B, T, T)
-    x = x * mask
-    for i in range(n_layers):
-        if g is not None and i == cond_idx:
-            x = (x + (g.transpose(1, 2) @ sd["spk_emb_linear.weight"].T + sd["spk_emb_linear.bias"])
-                 .transpose(1, 2)) * mask
-        x = ref_layer_norm(x + ref_attention(x, attn_mask, sd, f"attn_layers.{i}", n_heads, window),
-                           sd, f"norm_layers_1.{i}")
-        x = ref_layer_norm(x + ref_ffn(x, mask, sd, f"ffn_layers.{i}", kernel), sd, f"norm_layers_2.{i}")
-    return x * mask
-
-
-def ref_fft(x, mask, sd, n_heads, n_layers, kernel, g=None):
-    t, hidden = x.shape[-1], x.shape[1]
-    causal = torch.ones(1, t, t, dtype=x.dtype).tril()
-    cond = ref_conv(g, sd, "cond_layer") if g is not None else None
-    x = x * mask
-    for i in range(n_layers):
-        if cond is not None:
-            a = ref_conv(x, sd, "cond_pre") + cond[:, 2 * hidden * i : 2 * hidden * (i + 1)]
-            x = torch.tanh(a[:, :hidden]) * torch.sigmoid(a[:, hidden:])
-        x = ref_layer_norm(x + ref_attention(x, causal, sd, f"self_attn_layers.{i}", n_heads),
-                           sd, f"norm_layers_0.{i}")
-        x = ref_layer_norm(x + ref_ffn(x, mask, sd, f"ffn_layers.{i}", kernel, causal=True),
-                           sd, f"norm_layers_1.{i}")
-    return x * mask
-
-
 # --------------------------------------------------------------------------- helpers
 
 
@@ -134,7 +83,7 @@ def test_encoder_matches_reference(t, window, gin, randomize):
     x, mask, g = inputs(8, [t, max(1, t - 2)], t, gin)
     with torch.no_grad():
         y = enc(x, mask, g)
-        y_ref = ref_encoder(x, mask, state(enc), 2, 3, 3, window, g, cond_idx=1)
+        y_ref = ref_encoder(x, mask, state(enc), "", 2, g, cond_idx=1)
     torch.testing.assert_close(y, y_ref, rtol=0, atol=1e-10)
     assert float(y.abs().max()) > 0.1
 
@@ -148,7 +97,7 @@ def test_encoder_default_api_is_vits(randomize):
     randomize(enc.to(DTYPE), seed=2).eval()
     x, mask, _ = inputs(6, [7, 4], 7)
     with torch.no_grad():
-        torch.testing.assert_close(enc(x, mask), ref_encoder(x, mask, state(enc), 2, 2, 1, 4),
+        torch.testing.assert_close(enc(x, mask), ref_encoder(x, mask, state(enc), "", 2),
                                    rtol=0, atol=1e-10)
 
 
@@ -183,7 +132,7 @@ def test_ffn_gelu_matches_reference(causal, randomize):
     ffn = randomize(FFN(4, 5, 7, 4, activation="gelu", causal=causal).to(DTYPE), seed=5).eval()
     x, mask, _ = inputs(4, [6, 3], 6)
     with torch.no_grad():
-        torch.testing.assert_close(ffn(x, mask), ref_ffn(x, mask, prefixed(ffn, "f"), "f", 4, causal, gelu=True),
+        torch.testing.assert_close(ffn(x, mask), ref_ffn(x, mask, prefixed(ffn, "f"), "f", causal, gelu=True),
                                    rtol=0, atol=1e-12)
 
 
@@ -200,7 +149,7 @@ def test_fft_matches_reference(gin, randomize):
     x, mask, g = inputs(8, [7, 4], 7, gin)
     with torch.no_grad():
         y = fft(x, mask, g)
-        y_ref = ref_fft(x, mask, state(fft), 4, 2, 3, g)
+        y_ref = ref_fft(x, mask, state(fft), "", 4, g)
     torch.testing.assert_close(y, y_ref, rtol=0, atol=1e-10)
 
 

@@ -192,8 +192,14 @@ def old_weight_norm(module):
         return torch.nn.utils.weight_norm(module)
 
 
+def removed_weight_norm(module):
+    """VITS's inference export: weight norm applied, then removed (plain ``weight`` keys)."""
+    return torch.nn.utils.parametrize.remove_parametrizations(new_weight_norm(module), "weight")
+
+
 LAYOUTS = {
     "weight_g": dict(wn=old_weight_norm, prefix="", wrapped=True, dilation=1),
+    "weight-norm-removed": dict(wn=removed_weight_norm, prefix="", wrapped=True, dilation=1),
     "parametrizations": dict(wn=new_weight_norm, prefix="", wrapped=True, dilation=1),
     "module-prefix": dict(wn=old_weight_norm, prefix="module.", wrapped=True, dilation=1),
     "bare-dict-dilation2": dict(wn=old_weight_norm, prefix="", wrapped=False, dilation=2),
@@ -228,12 +234,13 @@ def test_load_vits_flow_matches_reference(layout, gin, mean_only, length_mask, r
     )
     randomize(ref, seed=5, scale=0.4)
     keys = ref.state_dict().keys()
-    wn_keys = ("weight_g", "weight_v") if spec["wn"] is old_weight_norm else ("original0", "original1")
+    wn_keys = {old_weight_norm: ("weight_g", "weight_v"), new_weight_norm: ("original0", "original1"),
+               removed_weight_norm: ("in_layers.0.weight", "res_skip_layers.0.weight")}[spec["wn"]]
     assert any(k.endswith(wn_keys[0]) for k in keys) and any(k.endswith(wn_keys[1]) for k in keys)
 
     checkpoint = vits_checkpoint(ref, spec["prefix"], spec["wrapped"])
     block = load_vits_flow(checkpoint, dilation_rate=spec["dilation"])
-    assert isinstance(block, ResidualCouplingBlock)
+    assert type(block) is ResidualCouplingBlock
     assert block.config == dict(
         channels=4, hidden_channels=8, kernel_size=5, dilation_rate=spec["dilation"], n_layers=3, n_flows=4,
         gin_channels=gin, mean_only=mean_only,

@@ -36,6 +36,25 @@ def stft_reference(wav: torch.Tensor, n_fft: int, hop: int, win: int) -> torch.T
     return torch.sqrt(spectrum.real**2 + spectrum.imag**2 + 1e-6).transpose(1, 2)
 
 
+def vits_spectrogram_torch(y: torch.Tensor, n_fft: int, hop: int, win: int) -> torch.Tensor:
+    """VITS's ``spectrogram_torch`` call sequence with torch.stft (its real/imag pairs, squared and summed)."""
+    pad = int((n_fft - hop) / 2)
+    y = torch.nn.functional.pad(y.unsqueeze(1), (pad, pad), mode="reflect").squeeze(1)
+    spec = torch.stft(
+        y,
+        n_fft,
+        hop_length=hop,
+        win_length=win,
+        window=torch.hann_window(win, dtype=y.dtype),
+        center=False,
+        pad_mode="reflect",
+        normalized=False,
+        onesided=True,
+        return_complex=True,
+    )
+    return torch.sqrt(torch.view_as_real(spec).pow(2).sum(-1) + 1e-6)
+
+
 @pytest.mark.parametrize("n_fft,hop,win", [(64, 16, 64), (64, 16, 48), (512, 128, 512)])
 def test_linear_spectrogram_matches_vits_formula(n_fft, hop, win):
     wav = (
@@ -43,6 +62,7 @@ def test_linear_spectrogram_matches_vits_formula(n_fft, hop, win):
     )
     spec = linear_spectrogram(wav, n_fft, hop, win)
     expected = stft_reference(wav, n_fft, hop, win)
+    torch.testing.assert_close(spec, vits_spectrogram_torch(wav, n_fft, hop, win), rtol=1e-5, atol=1e-7)
     assert (
         spec.shape
         == expected.shape

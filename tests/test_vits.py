@@ -1,4 +1,4 @@
-"""load_vits_generator against a VITS generator written in the tests (tests/vits_reference.py)."""
+"""load_vits_generator against a VITS generator written in the tests (tests/vits_generator_reference.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import logging
 
 import pytest
 import torch
-from vits_reference import RefGenerator, randomized, save_like_vits, vits_config
+from vits_generator_reference import RefGenerator, randomized, save_like_vits, vits_config
 
 from pyro_vits.text_encoder import TextEncoder
 from pyro_vits.vits import load_vits_generator

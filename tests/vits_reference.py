@@ -1,280 +1,356 @@
-"""A VITS generator (``SynthesizerTrn``'s latent path plus stand-ins for ``dec``/``dp``) written for the tests
-from the published equations with VITS's key names, old-style weight norm (``weight_g``/``weight_v``), and
-saved the way VITS's ``utils.save_checkpoint`` does. Not imported from the package."""
+"""An independent functional reference of the VITS-family prior flows, for the tests only.
+
+Written from the published equations and the upstream module layouts (VITS ``modules.WN`` /
+``ResidualCouplingLayer``, ``attentions.Encoder`` / ``FFT``; VITS2's ``ResidualCouplingTransformersBlock``;
+Bert-VITS2's ``TransformerCouplingBlock``). Every function reads its weights from a flat state dict by the
+upstream key names (any weight-norm layout), so the tests also pin the names and shapes. It never imports
+``pyro_vits``. ``checkpoint_state`` writes random weights under those names for a given family.
+"""
 
 from __future__ import annotations
 
 import math
-import warnings
 
 import torch
-from torch import nn
-from torch.nn import functional as F
-from torch.nn.utils import weight_norm as _old_weight_norm
+import torch.nn.functional as F
 
-WINDOW = 4
+FAMILIES = ("vits", "coqui", "pre_conv", "pre_conv2", "fft", "mono_layer_inter_residual",
+            "mono_layer_post_residual", "bert")
+LAYOUTS = ("weight_g", "parametrizations", "plain")
 
-
-def weight_norm(conv: nn.Conv1d) -> nn.Conv1d:
-    """The (deprecated) API VITS uses: state-dict keys ``weight_g`` / ``weight_v``."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        return _old_weight_norm(conv)
+# --------------------------------------------------------------------------- weights
 
 
-def seq_mask(lengths, frames):
-    return (torch.arange(frames)[None, :] < lengths[:, None]).float().unsqueeze(1)
-
-
-class RefLayerNorm(nn.Module):
-    def __init__(self, channels):
-        super().__init__()
-        self.gamma = nn.Parameter(torch.ones(channels))
-        self.beta = nn.Parameter(torch.zeros(channels))
-
-    def forward(self, x):  # normalise each frame over channels
-        mean = x.mean(1, keepdim=True)
-        var = ((x - mean) ** 2).mean(1, keepdim=True)
-        return (x - mean) / torch.sqrt(var + 1e-5) * self.gamma[:, None] + self.beta[:, None]
-
-
-class RefAttention(nn.Module):
-    """Multi-head self-attention, Shaw et al. relative keys/values clipped to |i - j| <= 4 (zero beyond)."""
-
-    def __init__(self, channels, n_heads):
-        super().__init__()
-        self.n_heads, self.d = n_heads, channels // n_heads
-        self.conv_q, self.conv_k, self.conv_v, self.conv_o = (
-            nn.Conv1d(channels, channels, 1) for _ in range(4)
+def conv_weight(sd, name):
+    """Effective weight of convolution ``name``: plain ``weight``, or ``g * v / ||v||`` (weight norm)."""
+    if f"{name}.weight" in sd:
+        return sd[f"{name}.weight"]
+    if f"{name}.weight_g" in sd:
+        g, v = sd[f"{name}.weight_g"], sd[f"{name}.weight_v"]
+    else:
+        g, v = (
+            sd[f"{name}.parametrizations.weight.original0"],
+            sd[f"{name}.parametrizations.weight.original1"],
         )
-        self.emb_rel_k = nn.Parameter(torch.randn(1, 2 * WINDOW + 1, self.d) * self.d**-0.5)
-        self.emb_rel_v = nn.Parameter(torch.randn(1, 2 * WINDOW + 1, self.d) * self.d**-0.5)
-
-    def table(self, emb, t):
-        """(T, T, d): emb[j - i + 4] where |j - i| <= 4, zeros elsewhere."""
-        out = torch.zeros(t, t, self.d)
-        for i in range(t):
-            for j in range(max(0, i - WINDOW), min(t, i + WINDOW + 1)):
-                out[i, j] = emb[0, j - i + WINDOW]
-        return out
-
-    def forward(self, x, attn_mask):
-        b, c, t = x.shape
-
-        def heads(h):
-            return h.view(b, self.n_heads, self.d, t).transpose(2, 3)  # (b, h, t, d)
-
-        q, k, v = heads(self.conv_q(x)) / math.sqrt(self.d), heads(self.conv_k(x)), heads(self.conv_v(x))
-        scores = q @ k.transpose(-1, -2) + torch.einsum("bhid,ijd->bhij", q, self.table(self.emb_rel_k, t))
-        scores = scores.masked_fill(attn_mask == 0, -1e4)
-        p = torch.softmax(scores, -1)
-        out = p @ v + torch.einsum("bhij,ijd->bhid", p, self.table(self.emb_rel_v, t))
-        return self.conv_o(out.transpose(2, 3).reshape(b, c, t))
+    return g * v / v.pow(2).sum((1, 2), keepdim=True).sqrt()
 
 
-class RefFFN(nn.Module):
-    def __init__(self, channels, filter_channels, kernel):
-        super().__init__()
-        self.kernel = kernel
-        self.conv_1 = nn.Conv1d(channels, filter_channels, kernel)
-        self.conv_2 = nn.Conv1d(filter_channels, channels, kernel)
-
-    def forward(self, x, mask):
-        pad = ((self.kernel - 1) // 2, self.kernel // 2)
-        x = torch.relu(self.conv_1(F.pad(x * mask, pad)))
-        return self.conv_2(F.pad(x * mask, pad)) * mask
+def ref_conv(x, sd, name, pad=(0, 0), dilation=1):
+    return F.conv1d(F.pad(x, pad), conv_weight(sd, name), sd[f"{name}.bias"], dilation=dilation)
 
 
-class RefEncoder(nn.Module):
-    def __init__(self, hidden, filter_channels, n_heads, n_layers, kernel):
-        super().__init__()
-        self.attn_layers = nn.ModuleList(RefAttention(hidden, n_heads) for _ in range(n_layers))
-        self.norm_layers_1 = nn.ModuleList(RefLayerNorm(hidden) for _ in range(n_layers))
-        self.ffn_layers = nn.ModuleList(RefFFN(hidden, filter_channels, kernel) for _ in range(n_layers))
-        self.norm_layers_2 = nn.ModuleList(RefLayerNorm(hidden) for _ in range(n_layers))
-
-    def forward(self, x, mask):
-        attn_mask = mask.unsqueeze(2) * mask.unsqueeze(-1)
-        x = x * mask
-        for attn, norm_1, ffn, norm_2 in zip(
-            self.attn_layers, self.norm_layers_1, self.ffn_layers, self.norm_layers_2
-        ):
-            x = norm_1(x + attn(x, attn_mask))
-            x = norm_2(x + ffn(x, mask))
-        return x * mask
+def ref_layer_norm(x, sd, name):
+    mu = x.mean(1, keepdim=True)
+    var = (x - mu).pow(2).mean(1, keepdim=True)
+    return (x - mu) / torch.sqrt(var + 1e-5) * sd[f"{name}.gamma"][:, None] + sd[f"{name}.beta"][:, None]
 
 
-class RefTextEncoder(nn.Module):
-    def __init__(self, n_vocab, out_channels, hidden, filter_channels, n_heads, n_layers, kernel):
-        super().__init__()
-        self.hidden, self.out_channels = hidden, out_channels
-        self.emb = nn.Embedding(n_vocab, hidden)
-        self.encoder = RefEncoder(hidden, filter_channels, n_heads, n_layers, kernel)
-        self.proj = nn.Conv1d(hidden, 2 * out_channels, 1)
-
-    def forward(self, x, lengths):
-        h = (self.emb(x) * math.sqrt(self.hidden)).transpose(1, 2)
-        mask = seq_mask(lengths, x.shape[1])
-        h = self.encoder(h * mask, mask)
-        m, logs = torch.split(self.proj(h) * mask, self.out_channels, 1)
-        return h, m, logs, mask
+# --------------------------------------------------------------------------- attention
 
 
-class RefWN(nn.Module):
-    def __init__(self, hidden, kernel, n_layers, gin):
-        super().__init__()
-        self.hidden, self.n_layers = hidden, n_layers
+def relative_table(emb, t, window):
+    """``(heads|1, T, T, d)``: ``emb[:, j - i + w]`` where ``|j - i| <= w``, zeros elsewhere (loops)."""
+    table = torch.zeros(emb.shape[0], t, t, emb.shape[-1], dtype=emb.dtype)
+    for i in range(t):
+        for j in range(t):
+            if abs(j - i) <= window:
+                table[:, i, j] = emb[:, j - i + window]
+    return table
+
+
+def ref_attention(x, mask, sd, name, n_heads, window=None, proximal=False, block=None):
+    """Self-attention of ``x (B, C, T)``; ``mask (B|1, T, T)`` (0 = masked) or None."""
+    b, channels, t = x.shape
+    d = channels // n_heads
+    q, k, v = (ref_conv(x, sd, f"{name}.conv_{s}").reshape(b, n_heads, d, t) for s in "qkv")
+    scores = torch.einsum("bhdi,bhdj->bhij", q, k) / math.sqrt(d)
+    if window is not None:
+        rel_k = relative_table(sd[f"{name}.emb_rel_k"], t, window)
+        scores = scores + torch.einsum("bhdi,hijd->bhij", q, rel_k.expand(n_heads, -1, -1, -1)) / math.sqrt(d)
+    pos = torch.arange(t, dtype=x.dtype)
+    if proximal:
+        scores = scores - torch.log1p((pos[None, :] - pos[:, None]).abs())
+    if mask is not None:
+        keep = mask[:, None] != 0
+        if block is not None:
+            keep = keep & ((pos[None, :] - pos[:, None]).abs() <= block)
+        scores = torch.where(keep, scores, torch.tensor(-1e4, dtype=x.dtype))
+    p = torch.softmax(scores, -1)
+    out = torch.einsum("bhij,bhdj->bhdi", p, v)
+    if window is not None:
+        rel_v = relative_table(sd[f"{name}.emb_rel_v"], t, window)
+        out = out + torch.einsum("bhij,hijd->bhdi", p, rel_v.expand(n_heads, -1, -1, -1))
+    return ref_conv(out.reshape(b, channels, t), sd, f"{name}.conv_o")
+
+
+def ref_ffn(x, mask, sd, name, causal=False, gelu=False):
+    k = sd[f"{name}.conv_1.weight"].shape[-1]
+    pad = (k - 1, 0) if causal else ((k - 1) // 2, k // 2)
+    h = ref_conv(x * mask, sd, f"{name}.conv_1", pad)
+    h = h * torch.sigmoid(1.702 * h) if gelu else torch.relu(h)
+    return ref_conv(h * mask, sd, f"{name}.conv_2", pad) * mask
+
+
+def n_sub(sd, prefix):
+    return len({k[len(prefix) :].split(".")[0] for k in sd if k.startswith(prefix)})
+
+
+def ref_encoder(x, mask, sd, p, n_heads, g=None, cond_idx=2):
+    """VITS ``attentions.Encoder`` (+ VITS2's speaker input at layer ``cond_idx`` via ``spk_emb_linear``)."""
+    rel = sd.get(f"{p}attn_layers.0.emb_rel_k")
+    window = None if rel is None else (rel.shape[1] - 1) // 2
+    attn_mask = mask * mask.transpose(1, 2)
+    x = x * mask
+    for i in range(n_sub(sd, f"{p}attn_layers.")):
+        if g is not None and i == cond_idx and f"{p}spk_emb_linear.weight" in sd:
+            spk = g.transpose(1, 2) @ sd[f"{p}spk_emb_linear.weight"].T + sd[f"{p}spk_emb_linear.bias"]
+            x = (x + spk.transpose(1, 2)) * mask
+        x = ref_layer_norm(
+            x + ref_attention(x, attn_mask, sd, f"{p}attn_layers.{i}", n_heads, window),
+            sd,
+            f"{p}norm_layers_1.{i}",
+        )
+        x = ref_layer_norm(x + ref_ffn(x, mask, sd, f"{p}ffn_layers.{i}"), sd, f"{p}norm_layers_2.{i}")
+    return x * mask
+
+
+def ref_fft(x, mask, sd, p, n_heads, g=None):
+    """VITS2 ``attentions.FFT`` with ``isflow``: causal attention/FFN, speaker gate per layer."""
+    t, hidden = x.shape[-1], x.shape[1]
+    causal = torch.ones(1, t, t, dtype=x.dtype).tril()
+    cond = ref_conv(g, sd, f"{p}cond_layer") if g is not None and f"{p}cond_pre.weight" in sd else None
+    x = x * mask
+    for i in range(n_sub(sd, f"{p}self_attn_layers.")):
+        if cond is not None:
+            a = ref_conv(x, sd, f"{p}cond_pre") + cond[:, 2 * hidden * i : 2 * hidden * (i + 1)]
+            x = torch.tanh(a[:, :hidden]) * torch.sigmoid(a[:, hidden:])
+        x = ref_layer_norm(
+            x + ref_attention(x, causal, sd, f"{p}self_attn_layers.{i}", n_heads), sd, f"{p}norm_layers_0.{i}"
+        )
+        x = ref_layer_norm(
+            x + ref_ffn(x, mask, sd, f"{p}ffn_layers.{i}", causal=True), sd, f"{p}norm_layers_1.{i}"
+        )
+    return x * mask
+
+
+# --------------------------------------------------------------------------- flows
+
+
+def ref_wn(x, mask, sd, p, dilation, g=None):
+    hidden = x.shape[1]
+    cond = (
+        ref_conv(g, sd, f"{p}cond_layer")
+        if g is not None and any(k.startswith(f"{p}cond_layer.") for k in sd)
+        else None
+    )
+    n_layers = n_sub(sd, f"{p}in_layers.")
+    output = torch.zeros_like(x)
+    for i in range(n_layers):
+        k = conv_weight(sd, f"{p}in_layers.{i}").shape[-1]
+        d = dilation**i
+        x_in = ref_conv(x, sd, f"{p}in_layers.{i}", ((k * d - d) // 2,) * 2, dilation=d)
+        if cond is not None:
+            x_in = x_in + cond[:, 2 * hidden * i : 2 * hidden * (i + 1)]
+        acts = torch.tanh(x_in[:, :hidden]) * torch.sigmoid(x_in[:, hidden:])
+        res_skip = ref_conv(acts, sd, f"{p}res_skip_layers.{i}")
+        if i < n_layers - 1:
+            x = (x + res_skip[:, :hidden]) * mask
+            output = output + res_skip[:, hidden:]
+        else:
+            output = output + res_skip
+    return output * mask
+
+
+def coupling_stats(kind, x0, mask, sd, p, g, dilation, n_heads):
+    if kind == "pre_conv":
+        x0 = ref_encoder(x0 * mask, mask, sd, f"{p}pre_transformer.", n_heads) + x0
+    if kind in ("vits", "pre_conv"):
+        h = ref_wn(ref_conv(x0, sd, f"{p}pre") * mask, mask, sd, f"{p}enc.", dilation, g)
+    elif kind == "pre_conv2":
+        h = ref_conv(x0, sd, f"{p}pre") * mask
+        h = h + ref_encoder(h * mask, mask, sd, f"{p}pre_transformer.", n_heads)
+        h = ref_wn(h, mask, sd, f"{p}enc.", dilation, g)
+    elif kind == "fft":
+        h = ref_conv(x0, sd, f"{p}pre") * mask
+        h = ref_fft(h, mask, sd, f"{p}enc.", n_heads, g) + h
+    else:  # bert
+        h = ref_encoder(ref_conv(x0, sd, f"{p}pre") * mask, mask, sd, f"{p}enc.", n_heads, g)
+    return ref_conv(h, sd, f"{p}post") * mask
+
+
+def ref_coupling(kind, x, mask, sd, p, g, reverse, dilation, n_heads):
+    """Affine coupling; returns ``(y, sum of logs over valid frames, negated in reverse)``."""
+    half = x.shape[1] // 2
+    x0, x1 = x[:, :half], x[:, half:]
+    stats = coupling_stats(kind, x0, mask, sd, p, g, dilation, n_heads)
+    m, logs = (
+        (stats, torch.zeros_like(stats)) if stats.shape[1] == half else (stats[:, :half], stats[:, half:])
+    )
+    if reverse:
+        return torch.cat([x0, (x1 - m) * torch.exp(-logs) * mask], 1), -logs.sum((1, 2))
+    return torch.cat([x0, m + x1 * torch.exp(logs) * mask], 1), logs.sum((1, 2))
+
+
+def ref_mono(x, mask, sd, p, residual, reverse, n_heads):
+    """VITS2 ``MonoTransformerFlowLayer`` (mean-only); logdet over valid frames."""
+    half = x.shape[1] // 2
+    x0, x1 = x[:, :half], x[:, half:]
+    if not residual:
+        m = (
+            ref_conv(ref_encoder(x0 * mask, mask, sd, f"{p}pre_transformer.", n_heads) + x0, sd, f"{p}post")
+            * mask
+        )
+        y1 = (x1 - m) * mask if reverse else m + x1 * mask
+        return torch.cat([x0, y1], 1), torch.zeros(x.shape[0], dtype=x.dtype)
+    if reverse:
+        x0 = x0 / 2
+    m = ref_conv(ref_encoder(x0, mask, sd, f"{p}pre_transformer.", n_heads), sd, f"{p}post") * mask
+    logdet = math.log(2) * x.shape[1] * mask.sum((1, 2))
+    if reverse:
+        return torch.cat([x0, (x1 - m) / 2 * mask], 1), -logdet
+    return torch.cat([2 * x0, x1 + m + x1 * mask], 1), logdet
+
+
+def layer_plan(family, n_flows):
+    """Upstream's module list: ``(index, kind)`` with ``kind`` in coupling kinds, ``flip`` or ``mono``."""
+    if family == "coqui":
+        return [(i, step) for i in range(n_flows) for step in ("vits", "flip")]
+    if family.startswith("mono"):
+        return [(3 * i + j, kind) for i in range(n_flows) for j, kind in enumerate(("vits", "flip", "mono"))]
+    return [(2 * i + j, kind) for i in range(n_flows) for j, kind in enumerate((family, "flip"))]
+
+
+def ref_flow(family, sd, x, mask, g=None, reverse=False, dilation=1, n_heads=2, n_flows=2):
+    """Run the flow stored in ``sd`` under ``flow.flows.<i>.``; returns ``(y, log|det|)``."""
+    plan = layer_plan(family, n_flows)
+    logdet = torch.zeros(x.shape[0], dtype=x.dtype)
+    for index, kind in reversed(plan) if reverse else plan:
+        p = f"flow.flows.{index}."
+        if kind == "flip":
+            x, ld = torch.flip(x, [1]), 0.0
+        elif kind == "mono":
+            x, ld = ref_mono(x, mask, sd, p, family == "mono_layer_post_residual", reverse, n_heads)
+        else:
+            x, ld = ref_coupling(kind, x, mask, sd, p, g, reverse, dilation, n_heads)
+        logdet = logdet + ld
+    return x, logdet
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def _conv(name, out_ch, in_ch, k=1):
+    return {f"{name}.weight": (out_ch, in_ch, k), f"{name}.bias": (out_ch,)}
+
+
+def _wn_conv(name, out_ch, in_ch, k, layout):
+    shapes = {
+        "weight_g": (f"{name}.weight_g", f"{name}.weight_v"),
+        "parametrizations": (
+            f"{name}.parametrizations.weight.original0",
+            f"{name}.parametrizations.weight.original1",
+        ),
+    }
+    if layout == "plain":
+        return _conv(name, out_ch, in_ch, k)
+    g_key, v_key = shapes[layout]
+    return {g_key: (out_ch, 1, 1), v_key: (out_ch, in_ch, k), f"{name}.bias": (out_ch,)}
+
+
+def wn_shapes(p, hidden, kernel, n_layers, gin, layout):
+    out = _wn_conv(f"{p}cond_layer", 2 * hidden * n_layers, gin, 1, layout) if gin else {}
+    for i in range(n_layers):
+        out |= _wn_conv(f"{p}in_layers.{i}", 2 * hidden, hidden, kernel, layout)
+        out |= _wn_conv(
+            f"{p}res_skip_layers.{i}", 2 * hidden if i < n_layers - 1 else hidden, hidden, 1, layout
+        )
+    return out
+
+
+def encoder_shapes(
+    p,
+    width,
+    filt,
+    n_layers,
+    kernel,
+    window,
+    n_heads,
+    gin=0,
+    attn="attn_layers",
+    norms=(1, 2),
+    causal_cond=False,
+):
+    out = {}
+    for i in range(n_layers):
+        for s in "qkvo":
+            out |= _conv(f"{p}{attn}.{i}.conv_{s}", width, width)
+        if window is not None:
+            out |= {f"{p}{attn}.{i}.emb_rel_{s}": (1, 2 * window + 1, width // n_heads) for s in "kv"}
+        out |= _conv(f"{p}ffn_layers.{i}.conv_1", filt, width, kernel) | _conv(
+            f"{p}ffn_layers.{i}.conv_2", width, filt, kernel
+        )
+        for n in norms:
+            out |= {f"{p}norm_layers_{n}.{i}.gamma": (width,), f"{p}norm_layers_{n}.{i}.beta": (width,)}
+    if gin and not causal_cond:
+        out |= {f"{p}spk_emb_linear.weight": (width, gin), f"{p}spk_emb_linear.bias": (width,)}
+    return out
+
+
+def coupling_shapes(kind, p, c, hidden, gin, layout, mean_only=True):
+    half = c // 2
+    out = _conv(f"{p}pre", hidden, half) | _conv(f"{p}post", half * (1 if mean_only else 2), hidden)
+    if kind in ("vits", "pre_conv", "pre_conv2"):
+        out |= wn_shapes(f"{p}enc.", hidden, 5, 2, gin, layout)
+    if kind == "pre_conv":  # VITS2: Encoder(C/2, C/2, 2 heads, 2 layers, kernel 3, no window) + unused twin
+        out |= encoder_shapes(f"{p}pre_transformer.", half, half, 2, 3, None, 2)
+        out |= encoder_shapes(f"{p}post_transformer.", hidden, hidden, 2, 3, None, 2)
+    elif kind == "pre_conv2":  # Encoder(H, H, 2 heads, 1 layer, the WN kernel, window 4)
+        out |= encoder_shapes(f"{p}pre_transformer.", hidden, hidden, 1, 5, 4, 2)
+    elif kind == "fft":  # FFT(H, 768 -> 12 here, 4 heads, 1 layer, kernel 5, causal), speaker gate
+        out |= encoder_shapes(
+            f"{p}enc.", hidden, 12, 1, 5, None, 4, attn="self_attn_layers", norms=(0, 1), causal_cond=True
+        )
         if gin:
-            self.cond_layer = weight_norm(nn.Conv1d(gin, 2 * hidden * n_layers, 1))
-        self.in_layers = nn.ModuleList(
-            weight_norm(nn.Conv1d(hidden, 2 * hidden, kernel, padding=kernel // 2)) for _ in range(n_layers)
-        )
-        self.res_skip_layers = nn.ModuleList(
-            weight_norm(nn.Conv1d(hidden, 2 * hidden if i < n_layers - 1 else hidden, 1))
-            for i in range(n_layers)
-        )
-
-    def forward(self, x, mask, g=None):
-        out, h = 0, self.hidden
-        cond = self.cond_layer(g) if g is not None else None
-        for i in range(self.n_layers):
-            a = self.in_layers[i](x) + (cond[:, 2 * h * i : 2 * h * (i + 1)] if cond is not None else 0)
-            res_skip = self.res_skip_layers[i](torch.tanh(a[:, :h]) * torch.sigmoid(a[:, h:]))
-            if i < self.n_layers - 1:
-                x = (x + res_skip[:, :h]) * mask
-                out = out + res_skip[:, h:]
-            else:
-                out = out + res_skip
-        return out * mask
+            out |= _conv(f"{p}enc.cond_pre", 2 * hidden, hidden) | _wn_conv(
+                f"{p}enc.cond_layer", 2 * hidden, gin, 1, layout
+            )
+    elif kind == "bert":  # Encoder(H, filter, 2 heads, 3 layers, kernel 5, window 4, speaker at layer 2)
+        out |= encoder_shapes(f"{p}enc.", hidden, 12, 3, 5, 4, 2, gin)
+    return out
 
 
-class RefPosteriorEncoder(nn.Module):
-    def __init__(self, spec, inter, hidden, gin):
-        super().__init__()
-        self.inter = inter
-        self.pre = nn.Conv1d(spec, hidden, 1)
-        self.enc = RefWN(hidden, 5, 16, gin)
-        self.proj = nn.Conv1d(hidden, 2 * inter, 1)
-
-    def forward(self, y, lengths, g=None):
-        mask = seq_mask(lengths, y.shape[-1])
-        m, logs = torch.split(self.proj(self.enc(self.pre(y) * mask, mask, g)) * mask, self.inter, 1)
-        return m, logs, mask
-
-
-class RefCoupling(nn.Module):
-    def __init__(self, channels, hidden, gin):
-        super().__init__()
-        self.half = channels // 2
-        self.pre = nn.Conv1d(self.half, hidden, 1)
-        self.enc = RefWN(hidden, 5, 4, gin)
-        self.post = nn.Conv1d(hidden, self.half, 1)  # mean-only
-
-    def forward(self, x, mask, g=None):
-        x0, x1 = x[:, : self.half], x[:, self.half :]
-        shift = self.post(self.enc(self.pre(x0) * mask, mask, g)) * mask
-        return torch.cat([x0, shift + x1 * mask], 1)
-
-
-class RefFlip(nn.Module):
-    pass
-
-
-class RefFlow(nn.Module):
-    def __init__(self, channels, hidden, gin, n_flows=4):
-        super().__init__()
-        self.flows = nn.ModuleList()
-        for _ in range(n_flows):
-            self.flows.extend([RefCoupling(channels, hidden, gin), RefFlip()])
-
-    def forward(self, z, mask, g=None):
-        for layer in self.flows:
-            z = torch.flip(z, [1]) if isinstance(layer, RefFlip) else layer(z, mask, g)
-        return z
-
-
-class RefGenerator(nn.Module):
-    """The keys of VITS's SynthesizerTrn: enc_p, enc_q, flow, emb_g, plus stand-ins for dec and dp."""
-
-    def __init__(
-        self,
-        n_vocab=20,
-        spec=17,
-        inter=6,
-        hidden=8,
-        filter_channels=12,
-        n_heads=2,
-        n_layers=2,
-        kernel=3,
-        n_speakers=0,
-        gin=0,
-    ):
-        super().__init__()
-        self.enc_p = RefTextEncoder(n_vocab, inter, hidden, filter_channels, n_heads, n_layers, kernel)
-        self.enc_q = RefPosteriorEncoder(spec, inter, hidden, gin)
-        self.flow = RefFlow(inter, hidden, gin)
-        self.dec = nn.Conv1d(inter, 1, 7)
-        self.dp = nn.Conv1d(hidden, 1, 3)
-        if n_speakers > 1:
-            self.emb_g = nn.Embedding(n_speakers, gin)
-
-
-def randomized(module: nn.Module, seed: int, scale: float = 0.3) -> nn.Module:
+def checkpoint_state(
+    family, c=4, hidden=8, gin=0, layout="weight_g", n_flows=2, seed=0, scale=0.4, mean_only=True, prefix=""
+):
+    """Random non-zero float32 weights (including ``post``) under upstream's keys ``flow.flows.<i>.…``, plus
+    unrelated generator entries and ``emb_g`` when ``gin``."""
+    shapes = {}
+    for index, kind in layer_plan(family, n_flows):
+        p = f"flow.flows.{index}."
+        if kind == "mono":
+            shapes |= encoder_shapes(f"{p}pre_transformer.", c // 2, c // 2, 2, 3, None, 2)
+            shapes |= _conv(f"{p}post", c // 2, c // 2)
+        elif kind != "flip":
+            shapes |= coupling_shapes(kind, p, c, hidden, gin, layout, mean_only)
+    shapes |= {"enc_p.emb.weight": (10, 6), "dec.conv_pre.weight": (8, 4, 7)}
+    if gin:
+        shapes["emb_g.weight"] = (3, gin)
     gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(scale * torch.randn(p.shape, generator=gen))
-    return module
+    state = {}
+    for key, shape in shapes.items():
+        value = scale * torch.randn(shape, generator=gen)
+        if key.endswith(("gamma", "weight_g", "original0")):
+            value = 1 + value.abs()
+        state[prefix + key] = value
+    return state
 
 
-def save_like_vits(model: nn.Module, path) -> None:
-    """VITS utils.save_checkpoint: {'model', 'iteration', 'optimizer', 'learning_rate'}."""
-    optimizer = torch.optim.AdamW(model.parameters(), 2e-4, betas=(0.8, 0.99), eps=1e-9)
-    torch.save(
-        {
-            "model": model.state_dict(),
-            "iteration": 1000,
-            "optimizer": optimizer.state_dict(),
-            "learning_rate": 2e-4,
-        },
-        path,
-    )
-
-
-def vits_config(gen_kwargs: dict, sampling_rate=8000, filter_length=32, hop_length=8) -> dict:
-    """A VITS config.json for a RefGenerator built with ``gen_kwargs``."""
-    defaults = dict(
-        n_vocab=20,
-        spec=17,
-        inter=6,
-        hidden=8,
-        filter_channels=12,
-        n_heads=2,
-        n_layers=2,
-        kernel=3,
-        n_speakers=0,
-        gin=0,
-    )
-    kw = {**defaults, **gen_kwargs}
+def upstream_checkpoint(state, **extra):
+    """The dict VITS's ``utils.save_checkpoint`` writes."""
     return {
-        "train": {"segment_size": 8192},
-        "data": {
-            "sampling_rate": sampling_rate,
-            "filter_length": filter_length,
-            "hop_length": hop_length,
-            "win_length": filter_length,
-            "add_blank": True,
-            "n_speakers": kw["n_speakers"],
-            "cleaned_text": True,
-        },
-        "model": {
-            "inter_channels": kw["inter"],
-            "hidden_channels": kw["hidden"],
-            "filter_channels": kw["filter_channels"],
-            "n_heads": kw["n_heads"],
-            "n_layers": kw["n_layers"],
-            "kernel_size": kw["kernel"],
-            "p_dropout": 0.1,
-            "gin_channels": kw["gin"],
-        },
+        "model": state,
+        "iteration": 1000,
+        "optimizer": {"state": {}, "param_groups": []},
+        "learning_rate": 2e-4,
+        **extra,
     }

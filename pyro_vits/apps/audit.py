@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import argparse
 import logging
-import resource
 import sys
 from collections.abc import Sequence
+
+from ._args import configure_logging, device_name, nonnegative_int, positive_int
 
 __all__ = ["build_parser", "main"]
 
@@ -41,14 +42,24 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--out", required=True, help="output folder for the report")
     parser.add_argument(
         "--batch-size",
-        type=int,
+        type=positive_int,
         default=None,
         help="VITS's training batch size (default: the config's train.batch_size, else 16)",
     )
-    parser.add_argument("--max-utterances", type=int, default=None, help="audit only the first N utterances")
+    parser.add_argument(
+        "--max-utterances", type=positive_int, default=None, help="audit only the first N utterances"
+    )
     parser.add_argument("--particles", type=int, default=8, help="draws of z per utterance (>= 2; default 8)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:<i> or auto (default cpu)")
+    parser.add_argument(
+        "--chunk-size",
+        type=positive_int,
+        default=8,
+        help="utterances processed at once (memory; the results do not depend on it; default 8)",
+    )
+    parser.add_argument("--seed", type=nonnegative_int, default=0)
+    parser.add_argument(
+        "--device", type=device_name, default="cpu", help="cpu, cuda, cuda:<i> or auto (default cpu)"
+    )
     parser.add_argument(
         "--resample",
         action="store_true",
@@ -60,36 +71,12 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
-class _StderrHandler(logging.Handler):
-    """Writes to whatever ``sys.stderr`` is at the time of the record."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        print(self.format(record), file=sys.stderr)
-
-
-def _log_to_stderr(quiet: bool) -> None:
-    logger.setLevel(logging.WARNING if quiet else logging.INFO)
-    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
-        handler = _StderrHandler()
-        handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
-        logger.addHandler(handler)
-
-
-def _peak_memory_mb(device: object) -> dict[str, float]:
-    import torch
-
-    peak = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
-    if getattr(device, "type", None) == "cuda":
-        peak["peak_cuda_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
-    return peak
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _log_to_stderr(args.quiet)
+    configure_logging(args.quiet, args.verbose)
     from ..audit import audit
     from ..data.speech import SpeechConfig
-    from ..train import resolve_device
+    from .._device import resolve_device
     from ..vits import load_vits_generator, read_vits_config
 
     device = resolve_device(args.device)
@@ -120,6 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         speech_config=speech,
         data_root=args.data_root,
         max_utterances=args.max_utterances,
+        chunk_size=args.chunk_size,
         device=device,
         out=args.out,
         overwrite=args.overwrite,
@@ -127,7 +115,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             "checkpoint": str(args.checkpoint),
             "config": str(args.config),
             "filelist": str(args.filelist),
-            **_peak_memory_mb(device),
         },
     )
     vits, negative = report["kl_per_frame"]["vits"], report["prob_negative"][str(batch_size)]

@@ -14,9 +14,10 @@ log-likelihood (importance sampling with the proposal ``N(x, sigma_x^2)``, exact
 
 Writes ``config.json``, ``metrics.jsonl``, ``checkpoint.pt``, ``figures/training_curves.png`` and (ArviZ)
 ``inference_data.nc`` + ``summary.{csv,md}`` to ``--out`` (refused when it is not empty, unless
-``--overwrite``; ``--resume RUN_DIR`` continues a stopped run). ``--init-flow`` starts the student's flow from
-a real VITS checkpoint, sizing teacher, data and student like it. ``--distributed`` (under ``torchrun``)
-splits every minibatch over the processes (``pyro_vits.distributed``); rank 0 alone writes and prints.
+``--overwrite``; ``--resume RUN_DIR`` continues a stopped run). ``--init-flow`` starts the student's flow (and
+``emb_g``) from a real VITS checkpoint, sizing teacher, data and student like it. ``--distributed`` (under
+``torchrun``) splits every minibatch over the processes (``pyro_vits.distributed``); rank 0 alone writes and
+prints.
 """
 
 from __future__ import annotations
@@ -40,11 +41,11 @@ from ..data.teacher import make_teacher, sample_dataset
 from ..diagnostics import write_run_inference_data
 from ..distributed import DistributedContext, distributed_context
 from ..elbo import ELBOS, make_elbo
-from ..flows import ResidualCouplingBlock
+from ..flows import ResidualCouplingBlock, VITSFlowCheckpoint, read_vits_checkpoint
 from ..guide import ObservationGuide, PosteriorEncoder
 from ..model import VITSPriorModel, evaluate
 from ..plots import plot_training_curves
-from ..train import FitConfig, fit, geometric_lrd, read_vits_flow
+from ..train import FitConfig, fit, geometric_lrd
 from ..train.config import NAN_POLICIES
 from ..train.rundir import FIGURES
 from . import run_main
@@ -76,21 +77,46 @@ def format_table(student: dict[str, float], teacher: dict[str, float], args: arg
     return "\n".join(lines)
 
 
-def adopt_flow_sizes(args: argparse.Namespace, flow: ResidualCouplingBlock, checkpoint_speakers: int) -> None:
-    """Size teacher, data and student like ``flow`` (``--init-flow``); speakers from ``--speakers`` or the
-    checkpoint's ``emb_g``."""
+def adopt_flow_sizes(args: argparse.Namespace, found: VITSFlowCheckpoint) -> None:
+    """Size teacher, data and student like the checkpoint's flow (``--init-flow``); speakers from
+    ``--speakers`` or the checkpoint's ``emb_g``. Only VITS / coqui residual flows: the student is VITS's
+    ``ResidualCouplingBlock``."""
+    flow = found.flow
+    if type(flow) is not ResidualCouplingBlock:
+        kind = flow.config.get("transformer_flow_type", "Bert-VITS2 transformer")
+        raise ValueError(f"{args.init_flow} holds a {kind} flow ({type(flow).__name__}); --init-flow starts "
+                         "a VITS ResidualCouplingBlock student; load it in Python with "
+                         "pyro_vits.flows.read_vits_checkpoint")
     c = flow.config
     args.channels, args.hidden, args.kernel_size = c["channels"], c["hidden_channels"], c["kernel_size"]
     args.n_layers, args.n_flows, args.mean_only = c["n_layers"], c["n_flows"], c["mean_only"]
-    args.speakers = (args.speakers or checkpoint_speakers) if c["gin_channels"] else 0
+    args.flow_dilation = c["dilation_rate"]
+    args.speakers = (args.speakers or found.n_speakers) if c["gin_channels"] else 0
     if c["gin_channels"] and not args.speakers:
         raise ValueError(f"the flow in {args.init_flow} is speaker-conditioned "
                          f"(gin_channels={c['gin_channels']}) and the checkpoint has no emb_g: "
                          "pass --speakers N")
     args.gin_channels = c["gin_channels"] or args.gin_channels
-    logger.info("--init-flow %s: channels %d, hidden %d, kernel %d, %d WN layers, %d couplings (%s), "
-                "%d speakers", args.init_flow, args.channels, args.hidden, args.kernel_size, args.n_layers,
-                args.n_flows, "mean-only" if args.mean_only else "affine", args.speakers)
+    logger.info("--init-flow %s: channels %d, hidden %d, kernel %d, dilation %d, %d WN layers, %d couplings "
+                "(%s), %d speakers", args.init_flow, args.channels, args.hidden, args.kernel_size,
+                args.flow_dilation, args.n_layers, args.n_flows, "mean-only" if args.mean_only else "affine",
+                args.speakers)
+
+
+def import_init_flow(model: VITSPriorModel, found: VITSFlowCheckpoint) -> None:
+    """Copy the checkpoint's flow into the student, and its ``emb_g`` when the sizes match (logged)."""
+    model.flow.load_state_dict(found.flow.state_dict())
+    emb = getattr(model, "emb_g", None)
+    if emb is None:
+        return
+    if found.emb_g is not None and emb.weight.shape == found.emb_g.shape:
+        with torch.no_grad():
+            emb.weight.copy_(found.emb_g)
+        logger.info("--init-flow: imported emb_g (%d speakers x %d channels)", *found.emb_g.shape)
+    else:
+        have = "no emb_g" if found.emb_g is None else f"emb_g of shape {tuple(found.emb_g.shape)}"
+        logger.info("--init-flow: the checkpoint has %s; the student's speaker embedding %s starts random",
+                    have, tuple(emb.weight.shape))
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -110,16 +136,16 @@ def _run(args: argparse.Namespace, device: torch.device, ctx: DistributedContext
     if args.init_flow and args.resume:
         raise ValueError("--init-flow starts a new run and --resume continues one (its flow is in the "
                          "checkpoint)")
-    init_flow = None
-    if args.init_flow:
-        init_flow, checkpoint_speakers = read_vits_flow(args.init_flow)
-        adopt_flow_sizes(args, init_flow, checkpoint_speakers)
+    found = read_vits_checkpoint(args.init_flow, args.flow_dilation) if args.init_flow else None
+    if found is not None:
+        adopt_flow_sizes(args, found)
     torch.set_num_threads(args.threads)
     pyro.set_rng_seed(args.seed)  # the student's initial weights
     out = Path(args.resume or args.out or Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S"))
     if ctx is not None:
         out = ctx.broadcast_object(out)  # rank 0's (its default is a timestamp)
-    sizes = dict(kernel_size=args.kernel_size, n_layers=args.n_layers, n_flows=args.n_flows,
+    sizes = dict(kernel_size=args.kernel_size, dilation_rate=args.flow_dilation or 1, n_layers=args.n_layers,
+                 n_flows=args.n_flows,
                  n_speakers=args.speakers, gin_channels=args.gin_channels if args.speakers else 0,
                  mean_only=args.mean_only, sigma_x=args.sigma_x)
     teacher = make_teacher(args.channels, args.hidden, seed=args.seed, **sizes)
@@ -127,8 +153,8 @@ def _run(args: argparse.Namespace, device: torch.device, ctx: DistributedContext
     heldout = sample_dataset(teacher, args.n_heldout, args.frames, seed=args.seed + 2)
 
     model = VITSPriorModel(args.channels, args.hidden, **sizes)
-    if init_flow is not None:
-        model.flow.load_state_dict(init_flow.state_dict())
+    if found is not None:
+        import_init_flow(model, found)
     guide = PosteriorEncoder(args.channels, args.channels, args.hidden, args.kernel_size,
                              n_layers=args.enc_layers, n_speakers=sizes["n_speakers"],
                              gin_channels=sizes["gin_channels"])
@@ -191,8 +217,13 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         help="on a NaN/Inf loss or gradient: stop (naming step, parameters and sites; the last checkpoint "
              "stays) or skip that step's update (counted in metrics as skipped_steps)")
     add("--init-flow", default=None, metavar="PATH",
-        help="start the student's prior flow from a VITS generator checkpoint (jaywalnut310 or coqui-TTS "
-             "layout); channels, hidden, kernel, layers, couplings and speakers then follow it")
+        help="start the student's prior flow (and speaker embedding emb_g, when sizes match) from a VITS "
+             "generator checkpoint (jaywalnut310 or coqui-TTS layout, weight norm kept or removed, fp32/16); "
+             "channels, hidden, kernel, dilation, layers, couplings and speakers then follow it")
+    add("--flow-dilation", type=positive_int, default=None, metavar="N",
+        help="WN dilation rate of the teacher's and student's flows; with --init-flow the rate the "
+             "checkpoint was trained with (weights do not store it). Default: the checkpoint's config "
+             "(dilation_rate_flow), else 1 (VITS's value)")
     add("--config", default=None, metavar="PATH",
         help="TOML or JSON file of option = value (names as the long options, - or _); its values are "
              "defaults, explicit flags win")

@@ -1,4 +1,5 @@
-"""VITS's transformer pieces (``attentions.py`` of VITS, VITS2 and Bert-VITS2) with the upstream parameter names.
+"""VITS's transformer pieces (``attentions.py`` of VITS, VITS2 and Bert-VITS2) with the upstream parameter
+names.
 
 Every module works channels-first: ``x (B, C, T)``, ``x_mask (B, 1, T)`` (1 = real frame, real frames form a
 prefix), speaker conditioning ``g (B, gin, 1)``. Written from the published architecture (Vaswani et al. 2017;
@@ -6,9 +7,9 @@ Shaw et al. 2018 relative positions with a clipped window, zero beyond it; VITS 
 
 - :class:`LayerNorm`: layer norm over channels, parameters ``gamma``/``beta``, ``eps = 1e-5``.
 - :class:`MultiHeadAttention`: 1x1 convolutions ``conv_q``/``conv_k``/``conv_v``/``conv_o``; scores
-  ``q k^T / sqrt(d_k)`` plus, with ``window_size = w``, relative-key logits ``q . emb_rel_k[j - i + w] / sqrt(d_k)``
-  for ``|j - i| <= w`` (0 beyond) and relative values ``sum_j p_ij emb_rel_v[j - i + w]``; masked scores are
-  set to ``-1e4`` as VITS does (not ``-inf``).
+  ``q k^T / sqrt(d_k)`` plus, with ``window_size = w``, relative-key logits
+  ``q . emb_rel_k[j - i + w] / sqrt(d_k)`` for ``|j - i| <= w`` (0 beyond) and relative values
+  ``sum_j p_ij emb_rel_v[j - i + w]``; masked scores are set to ``-1e4`` as VITS does (not ``-inf``).
 - :class:`FFN`: ``conv_2(act(conv_1(x)))`` with VITS's "same" (``(k-1)//2`` left, ``k//2`` right) or causal
   (``k-1`` left) zero padding and masking before each convolution; ``act`` is ReLU or VITS's
   ``x * sigmoid(1.702 x)`` GELU approximation.
@@ -127,8 +128,10 @@ class MultiHeadAttention(nn.Module):
         scores = torch.matmul(q, k.transpose(-2, -1))
         if self.window_size is not None or self.proximal_bias or self.block_length is not None:
             if t_q != t_k:
-                raise ValueError(f"relative positions, proximal bias and blocks need self-attention, got "
-                                 f"{t_q} queries and {t_k} keys")
+                raise ValueError(
+                    f"relative positions, proximal bias and blocks need self-attention, got "
+                    f"{t_q} queries and {t_k} keys"
+                )
         index = None
         if self.window_size is not None:
             index = self._relative_index(t_q, q.device).expand(b, self.n_heads, t_q, t_q)
@@ -165,8 +168,12 @@ class FFN(nn.Module):
         causal: bool = False,
     ) -> None:
         super().__init__()
-        check_positive_ints(in_channels=in_channels, out_channels=out_channels,
-                            filter_channels=filter_channels, kernel_size=kernel_size)
+        check_positive_ints(
+            in_channels=in_channels,
+            out_channels=out_channels,
+            filter_channels=filter_channels,
+            kernel_size=kernel_size,
+        )
         if activation not in (None, "relu", "gelu"):
             raise ValueError(f"activation must be None, 'relu' or 'gelu', got {activation!r}")
         self.kernel_size = kernel_size
@@ -190,7 +197,8 @@ class FFN(nn.Module):
 
 
 class Encoder(nn.Module):
-    """VITS's transformer encoder ``forward(x (B, H, T), x_mask (B, 1, T), g (B, gin, 1) | None) -> (B, H, T)``.
+    """VITS's transformer encoder: ``forward(x (B, H, T), x_mask (B, 1, T), g (B, gin, 1) | None)``
+    ``-> (B, H, T)``.
 
     Each of ``n_layers`` layers: ``x = norm_1(x + attn(x))``, ``x = norm_2(x + ffn(x))`` with key/query mask
     ``x_mask_i x_mask_j`` and relative positions in a window of ``window_size`` (None: absolute only). With
@@ -221,7 +229,9 @@ class Encoder(nn.Module):
         self.cond_layer_idx = n_layers
         if gin_channels > 0:
             if not isinstance(cond_layer_idx, int) or not 0 <= cond_layer_idx < n_layers:
-                raise ValueError(f"cond_layer_idx must be in [0, n_layers={n_layers}), got {cond_layer_idx!r}")
+                raise ValueError(
+                    f"cond_layer_idx must be in [0, n_layers={n_layers}), got {cond_layer_idx!r}"
+                )
             self.cond_layer_idx = cond_layer_idx
             self.spk_emb_linear = nn.Linear(gin_channels, hidden_channels)
         self.drop = nn.Dropout(p_dropout)
@@ -282,8 +292,14 @@ class FFT(nn.Module):
             self.cond_layer = weight_normed_conv1d(gin_channels, 2 * hidden_channels * n_layers)
         self.drop = nn.Dropout(p_dropout)
         self.self_attn_layers = nn.ModuleList(
-            MultiHeadAttention(hidden_channels, hidden_channels, n_heads, p_dropout,
-                               proximal_bias=proximal_bias, proximal_init=proximal_init)
+            MultiHeadAttention(
+                hidden_channels,
+                hidden_channels,
+                n_heads,
+                p_dropout,
+                proximal_bias=proximal_bias,
+                proximal_init=proximal_init,
+            )
             for _ in range(n_layers)
         )
         self.norm_layers_0 = nn.ModuleList(LayerNorm(hidden_channels) for _ in range(n_layers))

@@ -19,7 +19,7 @@ import torch
 from pyro.optim.clipped_adam import ClippedAdam
 from torch import Tensor, nn
 
-from ..flows import ResidualCouplingBlock, load_vits_flow
+from ..flows import ResidualCouplingBlock, read_vits_checkpoint
 from .config import RESUME_KEYS
 from .rundir import CHECKPOINT, atomic_write
 
@@ -74,28 +74,13 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     return state
 
 
-def read_vits_flow(path: str | os.PathLike, dilation_rate: int = 1) -> tuple[ResidualCouplingBlock, int]:
-    """The prior flow of a VITS generator checkpoint file (original or coqui-TTS layout, see
-    :func:`~pyro_vits.flows.load_vits_flow`), loaded with ``weights_only=True``, and the number of speakers
-    of its ``emb_g`` (0 when it has none)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no VITS checkpoint at {path}")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise ValueError(
-            f"cannot load {path} with torch.load(weights_only=True) ({first_line(err)}); if it holds other "
-            "Python objects, re-save its state dict: torch.save({'model': ckpt['model']}, 'generator.pth')"
-        ) from err
-    try:
-        flow = load_vits_flow(obj, dilation_rate)
-    except (TypeError, ValueError) as err:
-        raise type(err)(f"{path}: {err}") from err
-    state = obj.get("model", obj)
-    emb = next((v for k, v in state.items()
-                if isinstance(k, str) and k.removeprefix("module.") == "emb_g.weight"), None)
-    return flow, 0 if emb is None else int(emb.shape[0])
+def read_vits_flow(
+    path: str | os.PathLike, dilation_rate: int | None = None
+) -> tuple[ResidualCouplingBlock, int]:
+    """The prior flow of a VITS-family generator checkpoint file and the number of speakers of its ``emb_g``
+    (0 when it has none): :func:`~pyro_vits.flows.read_vits_checkpoint`, which also returns ``emb_g``."""
+    found = read_vits_checkpoint(path, dilation_rate)
+    return found.flow, found.n_speakers
 
 
 def _rng_state(dev: torch.device) -> dict[str, Any]:

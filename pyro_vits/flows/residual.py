@@ -7,29 +7,23 @@ The direction ``z -> z_p`` (``reverse=False``) is VITS's training direction.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.nn.utils.parametrizations import weight_norm
 
-from ._validate import check_positive_ints
+from .._validate import check_positive_ints
+from ..nn import weight_normed_conv1d
 
 __all__ = [
     "WN",
+    "AffineCoupling",
     "ResidualCouplingLayer",
     "Flip",
     "ResidualCouplingBlock",
-    "load_vits_flow",
     "flatten_leading",
 ]
-
-
-def _weight_normed_conv(in_ch: int, out_ch: int, kernel_size: int = 1, dilation: int = 1) -> nn.Conv1d:
-    padding = (kernel_size * dilation - dilation) // 2
-    conv = nn.Conv1d(in_ch, out_ch, kernel_size, dilation=dilation, padding=padding)
-    return weight_norm(conv, name="weight")
 
 
 class WN(nn.Module):
@@ -48,13 +42,15 @@ class WN(nn.Module):
         self.n_layers = n_layers
         self.gin_channels = gin_channels
         if gin_channels > 0:
-            self.cond_layer = _weight_normed_conv(gin_channels, 2 * hidden_channels * n_layers)
+            self.cond_layer = weight_normed_conv1d(gin_channels, 2 * hidden_channels * n_layers)
         self.in_layers = nn.ModuleList(
-            _weight_normed_conv(hidden_channels, 2 * hidden_channels, kernel_size, dilation_rate**i)
+            weight_normed_conv1d(hidden_channels, 2 * hidden_channels, kernel_size, dilation_rate**i)
             for i in range(n_layers)
         )
         self.res_skip_layers = nn.ModuleList(
-            _weight_normed_conv(hidden_channels, 2 * hidden_channels if i < n_layers - 1 else hidden_channels)
+            weight_normed_conv1d(
+                hidden_channels, 2 * hidden_channels if i < n_layers - 1 else hidden_channels
+            )
             for i in range(n_layers)
         )
 
@@ -76,41 +72,30 @@ class WN(nn.Module):
         return output * x_mask
 
 
-class ResidualCouplingLayer(nn.Module):
-    """VITS residual coupling layer on ``(N, C, T)``; returns ``(y, logdet (N,))``.
+class AffineCoupling(nn.Module):
+    """Coupling ``x = [x0, x1] -> [x0, m(x0) + x1 * exp(logs(x0))]`` on ``(N, C, T)``; returns
+    ``(y, logdet (N,))``.
 
-    ``mean_only=True``: ``x1 -> m(x0) + x1`` (volume preserving, logdet exactly 0).
-    ``mean_only=False``: ``x1 -> m(x0) + x1 * exp(logs(x0))``, logdet = sum of valid ``logs``.
+    Subclasses build the conditioner :meth:`stats` (``(N, C/2, T) -> (N, C/2 * (2 - mean_only), T)``, masked)
+    ending in the zero-initialised 1x1 convolution ``post``. ``mean_only=True``: ``logs = 0`` (volume
+    preserving, logdet exactly 0); otherwise logdet is the sum of the valid ``logs`` (negated in reverse).
     """
 
-    def __init__(
-        self,
-        channels: int,
-        hidden_channels: int,
-        kernel_size: int,
-        dilation_rate: int,
-        n_layers: int,
-        gin_channels: int = 0,
-        mean_only: bool = True,
-    ) -> None:
+    def __init__(self, channels: int, mean_only: bool) -> None:
         super().__init__()
         if channels % 2 != 0:
             raise ValueError(f"channels must be even (the coupling splits them in halves), got {channels}")
         self.half_channels = channels // 2
         self.mean_only = mean_only
-        self.pre = nn.Conv1d(self.half_channels, hidden_channels, 1)
-        self.enc = WN(hidden_channels, kernel_size, dilation_rate, n_layers, gin_channels=gin_channels)
-        self.post = nn.Conv1d(hidden_channels, self.half_channels * (1 if mean_only else 2), 1)
-        nn.init.zeros_(self.post.weight)
-        nn.init.zeros_(self.post.bias)
+
+    def stats(self, x0: Tensor, x_mask: Tensor, g: Tensor | None) -> Tensor:
+        raise NotImplementedError
 
     def forward(
         self, x: Tensor, x_mask: Tensor, g: Tensor | None = None, reverse: bool = False
     ) -> tuple[Tensor, Tensor]:
         x0, x1 = torch.split(x, [self.half_channels] * 2, 1)
-        h = self.pre(x0) * x_mask
-        h = self.enc(h, x_mask, g=g)
-        stats = self.post(h) * x_mask
+        stats = self.stats(x0, x_mask, g)
         if self.mean_only:
             x1 = (x1 - stats) * x_mask if reverse else stats + x1 * x_mask
             logdet = x.new_zeros(x.shape[0])
@@ -124,6 +109,37 @@ class ResidualCouplingLayer(nn.Module):
             if reverse:
                 logdet = -logdet
         return torch.cat([x0, x1], 1), logdet
+
+
+def zero_conv1x1(in_ch: int, out_ch: int) -> nn.Conv1d:
+    """The 1x1 ``post`` convolution, zero-initialised so that a fresh coupling is the identity."""
+    conv = nn.Conv1d(in_ch, out_ch, 1)
+    nn.init.zeros_(conv.weight)
+    nn.init.zeros_(conv.bias)
+    return conv
+
+
+class ResidualCouplingLayer(AffineCoupling):
+    """VITS residual coupling layer: ``stats = post(WN(pre(x0) * mask, g)) * mask``."""
+
+    def __init__(
+        self,
+        channels: int,
+        hidden_channels: int,
+        kernel_size: int,
+        dilation_rate: int,
+        n_layers: int,
+        gin_channels: int = 0,
+        mean_only: bool = True,
+    ) -> None:
+        super().__init__(channels, mean_only)
+        self.pre = nn.Conv1d(self.half_channels, hidden_channels, 1)
+        self.enc = WN(hidden_channels, kernel_size, dilation_rate, n_layers, gin_channels=gin_channels)
+        self.post = zero_conv1x1(hidden_channels, self.half_channels * (1 if mean_only else 2))
+
+    def stats(self, x0: Tensor, x_mask: Tensor, g: Tensor | None) -> Tensor:
+        h = self.enc(self.pre(x0) * x_mask, x_mask, g=g)
+        return self.post(h) * x_mask
 
 
 class Flip(nn.Module):
@@ -154,11 +170,22 @@ def flatten_leading(
     return x, x_mask, g, lead
 
 
+def check_gin_channels(gin_channels: Any) -> None:
+    if not isinstance(gin_channels, int) or isinstance(gin_channels, bool) or gin_channels < 0:
+        raise ValueError(f"gin_channels must be a non-negative int, got {gin_channels!r}")
+
+
 class ResidualCouplingBlock(nn.Module):
     """VITS prior flow f: ``n_flows`` x [ResidualCouplingLayer, Flip] on ``(..., C, T)``.
 
     ``forward(x, x_mask, g, reverse)`` returns ``y`` like VITS; ``forward_and_logdet`` also returns
-    ``log|det dy/dx|`` of shape ``(...)`` (exact zeros for mean-only couplings).
+    ``log|det dy/dx|`` over the valid frames, of shape ``(...)`` (exact zeros when ``mean_only``).
+
+    This class is also the base of every prior flow in :mod:`pyro_vits.flows` (VITS2's and Bert-VITS2's
+    transformer couplings subclass it), so :class:`~pyro_vits.prior.FlowPrior` and the transforms accept any
+    of them. The contract: ``flows`` is a ModuleList of layers ``(x, x_mask, g, reverse) -> (y, logdet (N,))``
+    applied in order (reversed for ``reverse=True``); ``channels``, ``gin_channels``; ``mean_only`` is True
+    exactly when every layer is volume preserving; ``config`` holds the constructor arguments.
     """
 
     def __init__(
@@ -173,14 +200,16 @@ class ResidualCouplingBlock(nn.Module):
         mean_only: bool = True,
     ) -> None:
         super().__init__()
-        check_positive_ints(channels=channels, hidden_channels=hidden_channels, kernel_size=kernel_size,
-                            dilation_rate=dilation_rate, n_layers=n_layers, n_flows=n_flows)
-        if not isinstance(gin_channels, int) or gin_channels < 0:
-            raise ValueError(f"gin_channels must be a non-negative int, got {gin_channels!r}")
-        self.channels = channels
-        self.gin_channels = gin_channels
-        self.mean_only = mean_only
-        self.config = dict(
+        check_positive_ints(
+            channels=channels,
+            hidden_channels=hidden_channels,
+            kernel_size=kernel_size,
+            dilation_rate=dilation_rate,
+            n_layers=n_layers,
+            n_flows=n_flows,
+        )
+        check_gin_channels(gin_channels)
+        config = dict(
             channels=channels,
             hidden_channels=hidden_channels,
             kernel_size=kernel_size,
@@ -190,14 +219,23 @@ class ResidualCouplingBlock(nn.Module):
             gin_channels=gin_channels,
             mean_only=mean_only,
         )
-        self.flows = nn.ModuleList()
+        layers: list[nn.Module] = []
         for _ in range(n_flows):
-            self.flows.append(
+            layers += [
                 ResidualCouplingLayer(
                     channels, hidden_channels, kernel_size, dilation_rate, n_layers, gin_channels, mean_only
-                )
-            )
-            self.flows.append(Flip())
+                ),
+                Flip(),
+            ]
+        self._init_stack(config, layers, mean_only)
+
+    def _init_stack(self, config: dict[str, Any], layers: Sequence[nn.Module], mean_only: bool) -> None:
+        """Set the contract attributes (shared by the subclasses, which build other layers)."""
+        self.channels = config["channels"]
+        self.gin_channels = config["gin_channels"]
+        self.mean_only = mean_only
+        self.config = config
+        self.flows = nn.ModuleList(layers)
 
     def forward_and_logdet(
         self, x: Tensor, x_mask: Tensor | None = None, g: Tensor | None = None, reverse: bool = False
@@ -221,71 +259,3 @@ class ResidualCouplingBlock(nn.Module):
         self, x: Tensor, x_mask: Tensor | None = None, g: Tensor | None = None, reverse: bool = False
     ) -> Tensor:
         return self.forward_and_logdet(x, x_mask, g, reverse)[0]
-
-
-def _to_parametrized_key(key: str) -> str:
-    if key.endswith(".weight_g"):
-        return key[: -len("weight_g")] + "parametrizations.weight.original0"
-    if key.endswith(".weight_v"):
-        return key[: -len("weight_v")] + "parametrizations.weight.original1"
-    return key
-
-
-def _flow_entries(obj: Mapping[str, Any]) -> dict[str, Tensor]:
-    state = obj.get("model", obj) if isinstance(obj, Mapping) else None
-    if not isinstance(state, Mapping):
-        raise TypeError(f"expected a state dict or a checkpoint dict with 'model', got {type(obj).__name__}")
-    entries = {}
-    for key, value in state.items():
-        if not isinstance(key, str) or not isinstance(value, Tensor):
-            continue
-        stripped = key[len("module.") :] if key.startswith("module.") else key
-        if stripped.startswith("flow.flows."):
-            entries[_to_parametrized_key(stripped[len("flow.") :])] = value
-    if not entries:
-        raise ValueError(
-            "no flow found: expected keys 'flow.flows.<i>.…' (optionally under 'module.'), "
-            f"got {len(state)} entries such as {list(state)[:3]}"
-        )
-    return entries
-
-
-def load_vits_flow(obj: Mapping[str, Any], dilation_rate: int = 1) -> ResidualCouplingBlock:
-    """Build and strictly load a :class:`ResidualCouplingBlock` from a VITS generator state dict.
-
-    Accepts ``{"model": state_dict}`` checkpoints, ``module.`` prefixes, both weight-norm layouts
-    (``weight_g/weight_v`` and ``parametrizations.weight.original0/1``) and both coupling numberings: VITS's
-    ``flow.flows.0, 2, 4, …`` (``Flip`` modules in between) and coqui-TTS's ``flow.flows.0, 1, 2, …``
-    (``ResidualCouplingBlocks`` flips in ``forward``, the same map). Sizes are inferred from shapes; the
-    dilation rate is not stored in weights (VITS's prior flow uses 1).
-    """
-    entries = _flow_entries(obj)
-    try:
-        coupling_ids = sorted({int(k.split(".")[1]) for k in entries})
-        if any(i % 2 for i in coupling_ids):  # coqui-TTS numbering: coupling i is VITS's flows.<2 i>
-            entries = {f"flows.{2 * int(k.split('.')[1])}.{k.split('.', 2)[2]}": v
-                       for k, v in entries.items()}
-        pre_w = entries["flows.0.pre.weight"]
-        post_w = entries["flows.0.post.weight"]
-        in0 = entries["flows.0.enc.in_layers.0.parametrizations.weight.original1"]
-    except (KeyError, ValueError) as err:
-        raise ValueError(f"state dict has 'flow.' entries but not a VITS coupling layout: {err}") from err
-    hidden, half = pre_w.shape[0], pre_w.shape[1]
-    n_layers = len({k.split(".")[4] for k in entries if k.startswith("flows.0.enc.in_layers.")})
-    cond = entries.get("flows.0.enc.cond_layer.parametrizations.weight.original1")
-    block = ResidualCouplingBlock(
-        channels=2 * half,
-        hidden_channels=hidden,
-        kernel_size=in0.shape[-1],
-        dilation_rate=dilation_rate,
-        n_layers=n_layers,
-        n_flows=len(coupling_ids),
-        gin_channels=0 if cond is None else cond.shape[1],
-        mean_only=post_w.shape[0] == half,
-    )
-    try:
-        block.load_state_dict(entries, strict=True)
-    except RuntimeError as err:
-        details = " ".join(str(err).split())  # torch lists the mismatches on tab-indented lines
-        raise ValueError(f"flow entries do not match a VITS ResidualCouplingBlock: {details}") from err
-    return block
