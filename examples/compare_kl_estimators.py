@@ -1,83 +1,52 @@
-"""Settle VITS's KL-loss questions by measurement: one- vs multi-sample KL estimators, ArviZ diagnostics.
+"""Compare one-sample KL estimators of VITS's loss, then run the whole study.
 
-Runs :func:`pyro_vits.study.run_study`: estimator bias/sd/P(<0) against quadrature and large-sample ground
-truths, P(batch-mean KL < 0) against batch size, the hybrid-vs-MC variance ratio over sigma_q / sigma_p,
-what clamp()/abs() do to the loss and its gradient, training at equal compute (K x steps) for K = 1..16,
-VP vs NVP couplings, gradient SNR against K, PSIS k-hat of the guide. Writes ``results.json``,
-``netcdf/*.nc`` (InferenceData, seeds as chains), ``tables/*.{csv,md}`` (az.summary), ``figures/*.png``.
+A short tour of :mod:`pyro_vits.estimators` on the cos-flow prior (unit Jacobian, not Gaussian): the hybrid
+``vits`` estimator, full Monte Carlo ``mc``, the ``control_variate`` one, the element-wise ``abs`` patch and
+``k3``: their mean against the quadrature truth, their spread and how often they are negative. Then
+:mod:`pyro_vits.study` (the docs' numbers) with the options of ``pyro-vits study``:
 
-    python examples/compare_kl_estimators.py --preset quick           # < 1 min on one CPU core
-    python examples/compare_kl_estimators.py --preset docs --docs docs  # the docs/ numbers (make docs)
-    python examples/compare_kl_estimators.py --preset docs --device cuda
+    python examples/compare_kl_estimators.py --preset test               # seconds
+    python examples/compare_kl_estimators.py --preset docs --docs docs   # what make docs runs
 """
 
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
-from typing import Any
 
 import torch
 
-from pyro_vits.study import PRESETS, publish_docs, run_study
-from pyro_vits.train import resolve_device
+from pyro_vits.apps import run_main
+from pyro_vits.estimators import quadrature_kl_2d, sample_kl_estimates
+from pyro_vits.prior import CosFlowPrior, MaskedNormal
+from pyro_vits.study import app
+
+NAMES = ("vits", "mc", "control_variate", "abs_elementwise", "k3")
 
 
-def headline(results: dict[str, Any]) -> str:
-    """A few of the numbers, with their MCSE / SE and normalisation."""
-    quality, runs = results["quality"], results["training"]["runs"]
-    lines = ["KL estimators at fixed parameters (nats per frame, K = 1; bias ± MCSE):"]
-    for setting, r in quality.items():
-        vits, closed = r["estimators"]["vits"]["1"], r["estimators"]["gaussian_closed_form"]
-        lines.append(f"  {setting:11s} truth {r['truth']:9.4f}  vits bias {vits['bias']:+.4f} ± "
-                     f"{vits['bias_mcse']:.4f}  P(<0) {vits['p_negative']:.3f}  "
-                     f"Gaussian closed-form error {closed['bias']:+.4f}")
-    clamp, abs_ = results["fix_gradient"]["clamp"], results["fix_gradient"]["abs"]
-    lines.append(f"clamp / abs near convergence: loss bias {clamp['loss_bias']:+.4f} / "
-                 f"{abs_['loss_bias']:+.4f} "
-                 f"nats per frame; gradient projection on the true gradient "
-                 f"{clamp['projection']:.2f} / {abs_['projection']:.2f} (1 = unbiased)")
-    lines.append("training at equal compute (held-out, nats per frame, mean ± SE over seeds):")
-    for name, run in runs.items():
-        final = run["final"]
-        elbo, loglik = final["heldout_elbo_per_frame"], final["heldout_loglik_iwae_per_frame"]
-        lines.append(f"  {name:8s} ELBO {elbo['mean']:8.3f} ± {elbo['se']:.3f}  "
-                     f"IWAE log p(x) {loglik['mean']:8.3f}"
-                     f"  KL(p_teacher || p) {final['prior_kl_to_teacher_per_frame']['mean']:.3f}"
-                     f"  SVI {final['svi_wall_s']['mean']:.1f} s")
-    teacher = results["training"]["teacher_heldout_loglik_per_frame"]
-    lines.append(f"teacher's exact held-out log p(x): {teacher:.3f}")
-    lines.append(f"wall time: {results['wall_s']['total']:.0f} s on {results['device']}")
-    return "\n".join(lines)
+def tour(num_samples: int) -> None:
+    """Print mean ± MCSE, sd and P(< 0) of each estimator against the quadrature KL (nats)."""
+    zero = torch.zeros(2, 1, dtype=torch.float64)
+    m_q = torch.tensor([[0.3], [-0.2]], dtype=torch.float64)
+    logs_q = torch.tensor([[0.8], [0.6]], dtype=torch.float64).log()
+    prior = CosFlowPrior(zero, zero, a=1.0)
+    truth, _ = quadrature_kl_2d(MaskedNormal(m_q, logs_q.exp()), prior)
+    draws = sample_kl_estimates(NAMES, m_q, logs_q, prior, num_samples, seed=0)
+    print(f"KL(q || p) by quadrature: {truth:.4f} nats")
+    for name, x in draws.items():
+        print(f"  {name:16s} mean {x.mean():.4f} ± {x.std() / num_samples ** 0.5:.4f}  sd {x.std():.3f}  "
+              f"P(<0) {(x < 0).double().mean():.3f}")
 
 
-def main(args: argparse.Namespace) -> dict[str, Any]:
-    """Run the study; returns its results (as written to ``<out>/results.json``)."""
-    torch.set_num_threads(args.threads)
-    config = PRESETS[args.preset].with_seed(args.seed)
-    out = Path(args.out or Path("runs") / f"kl-study-{args.preset}")
-    results = run_study(config, out, device=resolve_device(args.device))
-    print(headline(results))
-    print(f"wrote {out}")
-    if args.docs:
-        print(f"rendered {publish_docs(out, args.docs)}")
-    return results
+def main(args: argparse.Namespace) -> int:
+    tour(args.tour_samples)
+    return app.run(args)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="quick",
-                        help="quick: < 1 min on one CPU core; docs: the documentation's numbers")
-    parser.add_argument("--device", default="cpu", help="cpu (reproducible), cuda, cuda:<i> or auto")
-    parser.add_argument("--out", default=None, help="output folder (default runs/kl-study-<preset>)")
-    parser.add_argument("--seed", type=int, default=0, help="first seed; the preset's seeds count up from it")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch intra-op threads (the tensors are small: 1 is fastest on a busy machine)")
-    parser.add_argument("--docs", default=None,
-                        help="also publish results.json, figures and tables into this folder and render "
-                             "its kl_estimators.template.md into kl_estimators.md")
+    parser = app.build_parser("compare_kl_estimators.py")
+    parser.add_argument("--tour-samples", type=int, default=20000, help="draws per estimator in the tour")
     return parser.parse_args(argv)
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    raise SystemExit(run_main(lambda argv: main(parse_args(argv)), prog="compare_kl_estimators.py"))

@@ -27,7 +27,6 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
-from pathlib import Path
 from types import ModuleType
 
 from .apps import run_main
@@ -90,69 +89,18 @@ TABLE: dict[str, Command] = {
 }
 """Every command with the module(s) behind it; :data:`COMMANDS` lists those installed."""
 
-# --- until pyro_vits.study.app and pyro_vits.apps.bench exist ---------------------------------------------
-REPO = Path(__file__).resolve().parents[1]  # only the bench fallback below reads it (a source checkout)
+COMMANDS: dict[str, Command] = {name: c for name, c in TABLE.items() if c.module_name() is not None}
+"""The commands of this installation."""
 
 
-def _legacy_study() -> ModuleType:
-    """``pyro_vits.study`` itself when it follows the application contract."""
-    study = importlib.import_module("pyro_vits.study")
-    if not (callable(getattr(study, "build_parser", None)) and callable(getattr(study, "main", None))):
-        raise ValueError("pyro-vits study needs pyro_vits.study.app, which this version lacks (run "
-                         "examples/compare_kl_estimators.py from a source checkout)")
-    return study
-
-
-def _legacy_bench(argv: list[str]) -> int:
-    """``benchmarks/run.py`` of a source checkout (``pip install -e .``), as before."""
-    path = REPO / "benchmarks" / "run.py"
-    if not path.is_file():
-        raise FileNotFoundError(f"pyro-vits bench runs benchmarks/run.py from a source checkout "
-                                f"(pip install -e .), and there is none at {path}")
-    name = f"_pyro_vits_script_{abs(hash(str(path)))}"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module  # dataclasses in the script look their module up while it executes
-        try:
-            spec.loader.exec_module(module)
-        except BaseException:
-            del sys.modules[name]
-            raise
-    bench = sys.modules[name]
-    make_parser = getattr(bench, "build_parser", None) or getattr(bench, "_parser", None)
-    if make_parser is not None:
-        argv = layered_argv(make_parser(), argv)
-        device = getattr(make_parser().parse_args(argv), "device", None)
-        if device is not None:  # a missing CUDA is a usage error (exit code 2) here as in fit and study
-            from ._device import resolve_device
-
-            resolve_device(device)
-    elif "--config" in argv:
-        raise ValueError("bench --config needs benchmarks/run.py to expose its argument parser")
-    bench.main(argv)
-    return 0
-# -----------------------------------------------------------------------------------------------------------
-
-
-COMMANDS: dict[str, Command] = {name: c for name, c in TABLE.items()
-                                 if name in ("fit", "study", "bench") or c.module_name() is not None}
-"""The commands of this installation (``study`` and ``bench`` always: they fall back as noted above)."""
-
-
-def _app(command: str) -> ModuleType | None:
-    """The application module of ``command`` (None: the bench fallback)."""
-    name = TABLE[command].module_name()
-    if name is not None:
-        return importlib.import_module(name)
-    return _legacy_study() if command == "study" else None
+def _app(command: str) -> ModuleType:
+    """The application module of ``command`` (one of :data:`COMMANDS`)."""
+    return importlib.import_module(TABLE[command].module_name())
 
 
 def _run_command(command: str, argv: list[str], top: argparse.Namespace) -> int | None:
     """Run ``command``'s application on ``argv`` (the top-level -q/-v forwarded where it has them)."""
     app = _app(command)
-    if app is None:
-        return _legacy_bench(argv)
     prog = f"pyro-vits {command}"
     parameters = inspect.signature(app.build_parser).parameters
     parser = app.build_parser(prog) if parameters else app.build_parser()
@@ -161,10 +109,6 @@ def _run_command(command: str, argv: list[str], top: argparse.Namespace) -> int 
                    if on and flag in options]
     if "prog" in inspect.signature(app.main).parameters:
         return app.main(argv, prog=prog)
-    if app.__name__ == "pyro_vits.study":  # the module-level contract of an older pyro_vits.study
-        parser.prog = prog
-        app.main(parse_with_config(parser, argv))
-        return 0
     return app.main(argv)
 
 

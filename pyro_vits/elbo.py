@@ -9,6 +9,16 @@ subsampling plates / ``poutine.scale`` and ``vectorize_particles=True/False``.
   surrogate evaluates ``log q(z)`` with the guide's distribution parameters detached.
 - :class:`IWAE_DReG`: the importance-weighted bound (``RenyiELBO(alpha=0)``'s value) with the doubly
   reparameterised gradient (Tucker et al. 2018) for the guide.
+- :class:`MC_ELBO`: ``Trace_ELBO``'s full Monte-Carlo estimator, written with the same hook as the two above
+  so that it also takes ``kl_particles``.
+
+``kl_particles=K`` (:class:`HybridEntropyELBO`, :class:`STL_ELBO`, :class:`MC_ELBO`): the expected
+log-likelihood keeps the usual particles (``num_particles``), while each reparameterised latent site's KL
+part ``log q(z) - log p(z)`` (or ``-H(q) - log p(z)``) is averaged over the site's own draw and ``K - 1``
+more reparameterised draws ``z' ~ q`` (``rsample``, one vectorised call of the site's distributions: for a
+``FlowPrior`` the flow runs once on all ``K - 1`` draws, never the likelihood). The estimate and its
+gradient stay unbiased (each draw's term has the same expectation); ``K = 1`` is the plain estimator.
+Sites downstream of ``z`` (the likelihood) see only the original draw. See :func:`kl_particle_sites`.
 
 :data:`ELBOS` names them (with Pyro's ``Trace_ELBO`` as ``"trace"``) for configs and command lines;
 :func:`make_elbo` builds one by name.
@@ -39,8 +49,18 @@ from torch.distributions import Distribution, TransformedDistribution
 
 from ._validate import check_positive_ints
 
-__all__ = ["ELBOS", "HybridEntropyELBO", "STL_ELBO", "IWAE_DReG", "analytic_entropy", "detach_distribution",
-           "make_elbo"]
+__all__ = [
+    "ELBOS",
+    "KL_PARTICLE_ELBOS",
+    "HybridEntropyELBO",
+    "STL_ELBO",
+    "MC_ELBO",
+    "IWAE_DReG",
+    "analytic_entropy",
+    "detach_distribution",
+    "kl_particle_sites",
+    "make_elbo",
+]
 
 Site = dict[str, Any]
 
@@ -92,13 +112,51 @@ def _stl_log_prob(site: Site) -> Tensor:
     return scale_and_mask(log_prob, site["scale"], site["mask"])
 
 
+def _extra_site(site: Site, value: Tensor, fn: Distribution | None = None) -> Site:
+    """A copy of ``site`` for ``value`` = ``(K - 1, *batch, *event)`` extra draws of it: ``fn`` expanded to
+    the extra leading dim, ``log_prob`` scaled and masked like the site's, ``(K - 1, *batch)``."""
+    fn = site["fn"] if fn is None else fn
+    log_prob = scale_and_mask(fn.log_prob(value), site["scale"], site["mask"])
+    expanded = fn.expand(value.shape[:1] + fn.batch_shape)
+    return {**site, "fn": expanded, "value": value, "log_prob": log_prob, "log_prob_sum": log_prob.sum()}
+
+
+def kl_particle_sites(model_trace: Trace, guide_trace: Trace,
+                      kl_particles: int) -> dict[str, tuple[Site, Site]]:
+    """``K - 1 = kl_particles - 1`` extra reparameterised draws for every latent site that is sampled by a
+    reparameterised guide site: ``{name: (model_extra, guide_extra)}``, pseudo-sites (see
+    :func:`_extra_site`) whose ``value`` is ``(K - 1, *batch, *event)`` drawn by one ``rsample`` of the
+    guide site's distribution and whose ``log_prob`` is the model's / the guide's on those draws (one
+    vectorised evaluation each: a ``FlowPrior`` runs its flow once). Empty when ``kl_particles == 1``.
+    A site whose guide distribution depends on upstream latents is redrawn given the upstream values of
+    this particle, so its averaged term is unbiased for the same conditional expectation."""
+    if kl_particles == 1:
+        return {}
+    extra = {}
+    for name, site in guide_trace.nodes.items():
+        model_site = model_trace.nodes.get(name)
+        if (site["type"] != "sample" or not _is_reparameterized(site) or model_site is None
+                or model_site["is_observed"]):
+            continue
+        value = site["fn"].rsample(torch.Size([kl_particles - 1]))
+        extra[name] = (_extra_site(model_site, value), _extra_site(site, value))
+    return extra
+
+
 class _GuideTermELBO(Trace_ELBO):
     """``Trace_ELBO`` whose reparameterised guide sites contribute ``_guide_term(site)``.
 
     ``_guide_term`` returns ``(value, surrogate)``: scalar estimates of that site's ``E_q[log q]``, the first
     reported as the loss, the second differentiated. Other guide sites (observed, score-function) are
-    treated exactly as by ``Trace_ELBO``.
+    treated exactly as by ``Trace_ELBO``. ``kl_particles`` (positive int, default 1): each reparameterised
+    latent site's ``log p(z)`` and guide term average over that many draws (see the module docstring);
+    the other keyword arguments are ``Trace_ELBO``'s.
     """
+
+    def __init__(self, *args: Any, kl_particles: int = 1, **kwargs: Any) -> None:
+        check_positive_ints(kl_particles=kl_particles)
+        super().__init__(*args, **kwargs)
+        self.kl_particles = kl_particles
 
     def _guide_term(self, site: Site) -> tuple[Tensor, Tensor]:
         raise NotImplementedError
@@ -107,15 +165,23 @@ class _GuideTermELBO(Trace_ELBO):
         elbo: float = 0.0
         surrogate: Tensor | float = 0.0
         log_r = None
-        for site in model_trace.nodes.values():
+        extra = kl_particle_sites(model_trace, guide_trace, self.kl_particles)
+        k = self.kl_particles
+        for name, site in model_trace.nodes.items():
             if site["type"] == "sample":
-                elbo = elbo + torch_item(site["log_prob_sum"])
-                surrogate = surrogate + site["log_prob_sum"]
-        for site in guide_trace.nodes.values():
+                log_p = site["log_prob_sum"]
+                if name in extra:
+                    log_p = (log_p + extra[name][0]["log_prob_sum"]) / k
+                elbo = elbo + torch_item(log_p)
+                surrogate = surrogate + log_p
+        for name, site in guide_trace.nodes.items():
             if site["type"] != "sample":
                 continue
             if _is_reparameterized(site):
                 value, site_surrogate = self._guide_term(site)
+                if name in extra:
+                    extra_value, extra_surrogate = self._guide_term(extra[name][1])
+                    value, site_surrogate = (value + extra_value) / k, (site_surrogate + extra_surrogate) / k
                 elbo = elbo - torch_item(value)
                 surrogate = surrogate - site_surrogate
                 continue
@@ -139,6 +205,14 @@ class _GuideTermELBO(Trace_ELBO):
             ) / self.num_particles
         warn_if_nan(loss, "loss")
         return loss
+
+
+class MC_ELBO(_GuideTermELBO):
+    """Full Monte Carlo ``-E_q[log p(x, z) - log q(z)]``: ``Trace_ELBO``'s value and gradient for
+    reparameterised guides, plus the ``kl_particles`` option."""
+
+    def _guide_term(self, site: Site) -> tuple[Tensor, Tensor]:
+        return site["log_prob_sum"], site["log_prob_sum"]
 
 
 class HybridEntropyELBO(_GuideTermELBO):
@@ -275,11 +349,25 @@ ELBOS: dict[str, type[ELBO]] = {
 """The ELBO classes by name (the KL *estimators* on tensors are :mod:`pyro_vits.estimators`' registry)."""
 
 
-def make_elbo(estimator: str = "trace", particles: int = 1, vectorize: bool = True) -> ELBO:
+KL_PARTICLE_ELBOS: dict[str, type[ELBO]] = {"trace": MC_ELBO, "vits": HybridEntropyELBO, "stl": STL_ELBO}
+"""The classes :func:`make_elbo` builds for ``kl_particles > 1`` (``trace``: :class:`MC_ELBO`, the same
+estimator as ``Trace_ELBO``); ``iwae_dreg`` weights whole particles and has no separate KL term."""
+
+
+def make_elbo(estimator: str = "trace", particles: int = 1, vectorize: bool = True,
+              kl_particles: int = 1) -> ELBO:
     """The ELBO named ``estimator`` (a key of :data:`ELBOS`) with ``particles`` particles per step and
     ``max_plate_nesting=1``: ``trace`` (``Trace_ELBO``), ``vits`` (:class:`HybridEntropyELBO`, VITS's
-    analytic-entropy estimator), ``stl``, ``iwae_dreg``."""
+    analytic-entropy estimator), ``stl``, ``iwae_dreg``. ``kl_particles > 1`` averages each particle's KL
+    term over that many draws through the prior only (:data:`KL_PARTICLE_ELBOS`; not for ``iwae_dreg``);
+    ``kl_particles=1`` gives exactly the plain class."""
     if estimator not in ELBOS:
         raise ValueError(f"estimator must be one of {tuple(ELBOS)}, got {estimator!r}")
-    check_positive_ints(particles=particles)
-    return ELBOS[estimator](num_particles=particles, vectorize_particles=vectorize, max_plate_nesting=1)
+    check_positive_ints(particles=particles, kl_particles=kl_particles)
+    if kl_particles == 1:
+        return ELBOS[estimator](num_particles=particles, vectorize_particles=vectorize, max_plate_nesting=1)
+    if estimator not in KL_PARTICLE_ELBOS:
+        raise ValueError(f"kl_particles > 1 needs an estimator in {tuple(KL_PARTICLE_ELBOS)}, "
+                         f"got {estimator!r}")
+    return KL_PARTICLE_ELBOS[estimator](num_particles=particles, vectorize_particles=vectorize,
+                                        max_plate_nesting=1, kl_particles=kl_particles)

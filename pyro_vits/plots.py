@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -80,20 +81,31 @@ def _require(mapping: Mapping[str, Any], keys: Sequence[str], name: str) -> None
         raise ValueError(f"{name} lacks keys {missing}")
 
 
-def _finish(fig: Figure, axes: Sequence[Any], path: str | os.PathLike, shared_legend: bool = False) -> None:
+def _finish(fig: Figure, axes: Sequence[Any], path: str | os.PathLike, shared_legend: bool = False,
+            ncol: int = 4, fontsize: str = "small") -> None:
     """Grids and legends (one below the panels with ``shared_legend``), then save as PNG."""
     for ax in axes:
         ax.grid(alpha=0.3)
         if not shared_legend and ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize="small")
+            ax.legend(fontsize=fontsize, framealpha=0.85)
     if shared_legend:
         handles, labels = axes[0].get_legend_handles_labels()
-        fig.legend(handles, labels, loc="outside lower center", ncol=min(4, len(labels)), fontsize="small")
+        fig.legend(handles, labels, loc="outside lower center", ncol=min(ncol, len(labels)), fontsize="small")
     fig.savefig(path, dpi=_DPI)
 
 
-_HISTOGRAMS = ("vits", "mc", "k3")
-_MEAN_LINES = ("clamp", "abs")
+_HISTOGRAMS = ("vits", "mc", "control_variate", "k3")
+_MEAN_LINES = ("clamp", "abs", "abs_elementwise")
+
+
+def _vline(ax: Any, label: str, value: float, color: str, style: str, lo: float, hi: float, row: int) -> None:
+    """A vertical line inside ``[lo, hi]``, else an arrow at the edge (row ``row`` from the top)."""
+    if lo <= value <= hi:
+        ax.axvline(value, color=color, ls=style, lw=1.6, label=f"{label} = {value:.3g}", zorder=3)
+    else:  # far outside the draws: an arrow at the edge instead of an axis squeezing them
+        edge, align = (hi, "right") if value > hi else (lo, "left")
+        ax.annotate(f"{label} = {value:.4g} {'→' if value > hi else '←'}", (edge, 0.95 - 0.07 * row),
+                    xycoords=("data", "axes fraction"), ha=align, color=color, fontsize="small")
 
 
 def plot_estimator_histograms(
@@ -102,79 +114,110 @@ def plot_estimator_histograms(
     closed_forms: Mapping[str, float],
     path: str | os.PathLike,
 ) -> None:
-    """One panel per setting: histograms of the ``vits``, ``mc`` and ``k3`` one-particle draws (any shape,
-    nats per frame), the means of ``clamp`` and ``abs`` (dotted), the truth and the Gaussian closed form.
-    The x range covers the 0.5-99.5 % of the pooled draws (a heavy k3 tail is cut) and the lines."""
+    """One panel per setting: histograms of the ``vits``, ``mc``, ``control_variate`` and ``k3``
+    one-particle draws (any shape, nats per frame), the means of ``clamp``, ``abs`` and
+    ``abs_elementwise`` (their value is in the legend: they can sit on top of the truth), the truth
+    (thin black) and the Gaussian closed form. The x range covers the 0.5-99.5 % of the pooled draws."""
     if not draws:
         raise ValueError("draws is empty: nothing to plot")
     _require(truths, list(draws), "truths")
     _require(closed_forms, list(draws), "closed_forms")
-    fig, axes = _figure(len(draws))
+    fig, axes = _figure(len(draws), height=4.4)
     for ax, (setting, by_estimator) in zip(axes, draws.items()):
         _require(by_estimator, _HISTOGRAMS + _MEAN_LINES, f"draws[{setting!r}]")
         pooled = np.concatenate([np.ravel(by_estimator[name]) for name in _HISTOGRAMS])
         lo, hi = np.percentile(pooled, [0.5, 99.5])
-        lines = {"truth": (truths[setting], "black", "-"),
-                 "Gaussian closed form": (closed_forms[setting], "red", "--")}
-        lines.update({f"mean of {name}": (float(np.mean(by_estimator[name])), f"C{3 + i}", ":")
-                      for i, name in enumerate(_MEAN_LINES)})
         lo, hi = min(lo, truths[setting]), max(hi, truths[setting])
         for i, name in enumerate(_HISTOGRAMS):
             ax.hist(np.ravel(by_estimator[name]), bins=np.linspace(lo, hi, 60), density=True, histtype="step",
                     color=f"C{i}", lw=1.3, label=name)
-        for label, (value, color, style) in lines.items():
-            if lo <= value <= hi:
-                ax.axvline(value, color=color, ls=style, lw=1.5, label=label)
-            else:  # far outside the draws: an arrow at the edge instead of an axis squeezing them
-                edge, align = (hi, "right") if value > hi else (lo, "left")
-                ax.annotate(f"{label} = {value:.4g} {'→' if value > hi else '←'}", (edge, 0.95),
-                            xycoords=("data", "axes fraction"), ha=align, color=color, fontsize="small")
+        lines = [("truth", truths[setting], "black", "-"), ("closed form", closed_forms[setting], "red", "--")]
+        lines += [(f"mean {name}", float(np.mean(by_estimator[name])), f"C{4 + i}", (0, (1 + i, 1 + i)))
+                  for i, name in enumerate(_MEAN_LINES)]
+        for row, (label, value, color, style) in enumerate(lines):
+            _vline(ax, label, value, color, style, lo, hi, row)
         if lo <= 0.0 <= hi:
             ax.axvline(0.0, color="grey", lw=0.8)
         ax.set_xlabel("KL estimate (nats per frame)")
         ax.set_ylabel("density (1 / nats)")
         ax.set_title(setting)
-    _finish(fig, axes, path)
+    _finish(fig, axes, path, fontsize="x-small")
 
 
 def plot_negative_vs_batch_size(negative: Mapping[str, Any], path: str | os.PathLike) -> None:
-    """Measured P(batch-mean KL estimate < 0) against batch size (binomial 2-SE bars; batch sizes with no
-    negative batch drawn as upper bounds 1 / #batches) and the normal approximation's curve.
-    ``negative``: :func:`pyro_vits.study.negative_batch_study`'s results."""
-    _require(negative, ("by_batch_size", "normal_approx_curve", "skewness"), "negative")
-    fig, (ax,) = _figure(1, width=5.0)
-    rows = negative["by_batch_size"]
-    n = np.array([int(k) for k in rows])
-    p = np.array([rows[k]["p_negative"] for k in rows])
-    se = np.array([rows[k]["p_negative_se"] for k in rows])
-    seen = p > 0
-    ax.errorbar(n[seen], p[seen], yerr=2 * se[seen], fmt="o", capsize=3, label="measured (±2 SE)")
-    if (~seen).any():
-        bound = np.array([rows[k]["p_upper_95"] or np.nan for k in rows])[~seen]
-        ax.plot(n[~seen], bound, "v", color="C0", label="none measured: 95 % upper bound")
-    curve = negative["normal_approx_curve"]
-    ax.plot(curve["batch_size"], curve["p_negative"], color="C1",
-            label=r"normal approx. $\Phi(-\sqrt{N}\,KL/\sigma)$")
+    """Measured P(batch-mean KL estimate < 0) against batch size per estimator (binomial 2-SE bars; batch
+    sizes with no negative batch drawn as open markers at the exact value), the exact saddlepoint tail
+    (solid) and the normal approximation (dotted). ``negative``: ``negative_batch_study``'s results."""
+    _require(negative, ("by_estimator",), "negative")
+    fig, (ax,) = _figure(1, width=7.0, height=5.6)
+    for i, (name, row) in enumerate(negative["by_estimator"].items()):
+        _require(row, ("by_batch_size", "curve"), f"negative[{name!r}]")
+        rows = row["by_batch_size"]
+        n = np.array([int(k) for k in rows])
+        p = np.array([rows[k]["p_negative"] for k in rows])
+        se = np.array([rows[k]["p_negative_se"] for k in rows])
+        exact = np.array([rows[k]["p_exact"] for k in rows])
+        seen = p > 0
+        lower = np.minimum(2 * se[seen], 0.9 * p[seen])  # a log axis cannot show a bar below 0
+        ax.errorbar(n[seen], p[seen], yerr=(lower, 2 * se[seen]), fmt="o", ms=7 - 2 * i, capsize=3,
+                    color=f"C{i}", label=f"{name}: measured (±2 SE)")
+        if (~seen).any():
+            ax.plot(n[~seen], exact[~seen], "o", mfc="none", ms=8 - 2 * i, color=f"C{i}",
+                    label=f"{name}: none measured")
+        curve = row["curve"]
+        width = 3.0 - 0.8 * i  # later estimators drawn thinner on top: coinciding curves stay visible
+        ax.plot(curve["batch_size"], curve["p_exact"], color=f"C{i}", lw=width, label=f"{name}: exact tail")
+        ax.plot(curve["batch_size"], curve["p_normal_approx"], color=f"C{i}", ls=":", lw=width,
+                label=f"{name}: normal approx.")
     ax.set_xscale("log")
     ax.set_yscale("log")
+    ax.set_ylim(bottom=1e-12, top=1.0)
     ax.set_xlabel("batch size N (utterances)")
     ax.set_ylabel("P(batch-mean KL estimate < 0)")
-    ax.set_title(f"one-utterance skewness {negative['skewness']:.2f}")
-    _finish(fig, [ax], path)
+    _finish(fig, [ax], path, shared_legend=True, ncol=3)
+
+
+def plot_negative_regime(regime: Mapping[str, Any], path: str | os.PathLike) -> None:
+    """log10 P(batch loss < 0) against batch frames, one line per KL (nats per frame), a panel per
+    estimator, exact (solid) and normal approximation (dotted); the simulated points at ``sim_frames``.
+    ``regime``: ``regime_study``'s results."""
+    _require(regime, ("by_kl", "frames", "sim_frames"), "regime")
+    names = list(next(iter(regime["by_kl"].values()))["by_estimator"])
+    fig, axes = _figure(len(names), height=3.8)
+    frames = np.array(regime["frames"], dtype=float)
+    for ax, name in zip(axes, names):
+        for i, (kl, row) in enumerate(regime["by_kl"].items()):
+            cells = row["by_estimator"][name]
+            ax.plot(frames, [cells[str(int(f))]["log10_p"] for f in frames], "o-", color=f"C{i}",
+                    label=f"KL = {kl} nats/frame")
+            ax.plot(frames, [cells[str(int(f))]["log10_p_normal"] for f in frames], ":", color=f"C{i}")
+            sim = cells["simulation"]
+            if sim["p_negative"] > 0:
+                ax.errorbar([regime["sim_frames"]], [math.log10(sim["p_negative"])], fmt="s", mfc="none",
+                            color=f"C{i}")
+        ax.set_xscale("log")
+        ax.set_ylim(bottom=-20, top=0.2)
+        ax.set_xlabel("frames in the batch")
+        ax.set_ylabel("log10 P(batch loss < 0)")
+        ax.set_title(f"{name} ({regime['channels']} channels)")
+    _finish(fig, axes, path, shared_legend=True)
 
 
 def plot_variance_ratio(ratio: Mapping[str, Any], path: str | os.PathLike) -> None:
-    """Var(hybrid = vits) / Var(full MC) against sigma_q / sigma_p: the Gaussian theory curve, the measured
-    ratios (±2 SE over seeds) for the Gaussian and cos priors, the 1/sqrt(2) line.
-    ``ratio``: :func:`pyro_vits.study.variance_ratio_study`'s results."""
+    """Var(hybrid = vits) / Var(full MC) and Var(control variate) / Var(full MC) against sigma_q / sigma_p:
+    the Gaussian theory curves, the measured ratios (±2 pooled SE) for the Gaussian and cos priors, the
+    1/sqrt(2) line. ``ratio``: ``variance_ratio_study``'s results."""
     _require(ratio, ("ratios", "theory_curve", "gaussian", "cos", "theory_crossing"), "ratio")
-    fig, (ax,) = _figure(1, width=5.0)
+    fig, (ax,) = _figure(1, width=6.6, height=5.0)
     curve = ratio["theory_curve"]
-    ax.plot(curve["ratios"], curve["ratio"], color="black", label="theory (Gaussian prior)")
-    for i, prior in enumerate(("gaussian", "cos")):
-        ax.errorbar(ratio["ratios"], ratio[prior]["ratio"], yerr=2 * np.asarray(ratio[prior]["ratio_se"]),
-                    fmt="o", ms=4, capsize=2, color=f"C{i}", label=f"measured, {prior} prior")
-    ax.axvline(ratio["theory_crossing"], color="grey", ls="--", label=r"$\sigma_q/\sigma_p = 1/\sqrt{2}$")
+    for j, (name, label) in enumerate((("vits", "hybrid"), ("control_variate", "control variate"))):
+        ax.plot(curve["ratios"], curve[name], color="black", ls=("-", "--")[j], label=f"{label}: theory")
+        for i, prior in enumerate(("gaussian", "cos")):
+            row = ratio[prior][name]
+            ax.errorbar(ratio["ratios"], row["ratio"], yerr=2 * np.asarray(row["ratio_se"]),
+                        fmt=("o", "s")[j], ms=4, capsize=2, color=f"C{i + 2 * j}",
+                        label=f"{label}: {prior} prior")
+    ax.axvline(ratio["theory_crossing"], color="grey", ls="--", lw=0.8)
     ax.axhline(1.0, color="grey", lw=0.8)
     ax.set_xscale("log")
     ax.set_yscale("log")
@@ -182,8 +225,53 @@ def plot_variance_ratio(ratio: Mapping[str, Any], path: str | os.PathLike) -> No
     ax.set_xticks(ticks, [f"{t:.2g}" for t in ticks])
     ax.set_xticks([], minor=True)
     ax.set_xlabel(r"$\sigma_q / \sigma_p$ (dimensionless)")
-    ax.set_ylabel("Var(hybrid) / Var(full MC)")
+    ax.set_ylabel("Var(estimator) / Var(full MC)")
+    _finish(fig, [ax], path, shared_legend=True, ncol=3)
+
+
+def plot_sigma_optimum(optimum: Mapping[str, Any], path: str | os.PathLike) -> None:
+    """Expected d(batch loss)/d(logs_q) against sigma_q / sigma_p per loss (±2 MCSE), with the optima
+    (zero crossings) of the unbiased loss (1) and of the element-wise abs (e^(-1/2)).
+    ``optimum``: ``sigma_optimum_study``'s results."""
+    _require(optimum, ("ratios", "by_fix", "theory_optimum"), "optimum")
+    fig, (ax,) = _figure(1, width=5.6)
+    for i, (name, row) in enumerate(optimum["by_fix"].items()):
+        ax.errorbar(optimum["ratios"], row["mean"], yerr=2 * np.asarray(row["mcse"]), marker=".", ms=4,
+                    capsize=2, color=f"C{i}", label=name)
+    for name, value in optimum["theory_optimum"].items():
+        ax.axvline(value, color="grey", ls="--", lw=0.8)
+        ax.annotate(f" optimum of {name}: {value:.3f}", (value, 0.98), xycoords=("data", "axes fraction"),
+                    rotation=90, va="top", fontsize="small", color="grey")
+    ax.axhline(0.0, color="black", lw=0.8)
+    ax.set_xscale("log")
+    ticks = [0.3, 0.5, float(np.exp(-0.5)), 1.0, 1.5]
+    ax.set_xticks(ticks, [f"{t:.2g}" for t in ticks])
+    ax.set_xticks([], minor=True)
+    ax.set_xlabel(r"$\sigma_q / \sigma_p$ (dimensionless)")
+    ax.set_ylabel("E d(loss)/d(logs_q) (nats per frame)")
     _finish(fig, [ax], path)
+
+
+def plot_dreg_check(dreg: Mapping[str, Any], path: str | os.PathLike) -> None:
+    """Guide-gradient SNR of IWAE-DReG and plain IWAE against K on the linear-Gaussian check, one line per
+    latent size D (±2 SE over seeds). ``dreg``: ``dreg_linear_gaussian_study``'s results."""
+    _require(dreg, ("by_dim",), "dreg")
+    fig, (ax,) = _figure(1, width=5.6)
+    for i, (d, rows) in enumerate(dreg["by_dim"].items()):
+        k = np.array([int(x) for x in rows])
+        for name, style in (("dreg", "-"), ("iwae", ":")):
+            mean = np.array([rows[x][f"{name}_snr"]["mean"] for x in rows])
+            se = np.array([rows[x][f"{name}_snr"]["se"] for x in rows])
+            ax.errorbar(k, mean, yerr=2 * se, ls=style, marker="o", ms=3, capsize=2, color=f"C{i}",
+                        label=f"{'DReG' if name == 'dreg' else 'IWAE'}, D = {d}")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("particles K")
+    ax.set_ylabel("guide gradient SNR (dimensionless)")
+    _finish(fig, [ax], path, shared_legend=True)
+
+
+_NOISE_LABELS = {"fixed": "same batch each repeat", "minibatch": "fresh minibatch each repeat"}
 
 
 def plot_snr_vs_particles(snr: Mapping[str, Any], batch: str, path: str | os.PathLike) -> None:
@@ -203,7 +291,7 @@ def plot_snr_vs_particles(snr: Mapping[str, Any], batch: str, path: str | os.Pat
                 mean = np.array([rows[x][group]["mean"] for x in rows])
                 se = np.array([rows[x][group]["se"] for x in rows])
                 ax.errorbar(k, mean, yerr=2 * se, ls=style, marker="o", ms=3, capsize=2, color=f"C{i}",
-                            label=f"{elbo}, {noise} batch")
+                            label=f"{elbo}, {_NOISE_LABELS[noise]}")
         rows = first["fixed"][batch]
         k = np.array([int(x) for x in rows])
         ax.plot(k, rows["1"][group]["mean"] * np.sqrt(k), color="grey", ls="--", label=r"$SNR_1\sqrt{K}$")

@@ -10,9 +10,9 @@ from torch import Tensor
 from torch.distributions import Distribution
 
 from .flows import ResidualCouplingBlock
-from .transforms import FlowTransform, VITSFlow
+from .transforms import CosFlow, FlowTransform, VITSFlow
 
-__all__ = ["MaskedNormal", "FlowPrior", "check_mask"]
+__all__ = ["MaskedNormal", "FlowPrior", "CosFlowPrior", "check_mask"]
 
 _HALF_LOG_2PI_E = 0.5 * math.log(2 * math.pi * math.e)
 
@@ -155,5 +155,37 @@ class FlowPrior(TransformedDistribution):
 
     def expand(self, batch_shape: torch.Size, _instance: FlowPrior | None = None) -> FlowPrior:
         new = self._get_checked_instance(FlowPrior, _instance)
+        new.m_p, new.logs_p, new.mask, new.g, new.flow = self.m_p, self.logs_p, self.mask, self.g, self.flow
+        return super().expand(batch_shape, _instance=new)
+
+
+class CosFlowPrior(TransformedDistribution):
+    """``p(z) = N(f(z); m_p, exp(logs_p))`` with ``f`` = :class:`~pyro_vits.transforms.CosFlow`, event
+    ``(2, T)``: a unit-Jacobian flow prior that is not Gaussian (``a = 0``: the Gaussian base itself).
+
+    Mirrors :class:`~pyro_vits.prior.FlowPrior` (attributes ``m_p, logs_p, mask, g (None), flow``);
+    ``rsample`` draws ``z_p`` from the base and returns ``f^{-1}(z_p)``.
+    """
+
+    arg_constraints: dict = {}
+
+    def __init__(
+        self, m_p: Tensor, logs_p: Tensor, a: float = 1.0, mask: Tensor | None = None,
+        validate_args: bool | None = None,
+    ) -> None:
+        for name, value in (("m_p", m_p), ("logs_p", logs_p)):
+            if not isinstance(value, Tensor):
+                raise TypeError(f"{name} must be a Tensor, got {type(value).__name__}")
+        if m_p.dim() < 2 or m_p.shape[-2] != 2:
+            raise ValueError(f"m_p must have shape (..., 2, T), got {tuple(m_p.shape)}")
+        if logs_p.shape != m_p.shape:
+            raise ValueError(f"logs_p must have m_p's shape {tuple(m_p.shape)}, got {tuple(logs_p.shape)}")
+        base = MaskedNormal(m_p, torch.exp(logs_p), mask, validate_args=validate_args)
+        self.m_p, self.logs_p, self.mask, self.g = m_p, logs_p, base.mask, None
+        self.flow = CosFlow(a, base.mask)
+        super().__init__(base, [self.flow.inv], validate_args=validate_args)
+
+    def expand(self, batch_shape: torch.Size, _instance: CosFlowPrior | None = None) -> CosFlowPrior:
+        new = self._get_checked_instance(CosFlowPrior, _instance)
         new.m_p, new.logs_p, new.mask, new.g, new.flow = self.m_p, self.logs_p, self.mask, self.g, self.flow
         return super().expand(batch_shape, _instance=new)

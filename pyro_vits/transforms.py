@@ -10,7 +10,7 @@ from torch.distributions import Transform
 
 from .flows import ResidualCouplingBlock
 
-__all__ = ["FlowTransform", "VITSFlow"]
+__all__ = ["FlowTransform", "VITSFlow", "CosFlow"]
 
 
 class FlowTransform(Transform):
@@ -91,3 +91,46 @@ class VITSFlow(ConditionalTransformModule):
     def condition(self, context: Tensor | None = None, mask: Tensor | None = None) -> FlowTransform:
         """``context``: speaker embedding ``g (..., gin, 1)`` or None; ``mask (..., 1, T)``."""
         return FlowTransform(self.flow, mask=mask, g=context)
+
+
+class CosFlow(Transform):
+    """``f: (x0, x1) -> (x0, x1 + a cos(x0))`` per frame on ``(..., 2, T)``; ``log|det| = 0`` exactly.
+
+    Volume preserving like VITS's mean-only couplings, yet ``f`` maps a Gaussian to a non-Gaussian,
+    so a Gaussian-Gaussian closed-form KL is wrong for the prior it defines. The shift is multiplied
+    by ``mask (..., 1, T)`` so padded frames map 0 to 0, as in the VITS flow.
+    """
+
+    domain = constraints.independent(constraints.real, 2)
+    codomain = constraints.independent(constraints.real, 2)
+    bijective = True
+
+    def __init__(self, a: float = 1.0, mask: Tensor | None = None, cache_size: int = 0) -> None:
+        super().__init__(cache_size=cache_size)
+        self.a = float(a)
+        self.mask = mask
+
+    def with_cache(self, cache_size: int = 1) -> CosFlow:
+        return self if self._cache_size == cache_size else CosFlow(self.a, self.mask, cache_size)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, CosFlow) and other.a == self.a and other.mask is self.mask
+
+    def _shift(self, x0: Tensor) -> Tensor:
+        shift = self.a * torch.cos(x0)
+        return shift if self.mask is None else shift * self.mask[..., 0, :]
+
+    def _call(self, x: Tensor) -> Tensor:
+        if x.dim() < 2 or x.shape[-2] != 2:
+            raise ValueError(f"x must have shape (..., 2, T), got {tuple(x.shape)}")
+        return torch.stack([x[..., 0, :], x[..., 1, :] + self._shift(x[..., 0, :])], dim=-2)
+
+    def _inverse(self, y: Tensor) -> Tensor:
+        if y.dim() < 2 or y.shape[-2] != 2:
+            raise ValueError(f"y must have shape (..., 2, T), got {tuple(y.shape)}")
+        return torch.stack([y[..., 0, :], y[..., 1, :] - self._shift(y[..., 0, :])], dim=-2)
+
+    def log_abs_det_jacobian(self, x: Tensor, y: Tensor) -> Tensor:
+        if self.mask is None:
+            return x.new_zeros(x.shape[:-2])
+        return x.new_zeros(torch.broadcast_shapes(x.shape[:-2], self.mask.shape[:-2]))

@@ -9,14 +9,17 @@ import pytest
 import torch
 
 from pyro_vits.estimators import (
-    ESTIMATORS,
+    KL_ESTIMATORS,
     CosFlow,
     CosFlowPrior,
+    analytic_variance,
     analytic_variances,
     batch_kl,
     kl_estimate,
     prob_negative,
+    prob_negative_gaussian,
     prob_negative_normal_approx,
+    prob_negative_saddlepoint,
     quadrature_kl_2d,
     reference_kl,
     sample_kl_estimates,
@@ -287,5 +290,127 @@ def test_prob_negative_normal_approx_matches_empirical():
 
 def test_every_estimator_runs_on_both_2d_priors():
     for prior in priors_2d().values():
-        est = sample_kl_estimates(ESTIMATORS, M_Q, LOGS_Q, prior, 16, seed=0)
+        est = sample_kl_estimates(KL_ESTIMATORS, M_Q, LOGS_Q, prior, 16, seed=0)
         assert all(v.shape == (16,) and bool(torch.isfinite(v).all()) for v in est.values())
+
+
+# ------------------------------------------------------------------------------------------- control variate,
+# element-wise abs, the gradient identity
+
+
+def abs_elementwise_by_hand(z_p, logs_q, m_p, logs_p, logdet, mask) -> torch.Tensor:
+    """The patch proposed in the thread, per utterance: ``sum_valid |logs_p - logs_q - 0.5| + 0.5 (z_p -
+    m_p)^2 exp(-2 logs_p)``, minus the flow's log-determinant (written from the patch, not the package)."""
+    elem = (logs_p - logs_q - 0.5).abs() + 0.5 * (z_p - m_p) ** 2 * torch.exp(-2 * logs_p)
+    return (elem * mask).sum((-2, -1)) - logdet
+
+
+def affine_prior_case(seed: int = 6):
+    torch.manual_seed(seed)
+    block = ResidualCouplingBlock(2, 8, 3, 1, 2, n_flows=2, mean_only=False).double()
+    with torch.no_grad():
+        for layer in block.flows[::2]:
+            layer.post.weight.normal_(0.0, 0.3)
+            layer.post.bias.normal_(0.0, 0.1)
+    gen = torch.Generator().manual_seed(seed)
+    m_p, logs_p = randn(gen, 2, 4), 0.3 * randn(gen, 2, 4)
+    mask = length_mask([3], 4)[0]
+    return block, FlowPrior(m_p, logs_p, block, mask), mask
+
+
+def test_abs_elementwise_is_the_thread_patch_with_the_logdet():
+    block, prior, mask = affine_prior_case()
+    gen = torch.Generator().manual_seed(7)
+    m_q, logs_q = randn(gen, 2, 4), 0.5 * randn(gen, 2, 4) - 0.3
+    z = (m_q + logs_q.exp() * randn(gen, 5, 2, 4)) * mask
+    z_p, logdet = block.forward_and_logdet(z, mask)
+    expected = abs_elementwise_by_hand(z_p, logs_q, prior.m_p, prior.logs_p, logdet, mask)
+    got = kl_estimate("abs_elementwise", z, m_q, logs_q, prior)
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+    d = (prior.logs_p - logs_q - 0.5) * mask
+    bias = float((2 * (-d).clamp(min=0)).sum())
+    torch.testing.assert_close(got - kl_estimate("vits", z, m_q, logs_q, prior),
+                               torch.full((5,), bias, dtype=D64), rtol=1e-10, atol=1e-10)
+
+
+def test_vits_mc_and_control_variate_have_identical_gradients_draw_by_draw():
+    """log q(z) + H(q) = sum (1 - e^2)/2 does not depend on the parameters under reparameterisation, so
+    the three estimators' gradients w.r.t. q's and the flow's parameters agree for every draw."""
+    block, prior, mask = affine_prior_case(seed=8)
+    gen = torch.Generator().manual_seed(9)
+    eps = randn(gen, 2, 4)
+    grads = {}
+    for name in ("vits", "mc", "control_variate"):
+        m_q = torch.linspace(-0.5, 0.5, 8, dtype=D64).reshape(2, 4).requires_grad_(True)
+        logs_q = torch.full((2, 4), -0.4, dtype=D64, requires_grad=True)
+        block.zero_grad()
+        value = kl_estimate(name, (m_q + logs_q.exp() * eps) * mask, m_q, logs_q, prior)
+        value.backward()
+        grads[name] = torch.cat([m_q.grad.reshape(-1), logs_q.grad.reshape(-1)]
+                                + [p.grad.reshape(-1) for p in block.parameters() if p.grad is not None])
+    for name in ("mc", "control_variate"):
+        torch.testing.assert_close(grads[name], grads["vits"], rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["vits", "mc", "control_variate"])
+def test_analytic_variances_of_the_quadratic_estimators(name):
+    gen = torch.Generator().manual_seed(10)
+    m_p, logs_p = randn(gen, 2, 3), 0.2 * randn(gen, 2, 3)
+    m_q, logs_q = m_p + 0.4, logs_p + math.log(0.8)
+    est = sample_kl_estimates((name,), m_q, logs_q, gaussian_prior(m_p, logs_p), N, seed=11)[name]
+    analytic = float(analytic_variance(name, m_q, logs_q, m_p, logs_p))
+    x = est - est.mean()
+    assert abs(float(x.var()) - analytic) < 4 * float((x**2).std() / math.sqrt(N))
+    closed = float(kl_estimate("gaussian_closed_form", m_q, m_q, logs_q, gaussian_prior(m_p, logs_p)))
+    assert abs(float(est.mean()) - closed) < 4 * float(est.std() / math.sqrt(N))
+    a2, b2 = torch.exp(2 * (logs_q - logs_p)), (m_q - m_p) ** 2 * torch.exp(-2 * logs_p)
+    by_hand = {"vits": a2 * b2 + a2**2 / 2, "mc": a2 * b2 + (a2 - 1) ** 2 / 2, "control_variate": a2 * b2}
+    assert analytic == pytest.approx(float(by_hand[name].sum()), rel=1e-12)
+
+
+# ------------------------------------------------------------------------------------------- tails
+
+
+def test_saddlepoint_tail_matches_the_exact_chi_square_tail():
+    """All elements ``a = sigma_q / sigma_p``, ``b = 0``: the vits sum is ``n (-log a - 1/2) + a^2/2
+    chi2_n``, whose CDF is a regularised incomplete gamma."""
+    for a, n in ((0.9, 50), (0.8, 1000), (0.95, 1920)):
+        threshold = 2 * n * (math.log(a) + 0.5) / a**2
+        exact = float(torch.special.gammainc(torch.tensor(n / 2, dtype=D64), torch.tensor(threshold / 2,
+                                                                                       dtype=D64)))
+        assert prob_negative_gaussian("vits", np.full(n, a)) == pytest.approx(exact, rel=1e-4)
+        assert prob_negative_gaussian("vits", [a], frames=n) == pytest.approx(exact, rel=1e-4)
+    log_p = prob_negative_gaussian("vits", np.full(192, 0.9), frames=40_000, log=True)
+    assert -1e5 < log_p < -700  # far below float64's smallest number, still finite in log space
+
+
+def test_saddlepoint_tail_matches_simulation_for_every_quadratic_estimator():
+    a, b = torch.tensor([0.9, 1.2], dtype=D64), torch.tensor([0.3, 0.1], dtype=D64)
+    m_p, logs_p = torch.zeros(2, 100, dtype=D64), torch.zeros(2, 100, dtype=D64)
+    m_q, logs_q = b[:, None].expand(2, 100), a.log()[:, None].expand(2, 100)
+    draws = sample_kl_estimates(("vits", "mc", "control_variate"), m_q, logs_q, gaussian_prior(m_p, logs_p),
+                                20_000, seed=12)
+    for name, x in draws.items():
+        p, se = prob_negative(x)
+        exact = prob_negative_gaussian(name, a, b, frames=100)
+        assert abs(p - exact) < 4 * max(se, math.sqrt(exact * (1 - exact) / x.numel())), name
+    assert prob_negative_gaussian("control_variate", [1.0], [0.0]) == 0.0  # q = p: exactly the KL, 0
+
+
+def test_empirical_saddlepoint_and_validation():
+    values = np.random.default_rng(0).standard_normal(20_000) + 0.1
+    p = prob_negative_saddlepoint(values, n=100)
+    assert p == pytest.approx(float(prob_negative_normal_approx(0.1, 1.0, 100)), abs=0.02)
+    assert prob_negative_saddlepoint([1.0, 2.0]) == 0.0 and prob_negative_saddlepoint([-1.0, -2.0]) == 1.0
+    assert prob_negative_saddlepoint([-1.0, 1.0], [0.25, 0.75], n=1) == pytest.approx(0.25, abs=0.1)
+    with pytest.raises(ValueError, match="weights"):
+        prob_negative_saddlepoint([1.0, -1.0], [0.5, 0.6])
+    with pytest.raises(ValueError, match="sigma_ratio"):
+        prob_negative_gaussian("vits", [0.0])
+    with pytest.raises(ValueError, match="one of"):
+        prob_negative_gaussian("k3", [1.0])
+    with pytest.raises(ValueError, match="method"):
+        prob_negative_gaussian("vits", [1.0], method="exact")
+    with pytest.raises(TypeError, match="m_p and logs_p"):
+        kl_estimate("control_variate", torch.zeros(2, 1, dtype=D64), M_Q, LOGS_Q,
+                    MaskedNormal(M_Q, LOGS_Q.exp()))

@@ -25,45 +25,79 @@ def curve(offset: float) -> dict:
             "heldout_kl_per_frame": [9.0, 8.0, 7.5, 7.4]}
 
 
+ESTIMATORS = ("vits", "mc", "control_variate", "k3", "clamp", "abs", "abs_elementwise")
+
+
 def test_estimator_histograms(tmp_path):
-    draws = {s: {e: RNG.normal(0.5, 1.0, size=(2, 200)) for e in ("vits", "mc", "k3", "clamp", "abs")}
-             for s in ("cos2d", "vits")}
-    plots.plot_estimator_histograms(draws, {"cos2d": 0.5, "vits": 0.4}, {"cos2d": 0.3, "vits": 2.0},
+    draws = {s: {e: RNG.normal(0.5, 1.0, size=(2, 200)) for e in ESTIMATORS} for s in ("cos2d", "vits")}
+    plots.plot_estimator_histograms(draws, {"cos2d": 0.5, "vits": 0.4}, {"cos2d": 0.3, "vits": 20.0},
                                     tmp_path / "h.png")
     assert_png(tmp_path / "h.png")
     with pytest.raises(ValueError, match="truths lacks keys \\['vits'\\]"):
         plots.plot_estimator_histograms(draws, {"cos2d": 0.5}, {"cos2d": 0.3, "vits": 2.0}, tmp_path / "x.pn")
-    with pytest.raises(ValueError, match="draws\\['cos2d'\\] lacks keys \\['abs'\\]"):
-        bad = {"cos2d": {e: draws["cos2d"][e] for e in ("vits", "mc", "k3", "clamp")}}
+    with pytest.raises(ValueError, match="draws\\['cos2d'\\] lacks keys \\['abs_elementwise'\\]"):
+        bad = {"cos2d": {e: draws["cos2d"][e] for e in ESTIMATORS[:-1]}}
         plots.plot_estimator_histograms(bad, {"cos2d": 0.5}, {"cos2d": 0.3}, tmp_path / "x.png")
 
 
-def test_negative_vs_batch_size_draws_zero_counts_as_bounds(tmp_path):
-    negative = {
-        "skewness": 2.0,
-        "by_batch_size": {"1": {"p_negative": 0.6, "p_negative_se": 0.01, "p_upper_95": None},
-                          "64": {"p_negative": 0.2, "p_negative_se": 0.01, "p_upper_95": None},
-                          "4096": {"p_negative": 0.0, "p_negative_se": 0.0, "p_upper_95": 0.003}},
-        "normal_approx_curve": {"batch_size": [1, 64, 4096], "p_negative": [0.47, 0.25, 1e-5]},
-    }
+def _negative_row(p_exact: list[float], measured: list[float]) -> dict:
+    sizes = ["1", "64", "4096"]
+    return {"by_batch_size": {n: {"p_negative": m, "p_negative_se": 0.01, "p_exact": e}
+                              for n, m, e in zip(sizes, measured, p_exact)},
+            "curve": {"batch_size": [1, 64, 4096], "p_exact": p_exact, "p_normal_approx": [0.5, 0.2, 1e-4]}}
+
+
+def test_negative_vs_batch_size_marks_zero_counts_at_the_exact_tail(tmp_path):
+    negative = {"by_estimator": {"vits": _negative_row([0.6, 0.2, 1e-5], [0.6, 0.21, 0.0]),
+                                 "mc": _negative_row([0.4, 0.05, 1e-20], [0.41, 0.05, 0.0])}}
     plots.plot_negative_vs_batch_size(negative, tmp_path / "n.png")
     assert_png(tmp_path / "n.png")
-    with pytest.raises(ValueError, match="skewness"):
-        no_skew = {k: v for k, v in negative.items() if k != "skewness"}
-        plots.plot_negative_vs_batch_size(no_skew, tmp_path / "x.png")
+    with pytest.raises(ValueError, match="curve"):
+        plots.plot_negative_vs_batch_size({"by_estimator": {"vits": {"by_batch_size": {}}}}, tmp_path / "x.png")
     with pytest.raises(TypeError, match="negative must be a mapping"):
         plots.plot_negative_vs_batch_size([1, 2], tmp_path / "x.png")
 
 
-def test_variance_ratio(tmp_path):
+def test_negative_regime(tmp_path):
+    def cells(shift: float) -> dict:
+        out = {str(f): {"log10_p": -shift * f / 1000, "log10_p_normal": -shift * f / 900} for f in (1000, 10000)}
+        return {**out, "simulation": {"p_negative": 10 ** (-shift / 10)}}
+
+    regime = {"frames": [1000, 10000], "sim_frames": 100, "channels": 192,
+              "by_kl": {kl: {"by_estimator": {e: cells(float(kl) + 0.1) for e in ("vits", "mc")}}
+                        for kl in ("0.1", "1")}}
+    plots.plot_negative_regime(regime, tmp_path / "r.png")
+    assert_png(tmp_path / "r.png")
+    with pytest.raises(ValueError, match="sim_frames"):
+        plots.plot_negative_regime({"by_kl": {}, "frames": []}, tmp_path / "x.png")
+
+
+def test_variance_ratio_and_sigma_optimum(tmp_path):
     r = [0.3, 0.7, 1.5]
-    ratio = {"ratios": r, "theory_crossing": 0.7071, "theory_curve": {"ratios": r, "ratio": [0.1, 1.0, 2.3]},
-             "gaussian": {"ratio": [0.1, 1.0, 2.3], "ratio_se": [0.01, 0.05, 0.1]},
-             "cos": {"ratio": [0.2, 0.9, 1.8], "ratio_se": [0.01, 0.05, 0.1]}}
+    row = {"ratio": [0.1, 1.0, 2.3], "ratio_se": [0.01, 0.05, 0.1]}
+    ratio = {"ratios": r, "theory_crossing": 0.7071,
+             "theory_curve": {"ratios": r, "vits": [0.1, 1.0, 2.3], "control_variate": [0.1, 0.3, 0.5]},
+             "gaussian": {"vits": row, "control_variate": row}, "cos": {"vits": row, "control_variate": row}}
     plots.plot_variance_ratio(ratio, tmp_path / "v.png")
     assert_png(tmp_path / "v.png")
     with pytest.raises(ValueError, match="cos"):
         plots.plot_variance_ratio({k: v for k, v in ratio.items() if k != "cos"}, tmp_path / "x.png")
+    optimum = {"ratios": r, "theory_optimum": {"mean": 1.0, "abs_elementwise": 0.61},
+               "by_fix": {"mean": {"mean": [-1.0, -0.5, 1.0], "mcse": [0.1] * 3},
+                          "abs_elementwise": {"mean": [-1.0, 1.0, 2.0], "mcse": [0.1] * 3}}}
+    plots.plot_sigma_optimum(optimum, tmp_path / "o.png")
+    assert_png(tmp_path / "o.png")
+    with pytest.raises(ValueError, match="by_fix"):
+        plots.plot_sigma_optimum({"ratios": r, "theory_optimum": {}}, tmp_path / "x.png")
+
+
+def test_dreg_check(tmp_path):
+    rows = {str(k): {f"{n}_snr": {"mean": s * k, "se": 0.01} for n, s in (("dreg", 0.5), ("iwae", 0.2))}
+            for k in (1, 2, 4)}
+    plots.plot_dreg_check({"by_dim": {"1": rows, "16": rows}}, tmp_path / "d.png")
+    assert_png(tmp_path / "d.png")
+    with pytest.raises(ValueError, match="by_dim"):
+        plots.plot_dreg_check({}, tmp_path / "x.png")
 
 
 def test_snr_vs_particles(tmp_path):

@@ -158,15 +158,16 @@ def _run(args: argparse.Namespace, device: torch.device, ctx: DistributedContext
     guide = PosteriorEncoder(args.channels, args.channels, args.hidden, args.kernel_size,
                              n_layers=args.enc_layers, n_speakers=sizes["n_speakers"],
                              gin_channels=sizes["gin_channels"])
-    result = fit(model, guide, train, elbo=make_elbo(args.estimator, args.particles, args.vectorize),
+    result = fit(model, guide, train, elbo=make_elbo(args.estimator, args.particles, args.vectorize,
+                                                       args.kl_particles),
                  device=device, heldout=heldout, extra_config=vars(args), distributed=ctx,
                  **fit_config(args, out).kwargs())
     if ctx is not None and not ctx.is_main:
         return dict(student=None, teacher=None, out_dir=None, wall_s=time.perf_counter() - start)
     heldout = heldout.to(result.device)
-    student = evaluate(model, guide, heldout, args.eval_samples, seed=args.seed)
+    student = evaluate(model, guide, heldout, args.eval_samples, seed=args.seed, eval_chunk=args.eval_chunk)
     teacher_truth = evaluate(teacher.to(result.device), ObservationGuide.for_teacher(teacher), heldout,
-                             args.teacher_samples, seed=args.seed)
+                             args.teacher_samples, seed=args.seed, eval_chunk=args.eval_chunk)
     (out / FIGURES).mkdir(exist_ok=True)
     plot_training_curves(result.metrics, out / FIGURES / "training_curves.png",
                          reference_loglik=teacher_truth["loglik_iwae_per_frame"])
@@ -182,6 +183,7 @@ def fit_config(args: argparse.Namespace, out: Path) -> FitConfig:
     ``--eval-samples`` are not :func:`~pyro_vits.train.fit`'s logged-record ``eval_samples``)."""
     return FitConfig(steps=args.steps, lr=args.lr, lrd=geometric_lrd(args.final_lr_ratio, args.steps),
                      batch_size=args.batch_size, seed=args.seed, log_every=args.log_every,
+                     eval_chunk=args.eval_chunk,
                      checkpoint_every=args.checkpoint_every, nan_policy=args.nan_policy, out_dir=out,
                      resume=bool(args.resume), overwrite=args.overwrite,
                      progress=args.progress and not args.quiet)
@@ -195,6 +197,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     add("--steps", type=positive_int, default=400, help="SVI steps")
     add("--particles", type=positive_int, default=1, help="ELBO particles per step (K)")
     add("--vectorize", action=argparse.BooleanOptionalAction, default=True, help="vectorise ELBO particles")
+    add("--kl-particles", type=positive_int, default=1,
+        help="draws averaged in the KL term of each particle, through the prior flow only (not iwae_dreg)")
     add("--estimator", choices=ELBOS, default="trace",
         help="ELBO: trace (Trace_ELBO), vits (analytic entropy, VITS's KL), stl (sticking the landing), "
              "iwae_dreg (importance-weighted, DReG gradients)")
@@ -247,6 +251,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         help="guide particles for the final held-out measures")
     add("--teacher-samples", type=positive_int, default=256,
         help="importance samples for the teacher's log p(x)")
+    add("--eval-chunk", type=positive_int, default=None,
+        help="most (sample, utterance) pairs per vectorised evaluation call (default: sized from C x T)")
     add("--distributed", action=argparse.BooleanOptionalAction, default=False,
         help="data-parallel SVI over the processes torchrun starts (torchrun --nproc_per_node N ...; gloo on "
              "CPU, nccl on CUDA, one process per GPU): --batch-size is the combined minibatch, split over "

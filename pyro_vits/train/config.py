@@ -39,12 +39,18 @@ def geometric_lrd(final_lr_ratio: float, steps: int) -> float:
     return ratio ** (1 / steps)
 
 
+def _kl_particles(elbo: ELBO) -> dict[str, int]:
+    """``{"kl_particles": K}`` for an ELBO with ``K > 1`` KL particles, else nothing (older records)."""
+    k = getattr(elbo, "kl_particles", 1)
+    return {} if k == 1 else {"kl_particles": k}
+
+
 @dataclass(frozen=True)
 class FitConfig:
     """How :func:`~pyro_vits.train.fit` runs (every field is one of its keywords; see there).
 
     Checked on construction: ``steps``, ``log_every``, ``eval_samples``, ``eval_size`` positive ints;
-    ``batch_size``, ``checkpoint_every`` positive ints or None; ``lr > 0``; ``lrd`` in (0, 1];
+    ``batch_size``, ``checkpoint_every``, ``eval_chunk`` positive ints or None; ``lr > 0``; ``lrd`` in (0, 1];
     ``nan_policy`` in :data:`NAN_POLICIES`; ``resume``/``checkpoint_every`` need ``out_dir``;
     ``resume`` and ``overwrite`` exclude each other. ``fit(model, guide, data, **cfg.kwargs())`` runs it.
     """
@@ -58,6 +64,7 @@ class FitConfig:
     log_every: int = 50
     eval_samples: int = 8
     eval_size: int = 64
+    eval_chunk: int | None = None
     checkpoint_every: int | None = None
     nan_policy: str = "stop"
     out_dir: Path | None = None
@@ -69,7 +76,7 @@ class FitConfig:
         check_positive_ints(steps=self.steps, log_every=self.log_every, eval_samples=self.eval_samples,
                             eval_size=self.eval_size)
         check_positive_ints(batch_size=self.batch_size, checkpoint_every=self.checkpoint_every,
-                            allow_none=True)
+                            eval_chunk=self.eval_chunk, allow_none=True)
         if not isinstance(self.seed, numbers.Integral) or isinstance(self.seed, bool):
             raise ValueError(f"seed must be an int, got {self.seed!r}")
         for name in ("lr", "clip_norm", "lrd"):
@@ -127,7 +134,8 @@ class FitConfig:
             seed=self.seed, log_every=self.log_every, eval_samples=self.eval_samples,
             eval_size=self.eval_size, checkpoint_every=self.checkpoint_every, nan_policy=self.nan_policy,
             elbo=dict(type=type(elbo).__name__, num_particles=elbo.num_particles,
-                      vectorize_particles=elbo.vectorize_particles, max_plate_nesting=elbo.max_plate_nesting),
+                      vectorize_particles=elbo.vectorize_particles, max_plate_nesting=elbo.max_plate_nesting,
+                      **_kl_particles(elbo)),
             model=dict(type=type(model).__name__, **getattr(model, "config", {})),
             guide=dict(type=type(guide).__name__, **getattr(guide, "config", {})),
             data=data.describe(), heldout=None if heldout is None else heldout.describe(),
@@ -136,6 +144,8 @@ class FitConfig:
                           platform=platform.platform()),
             created_utc=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         )
+        if self.eval_chunk is not None:
+            config["eval_chunk"] = self.eval_chunk
         if parallel is not None:
             config["distributed"] = dict(parallel)
         return config

@@ -19,7 +19,7 @@ from .._device import cuda_devices
 from ..model import _vectorised
 from .checkpoint import first_line
 
-__all__ = ["NonFiniteError", "NonFiniteGuard", "grads_finite", "torch_rng"]
+__all__ = ["NonFiniteError", "NonFiniteGuard", "defers_checks", "grads_finite", "torch_rng"]
 
 logger = logging.getLogger("pyro_vits.train")
 Named = list[tuple[str, Tensor]]
@@ -37,6 +37,23 @@ def grads_finite(params: Sequence[Tensor]) -> bool:
     """One fused check that every gradient entry is finite (max-abs norms: a NaN/Inf entry propagates)."""
     grads = [p.grad for p in params if p.grad is not None]
     return not grads or bool(torch.stack(torch._foreach_norm(grads, math.inf)).isfinite().all())
+
+
+def _finite_on_device(loss: Tensor, params: Sequence[Tensor]) -> Tensor:
+    """0-d bool tensor on the loss's device: the loss and every gradient entry are finite (no host sync)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    finite = torch.isfinite(loss)
+    if grads:
+        finite = finite & torch.stack(torch._foreach_norm(grads, math.inf)).isfinite().all()
+    return finite
+
+
+def defers_checks(dev: torch.device, policy: str) -> bool:
+    """Whether :func:`~pyro_vits.train.fit` keeps each step's loss and finiteness on the device and reads them
+    back only when it logs or checkpoints (:meth:`NonFiniteGuard.defer`): on CUDA under ``policy="stop"``,
+    where a read-back per step stalls the GPU's queue. ``"skip"`` must decide every update, and on CPU the
+    read-back costs nothing, so both keep the per-step check."""
+    return dev.type == "cuda" and policy == "stop"
 
 
 def torch_rng(dev: torch.device) -> list[Tensor]:
@@ -100,6 +117,7 @@ class NonFiniteGuard:
         self.model, self.guide, self.elbo, self.named = model, guide, elbo, named
         self.optim, self.dev, self.policy = optim, dev, policy
         self.params = [p for _, p in named]
+        self._pending: list[tuple[int, Tensor, Tensor, tuple[Any, int | None], list[Tensor]]] = []
 
     def step(self, step: int, loss: float, step_args: tuple[Any, int | None], rng: list[Tensor],
              skipped: int, kept: str = "") -> bool:
@@ -117,3 +135,30 @@ class NonFiniteGuard:
             raise NonFiniteError(f"{report}; training stopped (nan_policy='stop'){kept}", step)
         logger.warning("%s; update skipped (nan_policy='skip', %d so far)", report, skipped + 1)
         return False
+
+    def defer(self, step: int, loss: Tensor, step_args: tuple[Any, int | None], rng: list[Tensor]) -> None:
+        """``optim.step()`` without reading anything back: the step's loss (a 0-d tensor) and whether it and
+        every gradient are finite stay on the device until :meth:`flush` (``policy="stop"`` only)."""
+        if self.policy != "stop":
+            raise ValueError(f"deferred checks need nan_policy='stop', got {self.policy!r}")
+        loss = torch.as_tensor(loss, device=self.dev).detach()
+        self._pending.append((step, loss, _finite_on_device(loss, self.params), step_args, rng))
+        self.optim.step()
+
+    def flush(self, kept: str = "") -> list[float]:
+        """The deferred steps' losses as floats (one read-back); raises :class:`NonFiniteError` naming the
+        first non-finite step (its sites re-traced from its random states; the parameters are those after
+        the steps since, as the run stops before any checkpoint)."""
+        pending, self._pending = self._pending, []
+        if not pending:
+            return []
+        rows = [torch.stack([loss.double(), ok.double()]) for _, loss, ok, _, _ in pending]
+        values = torch.stack(rows).tolist()
+        bad = next((i for i, (_, ok) in enumerate(values) if not ok), None)
+        if bad is not None:
+            step, loss, _, step_args, rng = pending[bad]
+            report = _nonfinite_report(step, float(loss), self.named, lambda: _nonfinite_sites(
+                self.model, self.guide, *step_args, rng, self.dev, self.elbo))
+            raise NonFiniteError(f"{report}; training stopped at step {pending[-1][0]} "
+                                 f"(nan_policy='stop'){kept}", step)
+        return [loss for loss, _ in values]

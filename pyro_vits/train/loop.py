@@ -27,7 +27,7 @@ from ..elbo import make_elbo
 from ..model import evaluate
 from .checkpoint import Named, Progress, load_checkpoint, restore, resumed_config, save_checkpoint
 from .config import FitConfig
-from .guard import NonFiniteGuard, torch_rng
+from .guard import NonFiniteGuard, defers_checks, torch_rng
 from .parallel import DataParallel, parallel_device
 from .rundir import CHECKPOINT, append_record, check_out_dir, prepare_run_dir
 
@@ -68,6 +68,7 @@ def fit(
     *,
     steps: int,
     particles: int | None = None,
+    kl_particles: int | None = None,
     vectorize: bool | None = None,
     lr: float = 1e-3,
     clip_norm: float = 10.0,
@@ -82,6 +83,7 @@ def fit(
     elbo: ELBO | None = None,
     eval_samples: int = 8,
     eval_size: int = 64,
+    eval_chunk: int | None = None,
     extra_config: Mapping[str, Any] | None = None,
     checkpoint_every: int | None = None,
     nan_policy: str = "stop",
@@ -93,7 +95,9 @@ def fit(
 
     ``data``/``heldout``: :class:`~pyro_vits.data.batch.Batch` or any :class:`~pyro_vits.data.batch.FitData`.
     ``elbo`` defaults to ``Trace_ELBO(num_particles=particles or 1, vectorize_particles=vectorize (True),
-    max_plate_nesting=1)``; when an ``elbo`` is passed, ``particles``/``vectorize`` must be left None.
+    max_plate_nesting=1)`` (with ``kl_particles``: :func:`~pyro_vits.elbo.make_elbo`'s ``MC_ELBO``); when an
+    ``elbo`` is passed, ``particles``/``vectorize``/``kl_particles`` must be left None. ``eval_chunk`` bounds
+    the logged evaluations' memory (see :func:`~pyro_vits.model.evaluate`).
     ``ClippedAdam`` multiplies the learning rate by ``lrd`` after every step and clamps gradient entries to
     ``[-clip_norm, clip_norm]``. ``batch_size`` utterances are subsampled per step (None: all). The parameter
     store is cleared and ``pyro.set_rng_seed(seed)`` called first; model, guide and data are moved to
@@ -125,9 +129,10 @@ def fit(
                             f"got {type(value).__name__}")
     cfg = FitConfig(steps=steps, lr=lr, clip_norm=clip_norm, lrd=lrd, batch_size=batch_size, seed=seed,
                     log_every=log_every, eval_samples=eval_samples, eval_size=eval_size,
+                    eval_chunk=eval_chunk,
                     checkpoint_every=checkpoint_every, nan_policy=nan_policy, out_dir=out_dir, resume=resume,
                     overwrite=overwrite, progress=progress)
-    elbo = _default_elbo(elbo, particles, vectorize)
+    elbo = _default_elbo(elbo, particles, vectorize, kl_particles)
     if distributed is not None and not isinstance(distributed, DataParallel):
         raise TypeError(f"distributed must be a DataParallel strategy, got {type(distributed).__name__}")
     dev = resolve_device(device) if distributed is None else parallel_device(device, distributed)
@@ -160,15 +165,16 @@ def fit(
     return run.result()
 
 
-def _default_elbo(elbo: ELBO | None, particles: int | None, vectorize: bool | None) -> ELBO:
-    check_positive_ints(particles=particles, allow_none=True)
+def _default_elbo(elbo: ELBO | None, particles: int | None, vectorize: bool | None,
+                  kl_particles: int | None = None) -> ELBO:
+    check_positive_ints(particles=particles, kl_particles=kl_particles, allow_none=True)
     if elbo is None:
-        return make_elbo("trace", particles or 1, True if vectorize is None else vectorize)
+        return make_elbo("trace", particles or 1, True if vectorize is None else vectorize, kl_particles or 1)
     if not isinstance(elbo, ELBO):
         raise TypeError(f"elbo must be a pyro.infer.ELBO, got {type(elbo).__name__}")
-    if particles is not None or vectorize is not None:
-        raise ValueError("particles/vectorize configure the default Trace_ELBO; set them on the elbo you "
-                         "pass")
+    if particles is not None or vectorize is not None or kl_particles is not None:
+        raise ValueError("particles/vectorize/kl_particles configure the default Trace_ELBO; set them on the "
+                         "elbo you pass")
     return elbo
 
 
@@ -222,6 +228,8 @@ class _Run:
         named, self.extra = _trainable(model, guide)
         self.optim = ClippedAdam([p for _, p in named], lr=cfg.lr, clip_norm=cfg.clip_norm, lrd=cfg.lrd)
         self.guard = NonFiniteGuard(model, guide, elbo, named, self.optim, dev, cfg.nan_policy)
+        # CUDA + "stop": losses and NaN checks stay on the device between logging / checkpoint steps
+        self.deferred = self.parallel is None and defers_checks(dev, cfg.nan_policy)
         self.config = cfg.record(elbo=elbo, model=model, guide=guide, data=self.data, heldout=self.heldout,
                                  device=dev, extra=extra_config,
                                  parallel=None if strategy is None else strategy.describe())
@@ -250,27 +258,45 @@ class _Run:
         rng = torch_rng(self.dev)
         with warnings.catch_warnings():  # Pyro's "Encountered NaN": the guard names step and sites
             warnings.filterwarnings("ignore", "Encountered NaN", UserWarning, r".*[\\/]pyro[\\/]")
-            loss = (self.elbo.loss_and_grads(self.model, self.guide, self.data,
-                                             subsample_size=self.subsample_size)
-                    if self.parallel is None else self.parallel.loss_and_grads())
-        kept = (f"; the last checkpoint ({self.out / CHECKPOINT}, step {self.saved_step}) is intact"
-                if self.saved_step is not None and self.out is not None else "")
-        if not self.guard.step(step, loss, self.step_args, rng, self.state.skipped, kept):
-            self.state.skipped += 1
+            if self.deferred:
+                loss_t = self.elbo.differentiable_loss(self.model, self.guide, self.data,
+                                                       subsample_size=self.subsample_size)
+                if loss_t.requires_grad:
+                    loss_t.backward()
+            else:
+                loss = (self.elbo.loss_and_grads(self.model, self.guide, self.data,
+                                                 subsample_size=self.subsample_size)
+                        if self.parallel is None else self.parallel.loss_and_grads())
+        if self.deferred:
+            self.guard.defer(step, loss_t, self.step_args, rng)
+        else:
+            if not self.guard.step(step, loss, self.step_args, rng, self.state.skipped, self._kept()):
+                self.state.skipped += 1
+            self.state.losses.append(loss)
         self.optim.zero_grad(set_to_none=True)
-        self.state.losses.append(loss)
         self.state.step = step
+
+    def _kept(self) -> str:
+        return (f"; the last checkpoint ({self.out / CHECKPOINT}, step {self.saved_step}) is intact"
+                if self.saved_step is not None and self.out is not None else "")
+
+    def flush(self) -> None:
+        """Read the deferred steps' losses back (raises on a non-finite step); a no-op otherwise."""
+        self.state.losses.extend(self.guard.flush(self._kept()))
 
     def log(self, step: int) -> dict[str, float]:
         """The record of the window ending at ``step`` (evaluated now), appended to ``metrics.jsonl``."""
+        self.flush()
         window_s = time.perf_counter() - self.window_start
         window = [x for x in self.state.losses[self.state.window_first:] if math.isfinite(x)]
         record: dict[str, float] = {"step": step,
                                     "loss_nats": sum(window) / len(window) if window else math.nan}
-        result = evaluate(self.model, self.guide, self.eval_data, self.cfg.eval_samples, self.cfg.seed)
+        result = evaluate(self.model, self.guide, self.eval_data, self.cfg.eval_samples, self.cfg.seed,
+                          eval_chunk=self.cfg.eval_chunk)
         record.update({k: result[k] for k in METRIC_KEYS})
         if self.heldout is not None:
-            result = evaluate(self.model, self.guide, self.heldout, self.cfg.eval_samples, self.cfg.seed)
+            result = evaluate(self.model, self.guide, self.heldout, self.cfg.eval_samples, self.cfg.seed,
+                              eval_chunk=self.cfg.eval_chunk)
             record.update({f"heldout_{k}": result[k] for k in METRIC_KEYS})
         record["skipped_steps"] = self.state.skipped
         record["wall_s"] = time.perf_counter() - self.start
@@ -285,6 +311,7 @@ class _Run:
 
     def save(self) -> None:
         """Replace the checkpoint with the state after the current step."""
+        self.flush()
         self.state.wall_s = time.perf_counter() - self.start
         save_checkpoint(self.out, self.state, self.model, self.guide, self.optim, self.extra, self.config,
                         self.dev)
@@ -296,5 +323,6 @@ class _Run:
                        if self.saved_step is not None else "no checkpoint was written")
 
     def result(self) -> FitResult:
+        self.flush()
         return FitResult(self.model, self.guide, self.state.losses, self.state.metrics, self.config, self.dev,
                          time.perf_counter() - self.start, self.out, self.state.skipped, self.resumed_from)
