@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -85,9 +86,17 @@ def make_inference_data(
 
 
 def save(idata: Any, path: str | Path) -> Path:
-    """Write to netCDF with the h5netcdf engine; returns the path."""
+    """Write to netCDF with the h5netcdf engine; returns the path.
+
+    Written to a temporary file beside ``path`` and renamed, so a failed write leaves no half-written file.
+    """
     path = Path(path)
-    idata.to_netcdf(str(path), engine="h5netcdf")
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        idata.to_netcdf(str(tmp), engine="h5netcdf")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 

@@ -235,6 +235,7 @@ def summary_table(
 
 def markdown_table(frame: pd.DataFrame, digits: int = 4) -> str:
     """A GitHub-markdown table of ``frame`` (index as the first column, floats to ``digits`` significant)."""
+    check_positive_ints(digits=digits)
 
     def cell(value: Any) -> str:
         return f"{value:.{digits}g}" if isinstance(value, (float, np.floating)) else str(value)
@@ -247,12 +248,12 @@ def markdown_table(frame: pd.DataFrame, digits: int = 4) -> str:
 
 
 def write_summary(frame: pd.DataFrame, stem: str | os.PathLike) -> tuple[Path, Path]:
-    """Write ``frame`` to ``<stem>.csv`` and ``<stem>.md``; returns both paths."""
+    """Write ``frame`` to ``<stem>.csv`` and ``<stem>.md`` (each atomically); returns both paths."""
     stem = Path(stem)
     stem.parent.mkdir(parents=True, exist_ok=True)
     csv, md = stem.with_suffix(".csv"), stem.with_suffix(".md")
-    frame.to_csv(csv)
-    md.write_text(markdown_table(frame))
+    rundir.atomic_write(csv, lambda f: frame.to_csv(f))
+    rundir.atomic_write(md, lambda f: f.write(markdown_table(frame)))
     return csv, md
 
 

@@ -62,6 +62,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from ._device import resolve_device
+from ._validate import check_positive_ints
 from .data.batch import FitData
 
 __all__ = [
@@ -224,6 +225,8 @@ def _seed_from(*words: int) -> int:
 def minibatch_indices(seed: int, step: int, n: int, batch_size: int | None) -> Tensor:
     """The combined minibatch of ``step``: ``batch_size`` distinct ids of ``0..n-1`` (a CPU long tensor),
     the same on every rank; all ``n`` in order when ``batch_size`` is None or at least ``n``."""
+    check_positive_ints(n=n)
+    check_positive_ints(allow_none=True, batch_size=batch_size)
     if batch_size is None or batch_size >= n:
         return torch.arange(n)
     generator = torch.Generator().manual_seed(_seed_from(seed, step, 0))
@@ -231,7 +234,8 @@ def minibatch_indices(seed: int, step: int, n: int, batch_size: int | None) -> T
 
 
 def shard(indices: Tensor, rank: int, world_size: int) -> Tensor:
-    """Rank ``rank``'s contiguous slice of ``indices`` (``torch.tensor_split``: sizes differ by at most 1)."""
+    """Rank ``rank``'s contiguous slice of ``indices (M,)``: ``(M // world_size,)`` or one more
+    (``torch.tensor_split``: sizes differ by at most 1)."""
     if not 0 <= rank < world_size:
         raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
     return torch.tensor_split(indices, world_size)[rank]

@@ -16,7 +16,7 @@ import pyro
 import torch
 from torch import Tensor, nn
 
-from ._validate import check_positive_ints
+from ._validate import check_nonnegative_ints, check_positive_ints
 from .flows import WN
 from .data.batch import Batch, utterance_plate
 from .prior import MaskedNormal
@@ -73,9 +73,7 @@ class PosteriorEncoder(GaussianGuide):
         super().__init__(name)
         check_positive_ints(x_channels=x_channels, channels=channels, hidden_channels=hidden_channels,
                             kernel_size=kernel_size, dilation_rate=dilation_rate, n_layers=n_layers)
-        for arg, value in (("n_speakers", n_speakers), ("gin_channels", gin_channels)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ValueError(f"{arg} must be a non-negative int, got {value!r}")
+        check_nonnegative_ints(n_speakers=n_speakers, gin_channels=gin_channels)
         if (n_speakers > 0) != (gin_channels > 0):
             raise ValueError(f"n_speakers and gin_channels must be both 0 or both positive, got "
                              f"n_speakers={n_speakers}, gin_channels={gin_channels}")
@@ -92,6 +90,8 @@ class PosteriorEncoder(GaussianGuide):
             self.emb_g = nn.Embedding(n_speakers, gin_channels)
 
     def posterior(self, batch: Batch) -> tuple[Tensor, Tensor]:
+        """``(m_q, logs_q)``, each ``(N, channels, T)``, 0 on padded frames, from
+        ``batch.x (N, x_channels, T)`` (and ``batch.speaker (N,)`` when speaker-conditioned)."""
         if batch.channels != self.config["x_channels"]:
             raise ValueError(f"batch.x has {batch.channels} channels, the encoder expects "
                              f"{self.config['x_channels']}")
@@ -143,6 +143,8 @@ class LocalGuide(GaussianGuide):
         self.logs_q = nn.Parameter(torch.full(shape, math.log(init_scale), dtype=init_loc.dtype))
 
     def posterior(self, batch: Batch) -> tuple[Tensor, Tensor]:
+        """The parameters of utterances ``batch.index``: ``(m_q, logs_q)``, each ``(N, C, T)``, 0 on padded
+        frames."""
         if batch.x.shape[1:] != self.m_q.shape[1:]:
             raise ValueError(f"batch.x has (C, T) = {tuple(batch.x.shape[1:])}, the guide "
                              f"{tuple(self.m_q.shape[1:])}")
@@ -174,4 +176,5 @@ class ObservationGuide(GaussianGuide):
         return cls(teacher.sigma_x)
 
     def posterior(self, batch: Batch) -> tuple[Tensor, Tensor]:
+        """``(m_q, logs_q) = (x, log sigma_x)``, each ``(N, C, T)``, 0 on padded frames."""
         return batch.x * batch.mask, torch.full_like(batch.x, self.log_sigma) * batch.mask

@@ -25,7 +25,7 @@ from pyro import poutine
 from pyro.poutine.util import site_is_subsample
 from torch import Tensor, nn
 
-from ._validate import check_positive_ints
+from ._validate import check_nonnegative_ints, check_positive_ints
 from .data.batch import Batch, sequence_mask, utterance_plate
 from .flows import ResidualCouplingBlock, flatten_leading
 from .prior import FlowPrior, MaskedNormal
@@ -82,8 +82,7 @@ class VITSPriorModel(nn.Module):
         name: str = "model",
     ) -> None:
         super().__init__()
-        if not isinstance(n_speakers, int) or n_speakers < 0:
-            raise ValueError(f"n_speakers must be a non-negative int, got {n_speakers!r}")
+        check_nonnegative_ints(n_speakers=n_speakers)
         if (n_speakers > 0) != (gin_channels > 0):
             raise ValueError(f"n_speakers and gin_channels must be both 0 or both positive, got "
                              f"n_speakers={n_speakers}, gin_channels={gin_channels}")

@@ -5,11 +5,14 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+
+from .train.rundir import atomic_write
 
 __all__ = [
     "plot_training_curves",
@@ -56,7 +59,7 @@ def plot_training_curves(
         ax.set_title(title)
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.savefig(path, dpi=120)
+    _save(fig, path, dpi=120)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -64,6 +67,16 @@ def plot_training_curves(
 # ---------------------------------------------------------------------------------------------------------
 
 _DPI = 100
+
+
+def _save(fig: Figure, path: str | os.PathLike, dpi: int = _DPI) -> None:
+    """Save ``fig`` to ``path`` via a temporary file, so a failed save leaves no partial image. The format
+    is the suffix's; without one, PNG and ``.png`` appended (as ``Figure.savefig`` does)."""
+    path = Path(path)
+    if not path.suffix:
+        path = path.with_name(path.name + ".png")
+    fmt = path.suffix[1:].lower()
+    atomic_write(path, lambda f: fig.savefig(f, format=fmt, dpi=dpi), mode="wb")
 
 
 def _figure(ncols: int, width: float = 4.2, height: float = 3.4) -> tuple[Figure, list[Any]]:
@@ -91,7 +104,7 @@ def _finish(fig: Figure, axes: Sequence[Any], path: str | os.PathLike, shared_le
     if shared_legend:
         handles, labels = axes[0].get_legend_handles_labels()
         fig.legend(handles, labels, loc="outside lower center", ncol=min(ncol, len(labels)), fontsize="small")
-    fig.savefig(path, dpi=_DPI)
+    _save(fig, path)
 
 
 _HISTOGRAMS = ("vits", "mc", "control_variate", "k3")
@@ -385,4 +398,4 @@ def plot_cos_density(grid: Mapping[str, np.ndarray], a: float, path: str | os.Pa
         ax.set_ylabel("z₁ (latent units)")
         ax.set_title(title)
         ax.set_aspect("equal")
-    fig.savefig(path, dpi=_DPI)
+    _save(fig, path)

@@ -83,18 +83,22 @@ class MaskedNormal(TorchDistribution):
 
     @property
     def mean(self) -> Tensor:
+        """``loc`` ``(..., C, T)``, 0 on padded frames."""
         return self.loc * self.mask
 
     @property
     def variance(self) -> Tensor:
+        """``scale^2`` ``(..., C, T)``, 0 on padded frames."""
         return self.scale.pow(2) * self.mask
 
     def rsample(self, sample_shape: torch.Size = torch.Size()) -> Tensor:
+        """Reparameterised draws ``sample_shape + batch_shape + (C, T)``, exactly 0 on padded frames."""
         shape = self._extended_shape(sample_shape)
         eps = torch.randn(shape, dtype=self.loc.dtype, device=self.loc.device)
         return (self.loc + self.scale * eps) * self.mask
 
     def log_prob(self, value: Tensor) -> Tensor:
+        """``value (..., C, T) -> (...)``: nats per utterance, summed over the valid frames."""
         _check_event(value, self.event_shape, "value")
         if self._validate_args:
             self._validate_sample(value)
@@ -103,6 +107,7 @@ class MaskedNormal(TorchDistribution):
         return torch.where(self.mask > 0, elem, 0.0).sum((-2, -1))
 
     def entropy(self) -> Tensor:
+        """``batch_shape``: nats per utterance, summed over the valid frames."""
         elem = torch.log(self.scale) + _HALF_LOG_2PI_E
         return torch.where(self.mask > 0, elem, 0.0).sum((-2, -1)).expand(self.batch_shape)
 
@@ -150,6 +155,8 @@ class FlowPrior(TransformedDistribution):
         super().__init__(base, [FlowTransform(flow, base.mask, g).inv], validate_args=validate_args)
 
     def log_prob(self, value: Tensor) -> Tensor:
+        """``z (..., C, T) -> (...)``: ``log N(f(z); m_p, exp(logs_p)) + log|det df/dz|`` in nats per
+        utterance (valid frames only)."""
         _check_event(value, self.event_shape, "z")
         return super().log_prob(value)
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 from pyro.distributions import constraints
 from pyro.distributions.conditional import ConditionalTransformModule
@@ -64,6 +67,7 @@ class FlowTransform(Transform):
         return x
 
     def log_abs_det_jacobian(self, x: Tensor, y: Tensor) -> Tensor:
+        """``log|det dy/dx|`` of ``x, y (..., C, T)``: ``(...)`` nats per utterance (valid frames only)."""
         if self.flow.mean_only:
             lead = x.shape[:-2]
             for extra in (self.mask, self.g):
@@ -106,6 +110,11 @@ class CosFlow(Transform):
     bijective = True
 
     def __init__(self, a: float = 1.0, mask: Tensor | None = None, cache_size: int = 0) -> None:
+        if isinstance(a, bool) or not isinstance(a, numbers.Real) or not math.isfinite(a):
+            raise ValueError(f"a must be a finite real number, got {a!r}")
+        if mask is not None and (not isinstance(mask, Tensor) or mask.dim() < 2 or mask.shape[-2] != 1):
+            got = tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__
+            raise ValueError(f"mask must be None or a Tensor of shape (..., 1, T), got {got}")
         super().__init__(cache_size=cache_size)
         self.a = float(a)
         self.mask = mask
@@ -131,6 +140,7 @@ class CosFlow(Transform):
         return torch.stack([y[..., 0, :], y[..., 1, :] - self._shift(y[..., 0, :])], dim=-2)
 
     def log_abs_det_jacobian(self, x: Tensor, y: Tensor) -> Tensor:
+        """Exact zeros ``(...)`` for ``x, y (..., 2, T)`` (unit Jacobian)."""
         if self.mask is None:
             return x.new_zeros(x.shape[:-2])
         return x.new_zeros(torch.broadcast_shapes(x.shape[:-2], self.mask.shape[:-2]))

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from pyro_vits.flows import ResidualCouplingBlock
+from pyro_vits.prior import FlowPrior
 
 C, HIDDEN, KERNEL, N_LAYERS, N_FLOWS, T, GIN = 4, 8, 3, 2, 3, 5, 3
 LENGTHS = (5, 3)  # per-utterance valid lengths used by masked configurations (B = 2)
@@ -143,3 +144,30 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+def assert_normalised_2d(flow: nn.Module, g, *, half_width: float, points: int, min_reshape: float,
+                         tol: float) -> None:
+    """``FlowPrior`` of a C=2, T=1 ``flow`` (fixed ``m_p``, ``logs_p``): no mass on the border of the box
+    ``[-half_width, half_width]^2``, the flow moves the log-density by more than ``min_reshape`` nats
+    somewhere, and the trapezoid rule over ``points^2`` grid points integrates ``exp(log_prob)`` to 1 +- tol."""
+    m_p = torch.tensor([[0.3], [-0.2]], dtype=torch.float64)
+    logs_p = torch.tensor([[-0.2], [0.1]], dtype=torch.float64)
+    prior = FlowPrior(m_p, logs_p, flow, g=g)
+    grid = torch.linspace(-half_width, half_width, points, dtype=torch.float64)
+    z = torch.stack(torch.meshgrid(grid, grid, indexing="ij"), -1).reshape(-1, 2, 1)
+    with torch.no_grad():
+        log_p = prior.log_prob(z).reshape(len(grid), len(grid))
+        base_log_p = prior.base_dist.log_prob(z).reshape(log_p.shape)
+    density = log_p.exp()
+    assert float(torch.cat([density[0], density[-1], density[:, 0], density[:, -1]]).max()) < 1e-6
+    assert float((log_p - base_log_p).abs().max()) > min_reshape  # the flow reshapes the base density
+    mass = torch.trapezoid(torch.trapezoid(density, grid, dim=1), grid)
+    assert abs(float(mass) - 1.0) < tol
+
+
+@pytest.fixture(name="assert_normalised_2d")
+def assert_normalised_2d_fixture():
+    """``assert_normalised_2d(flow, g, *, half_width, points, min_reshape, tol)``: a C=2 flow prior
+    integrates to one."""
+    return assert_normalised_2d

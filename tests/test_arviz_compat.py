@@ -138,3 +138,14 @@ def test_psis_khat_of_weights_dominated_by_one_draw_is_bad_in_both_versions():
     log_w = np.random.default_rng(7).normal(size=(3, 64)) * 1000  # weights spanning thousands of nats
     khat = compat.psis_khat(log_w)
     assert not np.any(np.isnan(khat)) and np.all(khat > 0.7)
+
+
+def test_a_failed_netcdf_write_leaves_nothing(tmp_path):
+    class Broken:
+        def to_netcdf(self, path, engine):
+            open(path, "wb").write(b"half")
+            raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        compat.save(Broken(), tmp_path / "run.nc")
+    assert list(tmp_path.iterdir()) == []

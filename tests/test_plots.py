@@ -137,3 +137,12 @@ def test_khat_and_cos_density(tmp_path):
         plots.plot_khat({}, (0.5, 0.7), tmp_path / "x.png")
     with pytest.raises(ValueError, match="log_prior"):
         plots.plot_cos_density({"x": x, "log_base": grid["log_base"]}, 1.0, tmp_path / "x.png")
+
+
+def test_a_failed_save_leaves_no_file(tmp_path):
+    """Figures are written to a temporary name and renamed: an unknown format leaves the folder empty."""
+    with pytest.raises(ValueError, match="bogus"):
+        plots.plot_khat({"K1_vp": [0.1, 0.6]}, (0.5, 0.7), tmp_path / "k.bogus")
+    assert list(tmp_path.iterdir()) == []
+    plots.plot_khat({"K1_vp": [0.1, 0.6]}, (0.5, 0.7), tmp_path / "k")
+    assert_png(tmp_path / "k.png")  # no suffix: PNG with ".png" appended, as Figure.savefig does

@@ -257,3 +257,59 @@ def test_check_positive_ints_names_the_argument(value):
     with pytest.raises(ValueError, match=r"^steps must be a positive int, got "):
         check_positive_ints(steps=value)
     check_positive_ints(steps=1, batch_size=None, allow_none=True)
+
+
+@pytest.mark.parametrize("value", [-1, 1.5, True, "3"])
+def test_check_nonnegative_ints_names_the_argument(value):
+    from pyro_vits._validate import check_nonnegative_ints
+
+    with pytest.raises(ValueError, match=r"^n_speakers must be a non-negative int, got "):
+        check_nonnegative_ints(n_speakers=value)
+    check_nonnegative_ints(n_speakers=0, gin_channels=3)
+
+
+def test_small_public_helpers_name_the_bad_argument():
+    import pandas as pd
+
+    from pyro_vits.data.batch import sequence_mask
+    from pyro_vits.diagnostics import markdown_table
+    from pyro_vits.distributed import minibatch_indices
+    from pyro_vits.transforms import CosFlow
+
+    with pytest.raises(ValueError, match=r"^lengths must be a 1-D Tensor \(N,\), got \(2, 1\)"):
+        sequence_mask(torch.tensor([[3], [2]]), 4)
+    with pytest.raises(ValueError, match=r"^lengths must be a 1-D Tensor \(N,\), got list"):
+        sequence_mask([3, 2], 4)
+    with pytest.raises(ValueError, match=r"^frames must be a non-negative int, got -1"):
+        sequence_mask(torch.tensor([3, 2]), -1)
+    assert sequence_mask(torch.tensor([3, 0]), 4).tolist() == [[[1, 1, 1, 0]], [[0, 0, 0, 0]]]
+    with pytest.raises(ValueError, match=r"^n must be a positive int, got 0"):
+        minibatch_indices(0, 0, 0, None)
+    with pytest.raises(ValueError, match=r"^batch_size must be a positive int or None, got 0"):
+        minibatch_indices(0, 0, 5, 0)
+    with pytest.raises(ValueError, match=r"^digits must be a positive int, got 0"):
+        markdown_table(pd.DataFrame({"a": [1.0]}), digits=0)
+    with pytest.raises(ValueError, match=r"^a must be a finite real number, got nan"):
+        CosFlow(math.nan)
+    with pytest.raises(ValueError, match=r"^a must be a finite real number, got '1'"):
+        CosFlow("1")
+    shape_message = r"^mask must be None or a Tensor of shape \(\.\.\., 1, T\), got \(2, 3\)"
+    with pytest.raises(ValueError, match=shape_message):
+        CosFlow(0.5, torch.ones(2, 3))
+
+
+def test_study_helpers_name_the_bad_argument():
+    import numpy as np
+
+    from pyro_vits.study.negative import one_utterance_quadrature
+    from pyro_vits.study.variance import log_crossing, ratio_se
+
+    with pytest.raises(ValueError, match=r"^nodes must be a positive int, got 0"):
+        one_utterance_quadrature("vits", nodes=0)
+    with pytest.raises(ValueError, match=r"^x \(3,\) and y \(4,\) must have the same shape"):
+        ratio_se(np.ones(3), np.ones(4))
+    with pytest.raises(ValueError, match=r"^ratios must be a 1-D numpy array, got \(2, 2\)"):
+        log_crossing(np.ones((2, 2)), np.ones((2, 2)))
+    with pytest.raises(ValueError, match=r"^values must be a 1-D numpy array, got <class 'list'>"):
+        log_crossing(np.ones(2), [1.0, 2.0])
+    assert log_crossing(np.array([0.5, 1.0, 2.0]), np.array([0.5, 1.0, 2.0])) == pytest.approx(1.0)

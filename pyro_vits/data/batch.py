@@ -12,6 +12,7 @@ import pyro
 import torch
 from torch import Tensor
 
+from .._validate import check_nonnegative_ints
 from ..prior import check_mask
 
 __all__ = ["Batch", "FitData", "sequence_mask", "utterance_plate"]
@@ -109,6 +110,7 @@ class Batch:
 
     @property
     def channels(self) -> int:
+        """Channels C of ``x``."""
         return self.x.shape[1]
 
     @property
@@ -118,6 +120,7 @@ class Batch:
 
     @property
     def device(self) -> torch.device:
+        """The device of every tensor field."""
         return self.x.device
 
     def describe(self) -> dict[str, Any]:
@@ -139,6 +142,7 @@ class Batch:
         return new
 
     def to(self, device: torch.device | str) -> Batch:
+        """A copy with every tensor field on ``device``."""
         return self._derive(lambda t: t.to(device))
 
     def subset(self, idx: Tensor) -> Batch:
@@ -147,7 +151,11 @@ class Batch:
 
 
 def sequence_mask(lengths: Tensor, frames: int) -> Tensor:
-    """``(N,)`` lengths -> ``(N, 1, T)`` float mask, 1 where ``t < length``."""
+    """``(N,)`` lengths (frames) -> ``(N, 1, frames)`` float mask, 1 where ``t < length``."""
+    if not isinstance(lengths, Tensor) or lengths.dim() != 1:
+        got = tuple(lengths.shape) if isinstance(lengths, Tensor) else type(lengths).__name__
+        raise ValueError(f"lengths must be a 1-D Tensor (N,), got {got}")
+    check_nonnegative_ints(frames=frames)
     return (torch.arange(frames, device=lengths.device) < lengths[:, None]).unsqueeze(1).float()
 
 

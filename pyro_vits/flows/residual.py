@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .._validate import check_positive_ints
+from .._validate import check_nonnegative_ints, check_positive_ints
 from ..nn import weight_normed_conv1d
 
 __all__ = [
@@ -88,6 +88,10 @@ class AffineCoupling(nn.Module):
         self.half_channels = channels // 2
         self.mean_only = mean_only
 
+    def _post_conv(self, in_channels: int) -> nn.Conv1d:
+        """The zero-initialised ``post`` from ``in_channels`` to the ``C/2 * (2 - mean_only)`` stats."""
+        return zero_conv1x1(in_channels, self.half_channels * (1 if self.mean_only else 2))
+
     def stats(self, x0: Tensor, x_mask: Tensor, g: Tensor | None) -> Tensor:
         raise NotImplementedError
 
@@ -135,7 +139,7 @@ class ResidualCouplingLayer(AffineCoupling):
         super().__init__(channels, mean_only)
         self.pre = nn.Conv1d(self.half_channels, hidden_channels, 1)
         self.enc = WN(hidden_channels, kernel_size, dilation_rate, n_layers, gin_channels=gin_channels)
-        self.post = zero_conv1x1(hidden_channels, self.half_channels * (1 if mean_only else 2))
+        self.post = self._post_conv(hidden_channels)
 
     def stats(self, x0: Tensor, x_mask: Tensor, g: Tensor | None) -> Tensor:
         h = self.enc(self.pre(x0) * x_mask, x_mask, g=g)
@@ -168,11 +172,6 @@ def flatten_leading(
     x = x.expand(lead + x.shape[-2:]).reshape((-1,) + x.shape[-2:])
     x_mask = x_mask.to(x.dtype).expand(lead + x_mask.shape[-2:]).reshape((-1, 1, x.shape[-1]))
     return x, x_mask, g, lead
-
-
-def check_gin_channels(gin_channels: Any) -> None:
-    if not isinstance(gin_channels, int) or isinstance(gin_channels, bool) or gin_channels < 0:
-        raise ValueError(f"gin_channels must be a non-negative int, got {gin_channels!r}")
 
 
 class ResidualCouplingBlock(nn.Module):
@@ -208,7 +207,7 @@ class ResidualCouplingBlock(nn.Module):
             n_layers=n_layers,
             n_flows=n_flows,
         )
-        check_gin_channels(gin_channels)
+        check_nonnegative_ints(gin_channels=gin_channels)
         config = dict(
             channels=channels,
             hidden_channels=hidden_channels,

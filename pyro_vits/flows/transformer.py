@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .._validate import check_positive_ints
+from .._validate import check_nonnegative_ints, check_positive_ints
 from ..nn import FFT, Encoder
 from .residual import (
     WN,
@@ -42,7 +42,6 @@ from .residual import (
     Flip,
     ResidualCouplingBlock,
     ResidualCouplingLayer,
-    check_gin_channels,
     zero_conv1x1,
 )
 
@@ -127,7 +126,7 @@ class ResidualCouplingTransformersLayer2(AffineCoupling):
         self.pre = nn.Conv1d(self.half_channels, hidden_channels, 1)
         self.pre_transformer = _encoder(hidden_channels, transformer)
         self.enc = WN(hidden_channels, kernel_size, dilation_rate, n_layers, gin_channels=gin_channels)
-        self.post = zero_conv1x1(hidden_channels, self.half_channels * (1 if mean_only else 2))
+        self.post = self._post_conv(hidden_channels)
 
     def stats(self, x0: Tensor, x_mask: Tensor, g: Tensor | None) -> Tensor:
         h = self.pre(x0) * x_mask
@@ -161,7 +160,7 @@ class FFTransformerCouplingLayer(AffineCoupling):
             isflow=True,
             gin_channels=gin_channels,
         )
-        self.post = zero_conv1x1(hidden_channels, self.half_channels * (1 if mean_only else 2))
+        self.post = self._post_conv(hidden_channels)
 
     def stats(self, x0: Tensor, x_mask: Tensor, g: Tensor | None) -> Tensor:
         h = self.pre(x0) * x_mask
@@ -286,7 +285,7 @@ class ResidualCouplingTransformersBlock(ResidualCouplingBlock):
         nn.Module.__init__(self)  # the WN stack of the base class is replaced by the layers below
         check_positive_ints(channels=channels, hidden_channels=hidden_channels, kernel_size=kernel_size,
                             dilation_rate=dilation_rate, n_layers=n_layers, n_flows=n_flows)
-        check_gin_channels(gin_channels)
+        check_nonnegative_ints(gin_channels=gin_channels)
         if transformer_flow_type not in TRANSFORMER_FLOW_TYPES:
             raise ValueError(f"transformer_flow_type must be one of {TRANSFORMER_FLOW_TYPES}, "
                              f"got {transformer_flow_type!r}")
@@ -336,7 +335,7 @@ class TransformerCouplingLayer(AffineCoupling):
             gin_channels=gin_channels,
             cond_layer_idx=cond_layer_idx,
         )
-        self.post = zero_conv1x1(hidden_channels, self.half_channels * (1 if mean_only else 2))
+        self.post = self._post_conv(hidden_channels)
 
     def stats(self, x0: Tensor, x_mask: Tensor, g: Tensor | None) -> Tensor:
         return self.post(self.enc(self.pre(x0) * x_mask, x_mask, g=g)) * x_mask
@@ -372,7 +371,7 @@ class TransformerCouplingBlock(ResidualCouplingBlock):
             kernel_size=kernel_size,
             n_flows=n_flows,
         )
-        check_gin_channels(gin_channels)
+        check_nonnegative_ints(gin_channels=gin_channels)
         layers: list[nn.Module] = []
         for _ in range(n_flows):
             layers += [

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._validate import check_positive_ints
+from .._validate import check_nonnegative_ints, check_positive_ints
 from .conv import weight_normed_conv1d
 
 __all__ = ["LayerNorm", "MultiHeadAttention", "FFN", "Encoder", "FFT"]
@@ -221,8 +221,7 @@ class Encoder(nn.Module):
     ) -> None:
         super().__init__()
         check_positive_ints(hidden_channels=hidden_channels, n_layers=n_layers)
-        if not isinstance(gin_channels, int) or gin_channels < 0:
-            raise ValueError(f"gin_channels must be a non-negative int, got {gin_channels!r}")
+        check_nonnegative_ints(gin_channels=gin_channels)
         self.hidden_channels = hidden_channels
         self.n_layers = n_layers
         self.gin_channels = gin_channels
@@ -282,8 +281,7 @@ class FFT(nn.Module):
     ) -> None:
         super().__init__()
         check_positive_ints(hidden_channels=hidden_channels, n_layers=n_layers)
-        if not isinstance(gin_channels, int) or gin_channels < 0:
-            raise ValueError(f"gin_channels must be a non-negative int, got {gin_channels!r}")
+        check_nonnegative_ints(gin_channels=gin_channels)
         self.hidden_channels = hidden_channels
         self.n_layers = n_layers
         self.gin_channels = gin_channels if isflow else 0

@@ -4,7 +4,7 @@ draws, ArviZ summaries over seeds, and means with t-intervals."""
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,8 +17,8 @@ from .. import _arviz_compat, diagnostics
 from ..estimators import sample_kl_estimates
 from .config import D64, StudyConfig
 
-__all__ = ["Draws", "Sweep", "col", "by_seed", "summary", "mean_ci", "t_quantile", "chunked_estimates",
-           "z_score"]
+__all__ = ["Draws", "Sweep", "col", "by_seed", "summary", "mean_ci", "t_quantile", "solve_increasing",
+           "chunked_estimates", "z_score"]
 
 Draws = dict[str, np.ndarray]
 
@@ -70,6 +70,18 @@ def summary(arrays: Mapping[str, np.ndarray]) -> dict[str, dict[str, float]]:
     return out
 
 
+def solve_increasing(f: Callable[[float], float], target: float, *, iterations: int) -> float:
+    """The ``x >= 0`` where the increasing ``f`` reaches ``target``: double ``[0, 1]`` until it brackets the
+    target, then ``iterations`` bisection steps; returns the last bracket's midpoint."""
+    lo, hi = 0.0, 1.0
+    while f(hi) < target:
+        lo, hi = hi, 2 * hi
+    for _ in range(iterations):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if f(mid) < target else (lo, mid)
+    return 0.5 * (lo + hi)
+
+
 def t_quantile(p: float, df: int) -> float:
     """The ``p`` quantile of Student's t with ``df`` degrees of freedom (bisection on its CDF, computed by
     the trapezoid rule on the density; accurate to ~1e-6 for ``df >= 1``, ``0.5 < p < 0.9995``)."""
@@ -82,13 +94,7 @@ def t_quantile(p: float, df: int) -> float:
         density = np.exp(log_norm - (df + 1) / 2 * np.log1p(t * t / df))
         return 0.5 + float(np.sum((density[1:] + density[:-1]) / 2) * (t[1] - t[0]))
 
-    lo, hi = 0.0, 1.0
-    while cdf(hi) < p:
-        lo, hi = hi, 2 * hi
-    for _ in range(50):
-        mid = 0.5 * (lo + hi)
-        lo, hi = (mid, hi) if cdf(mid) < p else (lo, mid)
-    return 0.5 * (lo + hi)
+    return solve_increasing(cdf, p, iterations=50)
 
 
 def mean_ci(values: Any) -> dict[str, float]:

@@ -150,6 +150,7 @@ PRESETS: dict[str, StudyConfig] = {
 
 
 def check_config(config: Any) -> None:
+    """Raise ``TypeError`` unless ``config`` is a :class:`StudyConfig`."""
     if not isinstance(config, StudyConfig):
         raise TypeError(f"config must be a StudyConfig (e.g. PRESETS['quick']), got {type(config).__name__}")
 

@@ -22,7 +22,7 @@ from ..estimators import (
     quadrature_kl_2d,
 )
 from ..prior import CosFlowPrior, MaskedNormal
-from .common import Draws, Sweep, by_seed, chunked_estimates, col
+from .common import Draws, Sweep, by_seed, chunked_estimates, col, solve_increasing
 from .config import D64, NEAR_A, StudyConfig, check_config
 
 __all__ = ["near_convergence", "one_utterance_quadrature", "exact_tail", "negative_batch_study",
@@ -41,6 +41,7 @@ def near_convergence() -> tuple[Tensor, Tensor, CosFlowPrior]:
 def one_utterance_quadrature(name: str, nodes: int = 64) -> tuple[np.ndarray, np.ndarray]:
     """The near-convergence one-utterance estimate ``name`` on a 2-D Gauss-Hermite rule for ``e ~ N(0, I)``:
     ``(values (nodes^2,), weights summing to 1)``, evaluated by :func:`kl_estimate` itself."""
+    check_positive_ints(nodes=nodes)
     m_q, logs_q, prior = near_convergence()
     x, w = np.polynomial.hermite_e.hermegauss(nodes)
     grid = torch.tensor(np.stack(np.meshgrid(x, x, indexing="ij"), -1).reshape(-1, 2, 1), dtype=D64)
@@ -145,13 +146,7 @@ def regime_profile(kl_per_frame: float, channels: int = 192, seed: int = 0) -> t
         a, b = profile(s)
         return float(np.sum(-np.log(a) + (a * a + b * b) / 2 - 0.5))
 
-    lo, hi = 0.0, 1.0
-    while kl(hi) < kl_per_frame:
-        lo, hi = hi, 2 * hi
-    for _ in range(100):
-        mid = 0.5 * (lo + hi)
-        lo, hi = (mid, hi) if kl(mid) < kl_per_frame else (lo, mid)
-    return profile(0.5 * (lo + hi))
+    return profile(solve_increasing(kl, kl_per_frame, iterations=100))
 
 
 class _GaussianPrior(MaskedNormal):

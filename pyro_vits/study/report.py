@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -17,6 +15,7 @@ import pyro
 import torch
 
 from .. import _arviz_compat, diagnostics, plots
+from ..train.rundir import atomic_write
 from .common import Sweep
 from .config import COS_A, StudyConfig, check_config
 from .fixes import fix_gradient_study, gradient_identity, sigma_optimum_study
@@ -178,16 +177,13 @@ def _json_default(value: Any) -> Any:
 
 
 def _write_text(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary name next to ``path``, then rename (never half-written)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    """Write ``text`` to ``path`` atomically (never half-written)."""
+    atomic_write(path, lambda f: f.write(text))
 
 
 def _copy(src: Path, dst: Path) -> None:
-    tmp = dst.with_name(f".{dst.name}.tmp")
-    shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
+    """Copy ``src``'s bytes to ``dst`` atomically."""
+    atomic_write(dst, lambda f: f.write(src.read_bytes()), mode="wb")
 
 
 def publish_docs(out_dir: str | Path, docs_dir: str | Path) -> Path:

@@ -34,8 +34,18 @@ def _theory(name: str, ratios: np.ndarray) -> np.ndarray:
     return (var / analytic_variance("mc", m_q, logs_q, zeros, zeros)).numpy()
 
 
+def _same_1d(a: Any, b: Any, a_name: str, b_name: str) -> None:
+    for name, value in ((a_name, a), (b_name, b)):
+        if not isinstance(value, np.ndarray) or value.ndim != 1:
+            raise ValueError(f"{name} must be a 1-D numpy array, got {getattr(value, 'shape', type(value))}")
+    if a.shape != b.shape:
+        raise ValueError(f"{a_name} {a.shape} and {b_name} {b.shape} must have the same shape")
+
+
 def log_crossing(ratios: np.ndarray, values: np.ndarray) -> float | None:
-    """Where ``values`` crosses 1 (``log values`` linear in ``log ratios``); None if it does not."""
+    """Where ``values`` crosses 1 (``log values`` linear in ``log ratios``); None if it does not.
+    ``ratios``, ``values``: positive, the same shape ``(R,)``."""
+    _same_1d(ratios, values, "ratios", "values")
     order = np.argsort(ratios)
     r, v = np.log(ratios[order]), np.log(values[order])
     crossings = np.flatnonzero(np.sign(v[:-1]) != np.sign(v[1:]))
@@ -47,7 +57,9 @@ def log_crossing(ratios: np.ndarray, values: np.ndarray) -> float | None:
 
 def ratio_se(x: np.ndarray, y: np.ndarray) -> float:
     """Delta-method SE of ``var(x) / var(y)`` from ``n`` i.i.d. pairs ``(x_i, y_i)`` (pooled draws):
-    ``Var(log R) = [m4x / vx^2 + m4y / vy^2 - 2 m22 / (vx vy) ... - 1 - 1 + 2] / n`` with central moments."""
+    ``Var(log R) = [m4x / vx^2 + m4y / vy^2 - 2 m22 / (vx vy) ... - 1 - 1 + 2] / n`` with central moments.
+    ``x``, ``y``: the same shape ``(n,)``."""
+    _same_1d(x, y, "x", "y")
     dx, dy = x - x.mean(), y - y.mean()
     vx, vy = float((dx**2).mean()), float((dy**2).mean())
     var_log = ((dx**4).mean() / vx**2 + (dy**4).mean() / vy**2 - 2 * (dx**2 * dy**2).mean() / (vx * vy)) / x.size
