@@ -47,3 +47,14 @@ docs: install
 .PHONY: docs-api
 docs-api: install
 	$(BIN)/python scripts/gen_api.py
+
+# A synthesised speech corpus (LJSpeech layout + VITS filelists) in $(SPEECH_CORPUS): espeak-ng voices reading
+# the sentences of Debian's fortunes-min; both come from apt (installed here when missing, needs root).
+# SPEECH_ARGS passes options, e.g. SPEECH_ARGS="--voices en-us,en-us+f3,en-gb --max-utterances 300".
+SPEECH_CORPUS ?= data/speech-corpus
+SPEECH_ARGS ?=
+.PHONY: speech-corpus
+speech-corpus: install
+	command -v espeak-ng >/dev/null || (apt-get update && apt-get install -y espeak-ng)
+	test -f /usr/share/games/fortunes/fortunes || (apt-get update && apt-get install -y fortunes-min)
+	$(BIN)/python -m pyro_vits.apps.corpus --out $(SPEECH_CORPUS) $(SPEECH_ARGS)
