@@ -16,14 +16,21 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	touch $@
 
-test: install
+# The corpus tests synthesise speech with espeak-ng (Debian); installed here when missing (needs root), else
+# those tests are skipped with their reason shown by pytest -ra.
+.PHONY: espeak
+espeak:
+	@command -v espeak-ng >/dev/null || (apt-get update -qq && apt-get install -y -qq espeak-ng) \
+		|| echo "WARNING: espeak-ng could not be installed; the corpus tests that synthesise speech will be skipped" >&2
+
+test: install espeak
 	$(BIN)/python -m pytest -q
 
 # The second leg of the test matrix: the newest installed Python >= 3.12 (scripts/newest-python.sh fails loudly
 # when there is none), in its own venv, where pip resolves ArviZ 1.x; the leg checks that it really got 1.x.
 LATEST_VENV ?= .venv-latest
 
-test-latest:
+test-latest: espeak
 	py="$$(scripts/newest-python.sh)" && $(MAKE) install PYTHON="$$py" VENV=$(LATEST_VENV)
 	$(LATEST_VENV)/bin/python -c "import arviz, sys; v = arviz.__version__; print('leg 2: Python', sys.version.split()[0], 'ArviZ', v); sys.exit(int(v.split('.')[0]) < 1)"
 	$(LATEST_VENV)/bin/python -m pytest -q
