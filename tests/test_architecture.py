@@ -226,3 +226,9 @@ def test_wheel_installs_and_runs_outside_the_checkout(tmp_path):
                   cwd=work)
     assert example.returncode == 2 and example.stderr.count("\n") == 1, example.stderr
     assert "out_dir D is not empty" in example.stderr
+    study = run(str(script), "study", "--preset", "test", "--out", "D2", "--device", "cpu", cwd=work)
+    assert study.returncode == 0, study.stderr[-3000:]
+    assert (work / "D2" / "results.json").is_file()
+    bench = run(str(script), "bench", "--quick", "--device", "cpu", "--out-dir", "B", cwd=work)
+    assert bench.returncode == 0, bench.stderr[-3000:]
+    assert [p.name for p in (work / "B").glob("*.json")] == ["cpu-quick.json"]
