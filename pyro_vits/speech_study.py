@@ -15,6 +15,10 @@ Measured on the held-out utterances after training (nats per frame unless stated
 guide draws (:func:`~pyro_vits.model.evaluate`), the spectrogram reconstruction error (RMS, in dB, of
 ``dec(m_q)`` against the log-magnitude spectrogram over valid bins and frames), and P(logged KL < 0): the
 fraction of training-size minibatches whose one-draw VITS KL is negative.
+
+Equal compute: each variant's cost per step relative to ``vits`` is measured in the same study
+(:func:`cost_ratios`, CPU seconds per training step, paired by seed); a variant that costs ``r`` times as much
+per step gets ``round(steps / r)`` steps (:func:`equal_compute_steps`), the compute of ``vits``'s ``steps``.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from .elbo import HybridEntropyELBO
 from .speech_model import SpeechModel, log_spectrogram
 
 __all__ = ["VARIANTS", "KLVariantELBO", "variant_elbo", "reconstruction_error_db", "negative_kl_fraction",
-           "t_interval", "summarise", "paired_difference"]
+           "t_interval", "summarise", "paired_difference", "cost_ratios", "equal_compute_steps"]
 
 VARIANTS = ("vits", "clamp", "abs", "abs_elementwise", "vits_k4")
 """Loss variants compared (module docstring)."""
@@ -149,7 +153,6 @@ def summarise(runs: Sequence[Mapping[str, Any]], keys: Sequence[str]
     return out
 
 
-
 def paired_difference(runs: Sequence[Mapping[str, Any]], key: str, variant: str, baseline: str = "vits"
                       ) -> dict[str, float]:
     """``variant - baseline`` of ``key`` paired by seed (same data, initialisation and minibatches), as a
@@ -157,3 +160,27 @@ def paired_difference(runs: Sequence[Mapping[str, Any]], key: str, variant: str,
     base = {r["seed"]: r[key] for r in runs if r["variant"] == baseline}
     diffs = [r[key] - base[r["seed"]] for r in runs if r["variant"] == variant and r["seed"] in base]
     return t_interval(diffs)
+
+
+def cost_ratios(runs: Sequence[Mapping[str, Any]], key: str = "cpu_s_per_step", baseline: str = "vits"
+                ) -> dict[str, dict[str, float]]:
+    """Each variant's cost per step over ``baseline``'s (``key`` of run records, e.g. CPU seconds per step),
+    paired by seed: ``{variant: t_interval of the per-seed ratios}`` (``baseline`` itself included, 1 ± 0).
+    Runs need ``variant``, ``seed`` and ``key``; each (variant, seed) once."""
+    base = {r["seed"]: r[key] for r in runs if r["variant"] == baseline}
+    if not base:
+        raise ValueError(f"no {baseline!r} runs to measure the cost ratios against")
+    out = {}
+    for variant in dict.fromkeys(r["variant"] for r in runs):
+        ratios = [r[key] / base[r["seed"]] for r in runs if r["variant"] == variant and r["seed"] in base]
+        out[variant] = t_interval(ratios)
+    return out
+
+
+def equal_compute_steps(steps: int, ratio: float) -> int:
+    """The steps a variant costing ``ratio`` times ``vits``'s per step gets for the compute of ``steps`` of
+    ``vits``: ``round(steps / ratio)``, at least 1."""
+    check_positive_ints(steps=steps)
+    if not (isinstance(ratio, (int, float)) and math.isfinite(ratio) and ratio > 0):
+        raise ValueError(f"ratio must be a positive finite number, got {ratio!r}")
+    return max(1, round(steps / ratio))

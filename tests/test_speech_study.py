@@ -14,12 +14,12 @@ from pyro import poutine
 from pyro_vits.apps import run_main
 from pyro_vits.apps.fit_speech import read_corpus
 from pyro_vits.apps.speech_study import main as study_main
-from pyro_vits.apps.speech_study import render
+from pyro_vits.apps.speech_study import _settings, _stored, build_parser, comparisons, render
 from pyro_vits.data.speech import VITS_SYMBOLS, SpeechConfig
 from pyro_vits.elbo import HybridEntropyELBO
 from pyro_vits.speech_model import speech_model_and_guide
-from pyro_vits.speech_study import (KLVariantELBO, negative_kl_fraction, paired_difference,
-                                    reconstruction_error_db, t_interval, variant_elbo)
+from pyro_vits.speech_study import (KLVariantELBO, cost_ratios, equal_compute_steps, negative_kl_fraction,
+                                    paired_difference, reconstruction_error_db, t_interval, variant_elbo)
 
 TINY = Path(__file__).parent / "data" / "tiny_corpus"
 SPEECH = SpeechConfig(filter_length=256, hop_length=128, win_length=256)
@@ -124,7 +124,7 @@ def fake_results():
     runs = []
     for seed in (0, 1, 2):
         for i, variant in enumerate(("vits", "clamp", "abs_elementwise")):
-            runs.append(dict(variant=variant, seed=seed, steps=10, s_per_step=1.0 + i,
+            runs.append(dict(variant=variant, seed=seed, steps=10, s_per_step=1.0 + i, cpu_s_per_step=1.0 + i,
                              heldout_elbo_per_frame=-100.0 - 5 * i - seed, heldout_kl_per_frame=3.0 + i,
                              heldout_recon_db=10.0, prob_negative_kl=0.0, logged_kl_per_frame=3.0,
                              logged_kl_sd_per_frame=0.1, training_steps_kl_negative=0 if i == 1 else None))
@@ -149,3 +149,59 @@ def test_render_only_needs_results(tmp_path, capsys):
     capsys.readouterr()
     assert run_main(study_main, ["--corpus", "x", "--out", str(tmp_path / "none"), "--render-only"]) == 2
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_cost_ratios_pair_by_seed_and_set_the_equal_compute_steps():
+    runs = [dict(variant=v, seed=s, cpu_s_per_step=(1.0 + s) * (1.3 if v == "vits_k4" else 1.0))
+            for v in ("vits", "vits_k4") for s in (0, 1, 2)]
+    ratios = cost_ratios(runs)
+    assert ratios["vits"]["mean"] == 1.0 and ratios["vits"]["half_width"] == 0.0
+    assert ratios["vits_k4"]["mean"] == pytest.approx(1.3) and ratios["vits_k4"]["half_width"] < 1e-9
+    assert equal_compute_steps(100, 1.3) == 77 and equal_compute_steps(100, 0.8) == 125
+    assert equal_compute_steps(2, 10.0) == 1
+    for bad in (0.0, -1.0, math.nan, "2"):
+        with pytest.raises(ValueError, match="ratio"):
+            equal_compute_steps(100, bad)
+    with pytest.raises(ValueError, match="vits"):
+        cost_ratios([r for r in runs if r["variant"] != "vits"])
+
+
+def with_equal_compute():
+    results = fake_results()
+    for seed in (0, 1, 2):
+        results["runs"].append(dict(results["runs"][3 * seed], variant="vits_k4", budget="compute", steps=8,
+                                    heldout_elbo_per_frame=-200.0 - seed))
+    for r in results["runs"][:9]:
+        if r["variant"] == "abs_elementwise":
+            r["variant"] = "vits_k4"
+    results["setup"]["equal_compute"] = ["vits_k4"]
+    return results
+
+
+def test_render_with_an_equal_compute_comparison():
+    results = with_equal_compute()
+    groups = comparisons(results["runs"])
+    assert len(groups["steps"]) == 9 and len(groups["compute"]) == 9
+    assert {r["steps"] for r in groups["compute"] if r["variant"] == "vits_k4"} == {8}
+    text = render(results)
+    assert "## Equal steps (10 steps)" in text and "## Equal compute (the compute of 10 steps of `vits`)" in text
+    assert "| vits_k4 | 8 |" in text and "| vits_k4 | 10 |" in text
+    assert "`vits_k4` 3 ± 0" in text  # CPU s / step 3 against vits's 1, every seed
+    assert "`vits_k4` at equal compute: held-out ELBO differs from `vits` (-100 ± 0 nats/frame)" in text
+    assert "retrained for round(steps / ratio) steps" in text
+
+
+def test_stored_runs_are_reused_only_with_the_same_settings(tmp_path):
+    args = build_parser().parse_args(["--corpus", "c", "--out", str(tmp_path), "--steps", "5"])
+    folder = tmp_path / "vits_k4-s1-compute"
+    folder.mkdir()
+    record = dict(variant="vits_k4", seed=1, steps=4, settings=_settings(args))
+    (folder / "study_run.json").write_text(json.dumps(record))
+    assert _stored(args, "vits_k4", 1, 4, "compute") == record
+    assert _stored(args, "vits_k4", 1, 5, "compute") is None  # other steps
+    assert _stored(args, "vits_k4", 1, 4, "steps") is None  # another folder
+    args.eval_samples += 1
+    assert _stored(args, "vits_k4", 1, 4, "compute") is None  # other settings
+    args.eval_samples -= 1
+    args.overwrite = True
+    assert _stored(args, "vits_k4", 1, 4, "compute") is None

@@ -5,7 +5,12 @@
 Trains every variant (``vits``, ``clamp``, ``abs``, ``abs_elementwise``, ``vits_k4``) for each seed with the
 CPU preset of :mod:`pyro_vits.apps.fit_speech` (options override it), then writes ``<out>/results.json`` and,
 with ``--docs``, ``<docs>/speech_study.md`` (the table with 95 % t-intervals over seeds, and each variant's
-difference from ``vits`` paired by seed); ``<out>/<variant>-s<seed>`` are the runs' folders. The variants
+difference from ``vits`` paired by seed), at equal steps and at equal compute; ``<out>/<variant>-s<seed>``
+are the runs' folders (``-compute`` for the equal-compute runs), each with its record ``study_run.json``. A
+run whose record is there with the same settings is reused, not retrained (``--overwrite`` retrains all), so
+a stopped study continues. Equal compute: after the equal-steps runs, each ``--equal-compute`` variant is
+retrained for ``round(steps / r)`` steps, ``r`` its CPU seconds per step over ``vits``'s measured in those
+runs (paired by seed); the other variants' ``r`` is stated and their equal-steps runs stand. The variants
 and measures are :mod:`pyro_vits.speech_study`'s.
 """
 
@@ -27,12 +32,12 @@ from . import run_main
 from .fit_speech import PRESETS, SpeechCorpus, build_pair, read_corpus
 from ..data.speech import SpeechConfig
 from ..model import evaluate
-from ..speech_study import (VARIANTS, negative_kl_fraction, paired_difference, reconstruction_error_db,
-                            summarise, variant_elbo)
+from ..speech_study import (VARIANTS, cost_ratios, equal_compute_steps, negative_kl_fraction,
+                            paired_difference, reconstruction_error_db, summarise, variant_elbo)
 from ..train.rundir import atomic_write
 from ..train import fit
 
-__all__ = ["build_parser", "main", "run_variant", "render"]
+__all__ = ["build_parser", "main", "run_variant", "render", "comparisons"]
 
 logger = logging.getLogger("pyro_vits")
 
@@ -40,7 +45,8 @@ LABELS = {"heldout_elbo_per_frame": "held-out ELBO (nats/frame)",
           "heldout_kl_per_frame": "held-out KL (nats/frame)",
           "heldout_recon_db": "reconstruction error (dB RMS)",
           "prob_negative_kl": "P(logged KL < 0)",
-          "s_per_step": "s / step"}
+          "s_per_step": "s / step",
+          "cpu_s_per_step": "CPU s / step"}
 KEYS = tuple(LABELS)
 
 
@@ -57,6 +63,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--eval-samples", type=int, default=16, help="guide draws per held-out utterance")
     p.add_argument("--negative-batches", type=int, default=64, help="minibatches drawn for P(logged KL < 0)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--equal-compute", nargs="*", choices=VARIANTS, default=["vits_k4"],
+                   help="variants retrained for round(steps / their measured per-step cost ratio to vits)")
     p.add_argument("--jobs", type=int, default=1, help="runs at once (processes; each reads the corpus)")
     p.add_argument("--overwrite", action="store_true", help="replace the run folders")
     p.add_argument("--render-only", action="store_true",
@@ -65,52 +73,152 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     return p
 
 
-def run_variant(corpus: SpeechCorpus, variant: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
-    """Train one variant with one seed; its held-out measures and timing as a flat record."""
+def _settings(args: argparse.Namespace) -> dict[str, Any]:
+    """What a run's numbers depend on besides its variant, seed and steps (a stored run is reused only when
+    these match)."""
+    return dict(corpus=str(args.corpus), batch_size=args.batch_size, max_utterances=args.max_utterances,
+                eval_samples=args.eval_samples, negative_batches=args.negative_batches, device=args.device)
+
+
+def _run_dir(args: argparse.Namespace, variant: str, seed: int, budget: str) -> Path:
+    return Path(args.out) / (f"{variant}-s{seed}" + ("" if budget == "steps" else f"-{budget}"))
+
+
+def run_variant(corpus: SpeechCorpus, variant: str, seed: int, args: argparse.Namespace, steps: int | None = None,
+                budget: str = "steps") -> dict[str, Any]:
+    """Train one variant with one seed for ``steps`` (default ``args.steps``); its held-out measures and
+    timing as a flat record (``cpu_s``: CPU seconds of this process in :func:`~pyro_vits.train.fit`,
+    ``wall_s``: wall seconds), also written to ``<run folder>/study_run.json``. ``budget`` (``"steps"`` or
+    ``"compute"``) labels the comparison the run belongs to."""
+    steps = args.steps if steps is None else steps
     settings = PRESETS["cpu"]
     model, guide = build_pair(settings, corpus.speech, corpus.n_speakers, seed=seed)
     elbo = variant_elbo(variant)
-    start = time.perf_counter()
-    result = fit(model, guide, corpus.train, steps=args.steps, elbo=elbo, lr=settings["lr"],
-                 batch_size=args.batch_size, device=args.device, seed=seed,
-                 out_dir=Path(args.out) / f"{variant}-s{seed}", overwrite=args.overwrite,
-                 log_every=args.steps, progress=False, eval_samples=4, extra_config=dict(variant=variant))
-    wall = time.perf_counter() - start
+    run_dir = _run_dir(args, variant, seed, budget)
+    start, cpu_start = time.perf_counter(), time.process_time()
+    result = fit(model, guide, corpus.train, steps=steps, elbo=elbo, lr=settings["lr"],
+                 batch_size=args.batch_size, device=args.device, seed=seed, out_dir=run_dir,
+                 overwrite=args.overwrite, log_every=steps, progress=False, eval_samples=4,
+                 extra_config=dict(variant=variant))
+    cpu, wall = time.process_time() - cpu_start, time.perf_counter() - start
     heldout = corpus.heldout.to(result.device)
     measures = evaluate(result.model, result.guide, heldout, num_samples=args.eval_samples, seed=seed)
     negative = negative_kl_fraction(result.model, result.guide, corpus.train.to(result.device),
                                     args.batch_size, args.negative_batches, seed=seed)
-    return dict(variant=variant, seed=seed, steps=args.steps, wall_s=wall, s_per_step=wall / args.steps,
-                heldout_elbo_per_frame=measures["elbo_per_frame"],
-                heldout_kl_per_frame=measures["kl_per_frame"],
-                heldout_elbo_mcse_per_frame=measures["elbo_stderr_per_frame"],
-                heldout_recon_db=reconstruction_error_db(result.model, result.guide, heldout),
-                prob_negative_kl=negative["prob_negative"], logged_kl_per_frame=negative["kl_per_frame_mean"],
-                logged_kl_sd_per_frame=negative["kl_per_frame_sd"],
-                training_steps_kl_negative=getattr(elbo, "negative_steps", None))
+    record = dict(variant=variant, seed=seed, budget=budget, steps=steps, wall_s=wall, s_per_step=wall / steps,
+                  cpu_s=cpu, cpu_s_per_step=cpu / steps,
+                  heldout_elbo_per_frame=measures["elbo_per_frame"],
+                  heldout_kl_per_frame=measures["kl_per_frame"],
+                  heldout_elbo_mcse_per_frame=measures["elbo_stderr_per_frame"],
+                  heldout_recon_db=reconstruction_error_db(result.model, result.guide, heldout),
+                  prob_negative_kl=negative["prob_negative"],
+                  logged_kl_per_frame=negative["kl_per_frame_mean"],
+                  logged_kl_sd_per_frame=negative["kl_per_frame_sd"],
+                  training_steps_kl_negative=getattr(elbo, "negative_steps", None), settings=_settings(args))
+    atomic_write(run_dir / "study_run.json", lambda f: json.dump(record, f, indent=2))
+    return record
 
 
 def _cell(stat: Mapping[str, float]) -> str:
     return f"{stat['mean']:.4g} ± {stat['half_width']:.2g}"
 
 
-def _header(setup: Mapping[str, Any]) -> list[str]:
+def _budget(run: Mapping[str, Any]) -> str:
+    return run.get("budget", "steps")
+
+
+def comparisons(runs: Sequence[Mapping[str, Any]]) -> dict[str, list[Mapping[str, Any]]]:
+    """The runs of each comparison: ``"steps"`` (every variant, the same steps) and, when the study has
+    equal-compute runs, ``"compute"`` (those runs in place of their variant's equal-steps runs)."""
+    steps = [r for r in runs if _budget(r) == "steps"]
+    retrained = [r for r in runs if _budget(r) == "compute"]
+    out = {"steps": steps}
+    if retrained:
+        names = {r["variant"] for r in retrained}
+        out["compute"] = [r for r in steps if r["variant"] not in names] + retrained
+    return out
+
+
+def _keys(runs: Sequence[Mapping[str, Any]]) -> tuple[str, ...]:
+    return tuple(k for k in KEYS if all(k in r for r in runs))
+
+
+def _tables(runs: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The variants' table (with their steps) and their differences from ``vits`` paired by seed."""
+    keys = _keys(runs)
+    table = summarise(runs, keys)
+    steps = {v: sorted({r["steps"] for r in runs if r["variant"] == v}) for v in table}
+    lines = ["| variant | steps | " + " | ".join(LABELS[k] for k in keys) + " |", "|---" * (len(keys) + 2) + "|"]
+    lines += [f"| {v} | {'/'.join(map(str, steps[v]))} | " + " | ".join(_cell(table[v][k]) for k in keys) + " |"
+              for v in table]
+    lines += ["", "Difference from `vits`, paired by seed (95 % t-interval; * where it excludes 0):", "",
+              "| variant | Δ held-out ELBO | Δ held-out KL | Δ reconstruction error (dB) |", "|---|---|---|---|"]
+    for v in (v for v in table if v != "vits" and "vits" in table):
+        cells = []
+        for key in KEYS[:3]:
+            d = paired_difference(runs, key, v)
+            cells.append(_cell(d) + (" *" if abs(d["mean"]) > d["half_width"] else ""))
+        lines.append(f"| {v} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def _took(setup: Mapping[str, Any], n_runs: int) -> str:
+    """The command's wall time, and how many runs it reused from an earlier invocation."""
+    if "wall_s" not in setup:
+        return ""
+    reused = setup.get("reused", 0)
+    return (f", {setup['wall_s'] / 60:.1f} min wall time on a shared 2-core CPU"
+            + (f", {reused} of the {n_runs} runs reused from the study folder" if reused else ""))
+
+
+def _header(setup: Mapping[str, Any], runs: Sequence[Mapping[str, Any]]) -> list[str]:
     corpus = setup["corpus"]
     return [
         "# The KL-loss variants on speech", "",
-        f"Generated by `{setup['command']}` ({setup['utc']}); numbers are means over "
+        f"Generated by `{setup['command']}` ({setup['utc']}" + _took(setup, len(runs)) + "); numbers are means over "
         f"{len(setup['seeds'])} seeds ± the half-width of the 95 % Student-t interval over seeds.", "",
         f"Corpus: {corpus['train']} training / {corpus['heldout']} held-out utterances of "
         f"`{corpus['folder']}` ({corpus['description']}). Model: the CPU preset of "
-        f"`pyro_vits.apps.fit_speech` ({setup['sizes']}), {setup['steps']} steps of {setup['batch_size']} "
+        f"`pyro_vits.apps.fit_speech` ({setup['sizes']}), minibatches of {setup['batch_size']} "
         "utterances, the same seed (initialisation, minibatches, noise) for every variant. The variants "
         "differ only in the KL term of the loss (see `pyro_vits.speech_study`)."
         + (f" Code: {setup['code']}." if setup.get("code") else ""), "",
     ]
 
 
-def _findings(runs: Sequence[Mapping[str, Any]], table: Mapping[str, Any]) -> list[str]:
-    """Sentences read off the numbers (no judgement that the numbers do not carry)."""
+def _costs(runs: Sequence[Mapping[str, Any]], setup: Mapping[str, Any]) -> list[str]:
+    """The per-step cost ratios measured in the equal-steps runs and the equal-compute rule."""
+    key = "cpu_s_per_step" if all("cpu_s_per_step" in r for r in runs) else "s_per_step"
+    unit = "CPU seconds" if key == "cpu_s_per_step" else "wall seconds"
+    ratios = cost_ratios(runs, key)
+    cells = ", ".join(f"`{v}` {_cell(r)}" for v, r in ratios.items() if v != "vits")
+    lines = [f"Cost per step over `vits`'s, measured in these equal-steps runs ({unit} of training per step, "
+             f"paired by seed, 95 % t-interval): {cells}."]
+    retrained = setup.get("equal_compute", [])
+    if retrained:
+        lines[0] += (f" Equal compute: every variant gets the compute of {setup['steps']} steps of `vits`; "
+                     + ", ".join(f"`{v}`" for v in retrained) + f" {'is' if len(retrained) == 1 else 'are'} "
+                     "retrained for round(steps / ratio) steps with the ratio's mean above; the other "
+                     "variants' equal-steps runs stand for them (their ratio is the one stated).")
+    return lines + [""]
+
+
+def _verdict(runs: Sequence[Mapping[str, Any]], v: str, label: str = "") -> str:
+    """One variant's held-out ELBO and KL against ``vits``'s, paired by seed, in words."""
+    elbo = paired_difference(runs, "heldout_elbo_per_frame", v)
+    kl = paired_difference(runs, "heldout_kl_per_frame", v)
+    resolved = abs(elbo["mean"]) > elbo["half_width"]
+    verdict = "differs from `vits`" if resolved else "is not distinguishable from `vits` here"
+    if elbo["mean"] == elbo["half_width"] == kl["mean"] == 0:
+        verdict = "is identical to `vits`, run for run"
+    return (f"- `{v}`{label}: held-out ELBO {verdict} ({elbo['mean']:+.3g} ± {elbo['half_width']:.2g} "
+            f"nats/frame); held-out KL {kl['mean']:+.3g} ± {kl['half_width']:.2g} nats/frame.")
+
+
+def _findings(runs: Sequence[Mapping[str, Any]], compute: Sequence[Mapping[str, Any]] = ()) -> list[str]:
+    """Sentences read off the numbers (no judgement that the numbers do not carry): ``runs`` the equal-steps
+    comparison, ``compute`` the equal-compute one (or nothing)."""
+    table = summarise(runs, KEYS[:2])
     lines = ["## What the numbers say", ""]
     patched = [r for r in runs if r["variant"] in ("clamp", "abs")]
     if patched:
@@ -119,56 +227,43 @@ def _findings(runs: Sequence[Mapping[str, Any]], table: Mapping[str, Any]) -> li
         lines.append(f"- The unpatched one-draw minibatch KL was negative on {negative} of {total} training "
                      "steps of the `clamp`/`abs` runs" + (": they never acted, so these runs train "
                      "exactly as `vits` does." if negative == 0 else "."))
-    worst = max(r["prob_negative_kl"] for r in runs)
-    z = min(r["logged_kl_per_frame"] / r["logged_kl_sd_per_frame"] for r in runs
+    every = list({id(r): r for r in [*runs, *compute]}.values())
+    worst = max(r["prob_negative_kl"] for r in every)
+    z = min(r["logged_kl_per_frame"] / r["logged_kl_sd_per_frame"] for r in every
             if r["logged_kl_sd_per_frame"] > 0)
     lines.append(f"- At the end of training the logged one-draw VITS KL of a training-size minibatch was "
-                 f"negative in at most {worst:.3g} of the minibatches drawn per run ({len(runs)} runs); its "
+                 f"negative in at most {worst:.3g} of the minibatches drawn per run ({len(every)} runs); its "
                  f"mean sat at least {z:.3g} standard deviations above 0, a normal-approximation "
                  f"P(negative) of {0.5 * math.erfc(z / math.sqrt(2)):.2g} or less.")
     for v in (v for v in table if v != "vits" and "vits" in table):
-        elbo = paired_difference(runs, "heldout_elbo_per_frame", v)
-        kl = paired_difference(runs, "heldout_kl_per_frame", v)
-        resolved = abs(elbo["mean"]) > elbo["half_width"]
-        verdict = "differs from `vits`" if resolved else "is not distinguishable from `vits` here"
-        if elbo["mean"] == elbo["half_width"] == kl["mean"] == 0:
-            verdict = "is identical to `vits`, run for run"
-        lines.append(f"- `{v}`: held-out ELBO {verdict} ({elbo['mean']:+.3g} ± {elbo['half_width']:.2g} "
-                     f"nats/frame); held-out KL {kl['mean']:+.3g} ± {kl['half_width']:.2g} nats/frame.")
+        lines.append(_verdict(runs, v))
+    retrained = dict.fromkeys(r["variant"] for r in compute if _budget(r) == "compute")
+    lines += [_verdict(compute, v, " at equal compute") for v in retrained]
     if "vits" in table:
         kl = table["vits"]["heldout_kl_per_frame"]["mean"]
         lines.append(f"- Scope: {kl:.3g} nats/frame of KL here, short training and a small latent (see the "
                      "sizes above), far from a converged VITS (about 1 nat/frame over 192 channels, where the "
                      "logged KL can go negative); what `clamp`/`abs` do there is not measured here.")
-    if "vits_k4" in table and "vits" in table:
-        ratio = table["vits_k4"]["s_per_step"]["mean"] / table["vits"]["s_per_step"]["mean"]
-        lines.append(f"- `vits_k4` cost {ratio:.2g}× the time per step of `vits` on this shared CPU.")
     return lines + [""]
 
 
 def render(results: Mapping[str, Any]) -> str:
     """``docs/speech_study.md`` from ``results.json``'s content."""
     runs, setup = results["runs"], results["setup"]
-    table = summarise(runs, KEYS)
-    lines = _header(setup) + ["| variant | " + " | ".join(LABELS[k] for k in KEYS) + " |",
-                              "|---" * (len(KEYS) + 1) + "|"]
-    lines += [f"| {v} | " + " | ".join(_cell(table[v][k]) for k in KEYS) + " |" for v in table]
-    lines += ["", "Difference from `vits`, paired by seed (95 % t-interval; * where it excludes 0):", "",
-              "| variant | Δ held-out ELBO | Δ held-out KL | Δ reconstruction error (dB) |",
-              "|---|---|---|---|"]
-    for v in (v for v in table if v != "vits" and "vits" in table):
-        cells = []
-        for key in KEYS[:3]:
-            d = paired_difference(runs, key, v)
-            cells.append(_cell(d) + (" *" if abs(d["mean"]) > d["half_width"] else ""))
-        lines.append(f"| {v} | " + " | ".join(cells) + " |")
-    lines += ["", *_findings(runs, table)]
+    groups = comparisons(runs)
+    lines = _header(setup, runs) + [f"## Equal steps ({setup['steps']} steps)", ""] + _tables(groups["steps"])
+    lines += _costs(groups["steps"], setup)
+    if "compute" in groups:
+        lines += [f"## Equal compute (the compute of {setup['steps']} steps of `vits`)", ""]
+        lines += _tables(groups["compute"])
+    lines += _findings(groups["steps"], groups.get("compute", ()))
     lines += [f"Held-out ELBO and KL: {setup['eval_samples']} guide draws per utterance "
               "(`pyro_vits.model.evaluate`); reconstruction error: `dec(m_q)` against the log-magnitude "
               "spectrogram; P(logged KL < 0): fraction of "
               f"{setup['negative_batches']} training minibatches of {setup['batch_size']} utterances whose "
               "one-draw VITS KL (`-H(q) - log p(z)`, per frame) is negative at the end of training; "
-              "s / step: wall time of the run (evaluations included) over its steps.", ""]
+              "s / step: wall time of the run's training (its one final logging evaluation included) over its "
+              "steps, on a shared CPU; CPU s / step: the CPU time of the same, the cost the ratios use.", ""]
     return "\n".join(lines)
 
 
@@ -182,12 +277,12 @@ def _read(args: argparse.Namespace) -> SpeechCorpus:
     return corpus
 
 
-def _run_job(args: argparse.Namespace, variant: str, seed: int) -> dict[str, Any]:
+def _run_job(args: argparse.Namespace, variant: str, seed: int, steps: int, budget: str) -> dict[str, Any]:
     """One run in a worker process (which reads the corpus itself)."""
     import torch
 
     torch.set_num_threads(1)
-    return run_variant(_read(args), variant, seed, args)
+    return run_variant(_read(args), variant, seed, args, steps, budget)
 
 
 def _setup(args: argparse.Namespace, corpus: SpeechCorpus, argv: Sequence[str]) -> dict[str, Any]:
@@ -214,6 +309,34 @@ def _publish(results: Mapping[str, Any], docs: str | None) -> None:
     print(render(results))
 
 
+def _stored(args: argparse.Namespace, variant: str, seed: int, steps: int, budget: str) -> dict | None:
+    """The run's record when it is there with the same settings (and ``--overwrite`` is not given)."""
+    path = _run_dir(args, variant, seed, budget) / "study_run.json"
+    if args.overwrite or not path.is_file():
+        return None
+    record = json.loads(path.read_text())
+    same = record.get("steps") == steps and record.get("settings") == _settings(args)
+    return record if same else None
+
+
+def _train(args: argparse.Namespace, corpus: SpeechCorpus, jobs: Sequence[tuple[str, int, int, str]]
+           ) -> tuple[list[dict[str, Any]], int]:
+    """Records of ``(variant, seed, steps, budget)`` jobs in order, stored ones reused, the rest trained
+    (``--jobs`` processes at once); and how many were reused."""
+    runs: list[dict[str, Any] | None] = [_stored(args, *job) for job in jobs]
+    todo = [job for job, run in zip(jobs, runs) if run is None]
+    if todo:
+        logger.info("training %d of %d runs", len(todo), len(jobs))
+    if args.jobs == 1 or len(todo) < 2:
+        fresh = [run_variant(corpus, v, seed, args, steps, budget) for v, seed, steps, budget in todo]
+    else:
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(min(args.jobs, len(todo)), mp_context=context) as pool:
+            fresh = list(pool.map(_run_job, [args] * len(todo), *zip(*todo)))
+    it = iter(fresh)
+    return [run if run is not None else next(it) for run in runs], len(jobs) - len(todo)
+
+
 def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     args = build_parser(prog).parse_args(argv)
     if args.render_only:
@@ -224,15 +347,20 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
         return 0
     if len(args.seeds) < 2 or args.jobs < 1:
         raise ValueError("the study needs at least 2 seeds and --jobs >= 1")
+    retrained = [v for v in dict.fromkeys(args.equal_compute) if v != "vits" and v in args.variants]
+    if retrained and "vits" not in args.variants:
+        raise ValueError("--equal-compute needs the vits variant (the cost ratios are measured against it)")
+    start = time.perf_counter()
     corpus = _read(args)
-    jobs = [(variant, seed) for seed in args.seeds for variant in args.variants]
-    if args.jobs == 1:
-        runs = [run_variant(corpus, variant, seed, args) for variant, seed in jobs]
-    else:
-        context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(args.jobs, mp_context=context) as pool:
-            runs = list(pool.map(_run_job, [args] * len(jobs), *zip(*jobs)))
+    runs, reused = _train(args, corpus, [(v, seed, args.steps, "steps") for seed in args.seeds
+                                         for v in args.variants])
+    if retrained:
+        ratios = cost_ratios(runs)
+        more, more_reused = _train(args, corpus, [(v, seed, equal_compute_steps(args.steps, ratios[v]["mean"]),
+                                                   "compute") for seed in args.seeds for v in retrained])
+        runs, reused = runs + more, reused + more_reused
     setup = _setup(args, corpus, argv if argv is not None else sys.argv[1:])
+    setup.update(equal_compute=retrained, wall_s=time.perf_counter() - start, reused=reused)
     results = dict(setup=setup, runs=runs)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
