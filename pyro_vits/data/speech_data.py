@@ -15,14 +15,10 @@ import torch
 from torch import Tensor
 
 from .._validate import check_positive_ints
+from .batch import sequence_mask
 from .speech import SpeechBatch, SpeechConfig, open_corpus, speech_batches
 
-__all__ = ["SpeechData", "load_speech_data", "prefix_mask"]
-
-
-def prefix_mask(lengths: Tensor, frames: int) -> Tensor:
-    """``(N,)`` lengths -> ``(N, 1, T)`` float 0/1 mask, 1 where ``t < length``."""
-    return (torch.arange(frames, device=lengths.device) < lengths[:, None]).unsqueeze(1).float()
+__all__ = ["SpeechData", "load_speech_data"]
 
 
 def _check_lengths(lengths: Tensor, n: int, size: int, name: str) -> None:
@@ -92,12 +88,12 @@ class SpeechData:
     @property
     def mask(self) -> Tensor:
         """``(N, 1, T)`` 0/1 frame mask."""
-        return prefix_mask(self.lengths, self.spec.shape[-1]).to(self.spec.dtype)
+        return sequence_mask(self.lengths, self.spec.shape[-1]).to(self.spec.dtype)
 
     @property
     def text_mask(self) -> Tensor:
         """``(N, 1, L)`` 0/1 symbol mask."""
-        return prefix_mask(self.text_lengths, self.text.shape[-1]).to(self.spec.dtype)
+        return sequence_mask(self.text_lengths, self.text.shape[-1]).to(self.spec.dtype)
 
     @property
     def n(self) -> int:
