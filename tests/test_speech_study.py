@@ -146,6 +146,7 @@ def test_render_only_needs_results(tmp_path, capsys):
     assert run_main(study_main, ["--corpus", "x", "--out", str(tmp_path), "--render-only", "--docs",
                                  str(tmp_path / "docs")]) == 0
     assert (tmp_path / "docs" / "speech_study.md").read_text().startswith("# The KL-loss variants on speech")
+    assert json.loads((tmp_path / "docs" / "speech_study_results.json").read_text()) == fake_results()
     capsys.readouterr()
     assert run_main(study_main, ["--corpus", "x", "--out", str(tmp_path / "none"), "--render-only"]) == 2
     assert len(capsys.readouterr().err.strip().splitlines()) == 1

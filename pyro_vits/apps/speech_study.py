@@ -3,15 +3,17 @@
     python -m pyro_vits.apps.speech_study --corpus data/speech-corpus --out runs/speech-study --docs docs
 
 Trains every variant (``vits``, ``clamp``, ``abs``, ``abs_elementwise``, ``vits_k4``) for each seed with the
-CPU preset of :mod:`pyro_vits.apps.fit_speech` (options override it), then writes ``<out>/results.json`` and,
-with ``--docs``, ``<docs>/speech_study.md`` (the table with 95 % t-intervals over seeds, and each variant's
-difference from ``vits`` paired by seed), at equal steps and at equal compute; ``<out>/<variant>-s<seed>``
-are the runs' folders (``-compute`` for the equal-compute runs), each with its record ``study_run.json``. A
-run whose record is there with the same settings is reused, not retrained (``--overwrite`` retrains all), so
-a stopped study continues. Equal compute: after the equal-steps runs, each ``--equal-compute`` variant is
-retrained for ``round(steps / r)`` steps, ``r`` its CPU seconds per step over ``vits``'s measured in those
-runs (paired by seed); the other variants' ``r`` is stated and their equal-steps runs stand. The variants
-and measures are :mod:`pyro_vits.speech_study`'s.
+CPU preset of :mod:`pyro_vits.apps.fit_speech` (options override it), at equal steps and at equal compute,
+then writes ``<out>/results.json`` and, with ``--docs``, ``<docs>/speech_study.md`` (the tables with 95 %
+t-intervals over seeds and each variant's difference from ``vits`` paired by seed) and a copy of the results,
+``<docs>/speech_study_results.json``. ``<out>/<variant>-s<seed>`` are the runs' folders (``-compute`` for the
+equal-compute runs), each with its record ``study_run.json``; a run whose record is there with the same
+settings is reused, not retrained (``--overwrite`` retrains all), so a stopped study continues.
+
+Equal compute: after the equal-steps runs, each ``--equal-compute`` variant is retrained for
+``round(steps / r)`` steps, ``r`` its CPU seconds per step over ``vits``'s measured in those runs (paired by
+seed); the other variants' ``r`` is stated and their equal-steps runs stand. The variants and measures are
+:mod:`pyro_vits.speech_study`'s.
 """
 
 from __future__ import annotations
@@ -306,6 +308,7 @@ def _publish(results: Mapping[str, Any], docs: str | None) -> None:
     if docs:
         Path(docs).mkdir(parents=True, exist_ok=True)
         atomic_write(Path(docs) / "speech_study.md", lambda f: f.write(render(results)))
+        atomic_write(Path(docs) / "speech_study_results.json", lambda f: json.dump(results, f, indent=2))
     print(render(results))
 
 
