@@ -19,6 +19,8 @@ fraction of training-size minibatches whose one-draw VITS KL is negative.
 Equal compute: each variant's cost per step relative to ``vits`` is measured in the same study
 (:func:`cost_ratios`, CPU seconds per training step, paired by seed); a variant that costs ``r`` times as much
 per step gets ``round(steps / r)`` steps (:func:`equal_compute_steps`), the compute of ``vits``'s ``steps``.
+By default the variants retrained so are those whose ``r`` differs resolvably from 1 (:func:`unequal_cost`);
+the others' equal-steps runs stand for them at equal compute.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from .elbo import HybridEntropyELBO
 from .speech_model import SpeechModel, log_spectrogram
 
 __all__ = ["VARIANTS", "KLVariantELBO", "variant_elbo", "reconstruction_error_db", "negative_kl_fraction",
-           "t_interval", "summarise", "paired_difference", "cost_ratios", "equal_compute_steps"]
+           "t_interval", "summarise", "paired_difference", "cost_ratios", "unequal_cost", "equal_compute_steps"]
 
 VARIANTS = ("vits", "clamp", "abs", "abs_elementwise", "vits_k4")
 """Loss variants compared (module docstring)."""
@@ -175,6 +177,11 @@ def cost_ratios(runs: Sequence[Mapping[str, Any]], key: str = "cpu_s_per_step", 
         ratios = [r[key] / base[r["seed"]] for r in runs if r["variant"] == variant and r["seed"] in base]
         out[variant] = t_interval(ratios)
     return out
+
+
+def unequal_cost(ratios: Mapping[str, Mapping[str, float]]) -> list[str]:
+    """The variants of :func:`cost_ratios`'s output whose 95 % t-interval of the cost ratio excludes 1."""
+    return [v for v, r in ratios.items() if abs(r["mean"] - 1.0) > r["half_width"]]
 
 
 def equal_compute_steps(steps: int, ratio: float) -> int:

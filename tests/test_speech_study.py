@@ -19,7 +19,8 @@ from pyro_vits.data.speech import VITS_SYMBOLS, SpeechConfig
 from pyro_vits.elbo import HybridEntropyELBO
 from pyro_vits.speech_model import speech_model_and_guide
 from pyro_vits.speech_study import (KLVariantELBO, cost_ratios, equal_compute_steps, negative_kl_fraction,
-                                    paired_difference, reconstruction_error_db, t_interval, variant_elbo)
+                                    paired_difference, reconstruction_error_db, t_interval, unequal_cost,
+                                    variant_elbo)
 
 TINY = Path(__file__).parent / "data" / "tiny_corpus"
 SPEECH = SpeechConfig(filter_length=256, hop_length=128, win_length=256)
@@ -158,6 +159,9 @@ def test_cost_ratios_pair_by_seed_and_set_the_equal_compute_steps():
     ratios = cost_ratios(runs)
     assert ratios["vits"]["mean"] == 1.0 and ratios["vits"]["half_width"] == 0.0
     assert ratios["vits_k4"]["mean"] == pytest.approx(1.3) and ratios["vits_k4"]["half_width"] < 1e-9
+    assert unequal_cost(ratios) == ["vits_k4"]
+    noisy = dict(ratios, clamp=t_interval([0.9, 1.1, 1.05]), abs=t_interval([0.8, 0.81, 0.79]))
+    assert unequal_cost(noisy) == ["vits_k4", "abs"]
     assert equal_compute_steps(100, 1.3) == 77 and equal_compute_steps(100, 0.8) == 125
     assert equal_compute_steps(2, 10.0) == 1
     for bad in (0.0, -1.0, math.nan, "2"):

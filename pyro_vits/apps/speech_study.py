@@ -10,9 +10,10 @@ t-intervals over seeds and each variant's difference from ``vits`` paired by see
 equal-compute runs), each with its record ``study_run.json``; a run whose record is there with the same
 settings is reused, not retrained (``--overwrite`` retrains all), so a stopped study continues.
 
-Equal compute: after the equal-steps runs, each ``--equal-compute`` variant is retrained for
-``round(steps / r)`` steps, ``r`` its CPU seconds per step over ``vits``'s measured in those runs (paired by
-seed); the other variants' ``r`` is stated and their equal-steps runs stand. The variants and measures are
+Equal compute: after the equal-steps runs, each ``--equal-compute`` variant (by default those whose cost
+ratio's 95 % interval excludes 1) is retrained for ``round(steps / r)`` steps, ``r`` its CPU seconds per step
+over ``vits``'s measured in those runs (paired by seed); the other variants' ``r`` is stated and their
+equal-steps runs stand. The variants and measures are
 :mod:`pyro_vits.speech_study`'s.
 """
 
@@ -35,7 +36,7 @@ from .fit_speech import PRESETS, SpeechCorpus, build_pair, read_corpus
 from ..data.speech import SpeechConfig
 from ..model import evaluate
 from ..speech_study import (VARIANTS, cost_ratios, equal_compute_steps, negative_kl_fraction,
-                            paired_difference, reconstruction_error_db, summarise, variant_elbo)
+                            paired_difference, reconstruction_error_db, summarise, unequal_cost, variant_elbo)
 from ..train.rundir import atomic_write
 from ..train import fit
 
@@ -65,8 +66,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--eval-samples", type=int, default=16, help="guide draws per held-out utterance")
     p.add_argument("--negative-batches", type=int, default=64, help="minibatches drawn for P(logged KL < 0)")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--equal-compute", nargs="*", choices=VARIANTS, default=["vits_k4"],
-                   help="variants retrained for round(steps / their measured per-step cost ratio to vits)")
+    p.add_argument("--equal-compute", nargs="*", choices=VARIANTS, default=None,
+                   help="variants retrained for round(steps / their measured per-step cost ratio to vits) "
+                        "(default: those whose ratio's 95 %% interval excludes 1; none: no equal-compute runs)")
     p.add_argument("--jobs", type=int, default=1, help="runs at once (processes; each reads the corpus)")
     p.add_argument("--overwrite", action="store_true", help="replace the run folders")
     p.add_argument("--render-only", action="store_true",
@@ -190,6 +192,8 @@ def _header(setup: Mapping[str, Any], runs: Sequence[Mapping[str, Any]]) -> list
 
 def _costs(runs: Sequence[Mapping[str, Any]], setup: Mapping[str, Any]) -> list[str]:
     """The per-step cost ratios measured in the equal-steps runs and the equal-compute rule."""
+    if not any(r["variant"] == "vits" for r in runs):
+        return []
     key = "cpu_s_per_step" if all("cpu_s_per_step" in r for r in runs) else "s_per_step"
     unit = "CPU seconds" if key == "cpu_s_per_step" else "wall seconds"
     ratios = cost_ratios(runs, key)
@@ -200,8 +204,12 @@ def _costs(runs: Sequence[Mapping[str, Any]], setup: Mapping[str, Any]) -> list[
     if retrained:
         lines[0] += (f" Equal compute: every variant gets the compute of {setup['steps']} steps of `vits`; "
                      + ", ".join(f"`{v}`" for v in retrained) + f" {'is' if len(retrained) == 1 else 'are'} "
-                     "retrained for round(steps / ratio) steps with the ratio's mean above; the other "
-                     "variants' equal-steps runs stand for them (their ratio is the one stated).")
+                     "retrained for round(steps / ratio) steps with the ratio's mean above"
+                     + (" (the variants whose ratio's interval excludes 1)" if setup.get("equal_compute_rule")
+                        == "auto" else "") + "; the other variants' equal-steps runs stand for them.")
+    elif setup.get("equal_compute_rule") == "auto":
+        lines[0] += (" Equal compute: no variant's ratio interval excludes 1, so the equal-steps runs are the "
+                     "equal-compute comparison within what this run can resolve.")
     return lines + [""]
 
 
@@ -350,20 +358,22 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
         return 0
     if len(args.seeds) < 2 or args.jobs < 1:
         raise ValueError("the study needs at least 2 seeds and --jobs >= 1")
-    retrained = [v for v in dict.fromkeys(args.equal_compute) if v != "vits" and v in args.variants]
-    if retrained and "vits" not in args.variants:
+    if args.equal_compute and "vits" not in args.variants:
         raise ValueError("--equal-compute needs the vits variant (the cost ratios are measured against it)")
     start = time.perf_counter()
     corpus = _read(args)
     runs, reused = _train(args, corpus, [(v, seed, args.steps, "steps") for seed in args.seeds
                                          for v in args.variants])
+    ratios = cost_ratios(runs) if "vits" in args.variants else {}
+    chosen = unequal_cost(ratios) if args.equal_compute is None else args.equal_compute
+    retrained = [v for v in dict.fromkeys(chosen) if v != "vits" and v in args.variants]
     if retrained:
-        ratios = cost_ratios(runs)
         more, more_reused = _train(args, corpus, [(v, seed, equal_compute_steps(args.steps, ratios[v]["mean"]),
                                                    "compute") for seed in args.seeds for v in retrained])
         runs, reused = runs + more, reused + more_reused
     setup = _setup(args, corpus, argv if argv is not None else sys.argv[1:])
-    setup.update(equal_compute=retrained, wall_s=time.perf_counter() - start, reused=reused)
+    setup.update(equal_compute=retrained, equal_compute_rule="auto" if args.equal_compute is None else "given",
+                 wall_s=time.perf_counter() - start, reused=reused)
     results = dict(setup=setup, runs=runs)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
