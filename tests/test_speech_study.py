@@ -185,6 +185,7 @@ def with_equal_compute():
 
 def test_render_with_an_equal_compute_comparison():
     results = with_equal_compute()
+    results["setup"].update(wall_s=90.0, reused=3)
     groups = comparisons(results["runs"])
     assert len(groups["steps"]) == 9 and len(groups["compute"]) == 9
     assert {r["steps"] for r in groups["compute"] if r["variant"] == "vits_k4"} == {8}
@@ -194,6 +195,7 @@ def test_render_with_an_equal_compute_comparison():
     assert "`vits_k4` 3 ± 0" in text  # CPU s / step 3 against vits's 1, every seed
     assert "`vits_k4` at equal compute: held-out ELBO differs from `vits` (-100 ± 0 nats/frame)" in text
     assert "retrained for round(steps / ratio) steps" in text
+    assert "now, 1.5 min wall time on a shared 2-core CPU, 3 of the 12 runs reused from the study folder)" in text
 
 
 def test_stored_runs_are_reused_only_with_the_same_settings(tmp_path):
