@@ -84,7 +84,7 @@ TABLE: dict[str, Command] = {
     "study": Command("the KL-estimator study", ("pyro_vits.study.app",)),
     "bench": Command("time the Pyro KL step against the hand-written one", ("pyro_vits.apps.bench",)),
     "audit": Command("audit a VITS checkpoint's KL on real speech", ("pyro_vits.apps.audit",)),
-    "corpus": Command("inspect a speech corpus (filelist or LJSpeech folder)", ("pyro_vits.apps.corpus",)),
+    "corpus": Command("synthesise an LJSpeech-format corpus with espeak-ng", ("pyro_vits.apps.corpus",)),
     "fit-speech": Command("fit the prior and posterior on real speech", ("pyro_vits.apps.fit_speech",)),
 }
 """Every command with the module(s) behind it; :data:`COMMANDS` lists those installed."""
