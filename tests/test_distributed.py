@@ -30,6 +30,8 @@ from pyro_vits.model import VITSPriorModel, make_teacher, sample_dataset, uttera
 from pyro_vits.prior import MaskedNormal
 from pyro_vits.train import fit, load_checkpoint
 
+from fixed_noise import FixedNoiseNormal
+
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 REPO = Path(__file__).resolve().parents[1]
@@ -44,23 +46,6 @@ WORLD = 2
 # --------------------------------------------------------------------------------------------------
 
 
-class _FixedNoiseNormal(MaskedNormal):
-    """``MaskedNormal`` whose ``rsample`` is ``loc + scale * eps`` with a given ``eps``."""
-
-    def __init__(self, loc, scale, mask, eps):
-        super().__init__(loc, scale, mask, validate_args=False)
-        self.eps = eps
-
-    def expand(self, batch_shape, _instance=None):
-        new = super().expand(batch_shape, type(self).__new__(type(self)))
-        new.eps = self.eps.expand(torch.Size(batch_shape) + self.event_shape)
-        return new
-
-    def rsample(self, sample_shape=torch.Size()):
-        shape = self._extended_shape(sample_shape)
-        return (self.loc + self.scale * self.eps.expand(shape)) * self.mask
-
-
 class FixedNoiseEncoder(PosteriorEncoder):
     """VITS's posterior encoder; utterance ``i``'s sample uses the fixed noise ``eps[i]``."""
 
@@ -73,7 +58,7 @@ class FixedNoiseEncoder(PosteriorEncoder):
         with utterance_plate(batch, subsample_size, subsample) as idx:
             sub = batch.subset(idx)
             m_q, logs_q = self.posterior(sub)
-            return pyro.sample("z", _FixedNoiseNormal(m_q, torch.exp(logs_q), sub.mask, self.eps[sub.index]))
+            return pyro.sample("z", FixedNoiseNormal(m_q, torch.exp(logs_q), sub.mask, self.eps[sub.index]))
 
 
 def problem(fixed_noise: bool = True):

@@ -18,28 +18,15 @@ from pyro_vits.data.speech_data import SpeechData
 from pyro_vits.distributed import init_distributed, minibatch_indices, teardown
 from pyro_vits.elbo import HybridEntropyELBO
 from pyro_vits.guide import PosteriorEncoder
-from pyro_vits.prior import MaskedNormal
 from pyro_vits.speech_model import SpeechModel
+
+from fixed_noise import FixedNoiseNormal
 
 pytestmark = pytest.mark.slow
 
 TINY = Path(__file__).parent / "data" / "tiny_corpus"
 SPEECH = SpeechConfig(filter_length=256, hop_length=128, win_length=256)
 B, SEED, WORLD = 3, 5, 2  # 4 training utterances; the combined minibatch of 3 splits 2 + 1
-
-
-class _FixedNoiseNormal(MaskedNormal):
-    def __init__(self, loc, scale, mask, eps):
-        super().__init__(loc, scale, mask, validate_args=False)
-        self.eps = eps
-
-    def expand(self, batch_shape, _instance=None):
-        new = super().expand(batch_shape, type(self).__new__(type(self)))
-        new.eps = self.eps.expand(torch.Size(batch_shape) + self.event_shape)
-        return new
-
-    def rsample(self, sample_shape=torch.Size()):
-        return (self.loc + self.scale * self.eps.expand(self._extended_shape(sample_shape))) * self.mask
 
 
 class FixedNoiseEncoder(PosteriorEncoder):
@@ -55,7 +42,7 @@ class FixedNoiseEncoder(PosteriorEncoder):
             sub = batch.subset(subsample if subsample is not None else torch.arange(batch.n))
             m_q, logs_q = self.posterior(sub)
             eps = self.eps[sub.index][..., : sub.frames]
-            return pyro.sample("z", _FixedNoiseNormal(m_q, torch.exp(logs_q), sub.mask, eps))
+            return pyro.sample("z", FixedNoiseNormal(m_q, torch.exp(logs_q), sub.mask, eps))
 
 
 def problem():
