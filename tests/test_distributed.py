@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -30,7 +29,7 @@ from pyro_vits.model import VITSPriorModel, make_teacher, sample_dataset, uttera
 from pyro_vits.prior import MaskedNormal
 from pyro_vits.train import fit, load_checkpoint
 
-from fixed_noise import FixedNoiseNormal
+from parallel_helpers import FixedNoiseNormal, free_port
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -136,16 +135,10 @@ def _worker(rank: int, world: int, port: int, tmp: str) -> None:
         teardown()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ddp")
-    mp.spawn(_worker, args=(WORLD, _free_port(), str(tmp)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(WORLD, free_port(), str(tmp)), nprocs=WORLD, join=True)
     return tmp, [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
 
@@ -270,7 +263,7 @@ def test_rank_zero_alone_writes_the_run_folder(ranks):
 def test_example_under_torchrun(tmp_path):
     out = tmp_path / "run"
     torchrun = Path(sys.executable).with_name("torchrun")
-    command = [str(torchrun), "--nproc_per_node", "2", "--master_port", str(_free_port()),
+    command = [str(torchrun), "--nproc_per_node", "2", "--master_port", str(free_port()),
                "-m", "pyro_vits.cli", "fit", "--distributed", "--device", "cpu",
                *"--steps 6 --log-every 3 --n-train 16 --batch-size 6 --n-heldout 4 --channels 4 --hidden 8 "
                 "--frames 12 --n-flows 2 --enc-layers 2 --eval-samples 2 --teacher-samples 4".split(),

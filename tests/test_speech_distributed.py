@@ -4,7 +4,6 @@ combined minibatch (tiny corpus, float64, a posterior encoder with fixed per-utt
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import pyro
@@ -20,7 +19,7 @@ from pyro_vits.elbo import HybridEntropyELBO
 from pyro_vits.guide import PosteriorEncoder
 from pyro_vits.speech_model import SpeechModel
 
-from fixed_noise import FixedNoiseNormal
+from parallel_helpers import FixedNoiseNormal, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -82,14 +81,8 @@ def _worker(rank: int, world: int, port: int, tmp: str) -> None:
         teardown()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_processes_give_the_single_process_gradient(tmp_path):
-    mp.spawn(_worker, args=(WORLD, _free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(WORLD, free_port(), str(tmp_path)), nprocs=WORLD, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
     data, model, guide = problem()
     pyro.clear_param_store()

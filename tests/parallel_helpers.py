@@ -1,6 +1,8 @@
-"""A ``MaskedNormal`` whose draws use a given noise tensor (shared by the data-parallel tests)."""
+"""Shared by the data-parallel tests: a ``MaskedNormal`` with fixed noise and a free loopback port."""
 
 from __future__ import annotations
+
+import socket
 
 import torch
 
@@ -22,3 +24,10 @@ class FixedNoiseNormal(MaskedNormal):
     def rsample(self, sample_shape=torch.Size()):
         shape = self._extended_shape(sample_shape)
         return (self.loc + self.scale * self.eps.expand(shape)) * self.mask
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now (for the process group's rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
