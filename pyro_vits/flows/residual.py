@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from .._validate import check_nonnegative_ints, check_positive_ints
-from ..nn import weight_normed_conv1d
+from ..nn import gated_activation, weight_normed_conv1d
 
 __all__ = [
     "WN",
@@ -59,10 +59,7 @@ class WN(nn.Module):
         output = torch.zeros_like(x)
         cond = self.cond_layer(g) if g is not None and self.gin_channels > 0 else None
         for i in range(self.n_layers):
-            x_in = self.in_layers[i](x)
-            if cond is not None:
-                x_in = x_in + cond[:, 2 * hidden * i : 2 * hidden * (i + 1)]
-            acts = torch.tanh(x_in[:, :hidden]) * torch.sigmoid(x_in[:, hidden:])
+            acts = gated_activation(self.in_layers[i](x), cond, i, hidden)
             res_skip = self.res_skip_layers[i](acts)
             if i < self.n_layers - 1:
                 x = (x + res_skip[:, :hidden]) * x_mask

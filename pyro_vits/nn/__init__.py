@@ -7,6 +7,6 @@ Shapes follow VITS: channels first, ``x (B, C, T)``, masks ``(B, 1, T)`` (1 = re
 from __future__ import annotations
 
 from .attention import FFN, FFT, Encoder, LayerNorm, MultiHeadAttention
-from .conv import weight_normed_conv1d
+from .conv import gated_activation, weight_normed_conv1d
 
-__all__ = ["LayerNorm", "MultiHeadAttention", "FFN", "Encoder", "FFT", "weight_normed_conv1d"]
+__all__ = ["LayerNorm", "MultiHeadAttention", "FFN", "Encoder", "FFT", "weight_normed_conv1d", "gated_activation"]

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._validate import check_nonnegative_ints, check_positive_ints
-from .conv import weight_normed_conv1d
+from .conv import gated_activation, weight_normed_conv1d
 
 __all__ = ["LayerNorm", "MultiHeadAttention", "FFN", "Encoder", "FFT"]
 
@@ -315,8 +315,7 @@ class FFT(nn.Module):
         x = x * x_mask
         for i in range(self.n_layers):
             if cond is not None:
-                gated = self.cond_pre(x) + cond[:, 2 * hidden * i : 2 * hidden * (i + 1)]
-                x = torch.tanh(gated[:, :hidden]) * torch.sigmoid(gated[:, hidden:])
+                x = gated_activation(self.cond_pre(x), cond, i, hidden)
             x = self.norm_layers_0[i](x + self.drop(self.self_attn_layers[i](x, x, causal)))
             x = self.norm_layers_1[i](x + self.drop(self.ffn_layers[i](x, x_mask)))
         return x * x_mask

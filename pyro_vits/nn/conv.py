@@ -1,11 +1,12 @@
-"""Weight-normalised 1-D convolutions as VITS builds them."""
+"""Weight-normalised 1-D convolutions as VITS builds them, and its gated activation."""
 
 from __future__ import annotations
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 from torch.nn.utils.parametrizations import weight_norm
 
-__all__ = ["weight_normed_conv1d"]
+__all__ = ["weight_normed_conv1d", "gated_activation"]
 
 
 def weight_normed_conv1d(in_ch: int, out_ch: int, kernel_size: int = 1, dilation: int = 1) -> nn.Conv1d:
@@ -14,3 +15,12 @@ def weight_normed_conv1d(in_ch: int, out_ch: int, kernel_size: int = 1, dilation
     padding = (kernel_size * dilation - dilation) // 2
     conv = nn.Conv1d(in_ch, out_ch, kernel_size, dilation=dilation, padding=padding)
     return weight_norm(conv, name="weight")
+
+
+def gated_activation(x: Tensor, cond: Tensor | None, layer: int, channels: int) -> Tensor:
+    """VITS's ``fused_add_tanh_sigmoid_multiply``: ``x (B, 2H, T)`` plus layer ``layer``'s slice of the
+    speaker conditioning ``cond (B, 2H * n_layers, 1)`` (if any), then ``tanh(first H) * sigmoid(last H)``
+    -> ``(B, H, T)`` with ``H = channels``."""
+    if cond is not None:
+        x = x + cond[:, 2 * channels * layer : 2 * channels * (layer + 1)]
+    return torch.tanh(x[:, :channels]) * torch.sigmoid(x[:, channels:])
