@@ -1,10 +1,10 @@
-"""Argument checks shared by the public functions."""
+"""Argument checks and error summaries shared by the public functions."""
 
 from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["check_nonnegative_ints", "check_positive_ints"]
+__all__ = ["check_nonnegative_ints", "check_positive_ints", "first_line"]
 
 
 def check_positive_ints(*, allow_none: bool = False, **values: Any) -> None:
@@ -22,3 +22,11 @@ def check_nonnegative_ints(**values: Any) -> None:
     for name, value in values.items():
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+
+
+def first_line(err: BaseException, limit: int | None = None) -> str:
+    """``"<ErrorType>: <line>"``: the informative line of an error message (torch's weights-only refusals put
+    theirs last, after a generic preamble), cut to ``limit`` characters when given."""
+    lines = [line.strip() for line in str(err).strip().splitlines()]
+    line = next((x for x in lines if x.startswith("WeightsUnpickler error:")), lines[0] if lines else "")
+    return f"{type(err).__name__}: {line[:limit]}"

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ._validate import first_line
 from .flows import ResidualCouplingBlock, load_vits_flow
 from .guide import PosteriorEncoder
 from .data.batch import sequence_mask
@@ -119,10 +120,7 @@ def _state_dict(obj: str | Path | Mapping[str, Any]) -> tuple[dict[str, Tensor],
         try:
             obj = torch.load(obj, map_location="cpu", weights_only=True)
         except Exception as err:  # torch raises several types for corrupt or foreign files
-            raise ValueError(
-                f"{label}: cannot load as a torch checkpoint ({type(err).__name__}: "
-                f"{str(err).splitlines()[0] if str(err) else ''})"
-            ) from err
+            raise ValueError(f"{label}: cannot load as a torch checkpoint ({first_line(err)})") from err
     if not isinstance(obj, Mapping):
         raise TypeError(
             f"{label}: expected a state dict or a checkpoint dict with 'model', got {type(obj).__name__}"

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from .._validate import first_line
 from .problem import make_problem
 from .timing import time_step
 
@@ -40,7 +41,7 @@ def compile_flow(size: dict, device: torch.device, *, repeats: int, seed: int = 
         got = step(compiled)
         out["compile_s"] = time.perf_counter() - t0
     except Exception as err:  # noqa: BLE001 - the measurement reports why compile is not available
-        out["error"] = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err) else ''}"
+        out["error"] = first_line(err)
         return out
     expected = step(flow.forward_and_logdet)
     diffs = [float((a - b).abs().max()) for a, b in zip(got, expected)]

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .._validate import check_positive_ints
+from .._validate import check_positive_ints, first_line
 from .residual import ResidualCouplingBlock
 from .transformer import TRANSFORMER_FLOW_TYPES, ResidualCouplingTransformersBlock, TransformerCouplingBlock
 
@@ -455,10 +455,8 @@ def read_vits_checkpoint(
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # a truncated file or a pickle of other objects: not loadable as weights
-        lines = [line.strip() for line in str(err).strip().splitlines()] or [""]
-        line = next((x for x in lines if x.startswith("WeightsUnpickler error:")), lines[0])  # torch's reason
-        raise ValueError(f"cannot load {path} with torch.load(weights_only=True) ({type(err).__name__}: "
-                         f"{line[:160]}); if it holds other Python objects, re-save its state dict: "
+        raise ValueError(f"cannot load {path} with torch.load(weights_only=True) ({first_line(err, 160)}); "
+                         "if it holds other Python objects, re-save its state dict: "
                          "torch.save({'model': ckpt['model']}, 'generator.pth')") from err
     config, source = None, None
     if isinstance(obj, Mapping) and isinstance(obj.get("config"), Mapping):

@@ -19,6 +19,7 @@ import torch
 from pyro.optim.clipped_adam import ClippedAdam
 from torch import Tensor, nn
 
+from .._validate import first_line
 from ..flows import ResidualCouplingBlock, read_vits_checkpoint
 from .config import RESUME_KEYS
 from .rundir import CHECKPOINT, atomic_write
@@ -44,13 +45,6 @@ class Progress:
     window_first: int = 0
     skipped: int = 0
     wall_s: float = 0.0
-
-
-def first_line(err: BaseException) -> str:
-    """The informative line of an error message (torch's weights-only refusals put theirs last)."""
-    lines = [line.strip() for line in str(err).strip().splitlines()]
-    line = next((x for x in lines if x.startswith("WeightsUnpickler error:")), lines[0] if lines else "")
-    return f"{type(err).__name__}: {line}"
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:

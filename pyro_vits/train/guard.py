@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from .._device import cuda_devices
 from ..model import _vectorised
-from .checkpoint import first_line
+from .._validate import first_line
 
 __all__ = ["NonFiniteError", "NonFiniteGuard", "defers_checks", "grads_finite", "torch_rng"]
 
