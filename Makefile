@@ -48,7 +48,7 @@ clean:
 # docs/tables/*.md, docs/kl_estimators.md rendered from docs/kl_estimators.template.md). CPU, reproducible.
 .PHONY: docs
 docs: install
-	$(BIN)/python -m pyro_vits.study.app --preset docs --device cpu --out runs/kl-study-docs --docs docs
+	$(BIN)/python -m pyro_vits.apps.study --preset docs --device cpu --out runs/kl-study-docs --docs docs
 
 # docs/api.md from the docstrings (tests/test_architecture.py fails when the committed page is stale).
 .PHONY: docs-api

@@ -14,8 +14,9 @@ import argparse
 from collections.abc import Sequence
 
 from pyro_vits.audit import audit, draw_latents
-from pyro_vits.data.speech import SpeechConfig, open_corpus, speech_batches
-from pyro_vits.estimators import vits_kl
+from pyro_vits.data.filelists import open_corpus
+from pyro_vits.data.speech_batches import SpeechConfig, speech_batches
+from pyro_vits.kl import vits_kl
 from pyro_vits.vits import load_vits_generator, read_vits_config
 
 

@@ -1,9 +1,9 @@
 """Compare one-sample KL estimators of VITS's loss, then run the whole study.
 
-A short tour of :mod:`pyro_vits.estimators` on the cos-flow prior (unit Jacobian, not Gaussian): the hybrid
+A short tour of :mod:`pyro_vits.kl.estimators` on the cos-flow prior (unit Jacobian, not Gaussian): the hybrid
 ``vits`` estimator, full Monte Carlo ``mc``, the ``control_variate`` one, the element-wise ``abs`` patch and
 ``k3``: their mean against the quadrature truth, their spread and how often they are negative. Then
-:mod:`pyro_vits.study` (the docs' numbers) with the options of ``pyro-vits study``:
+:mod:`pyro_vits.studies.kl` (the docs' numbers) with the options of ``pyro-vits study``:
 
     python examples/compare_kl_estimators.py --preset test               # seconds
     python examples/compare_kl_estimators.py --preset docs --docs docs   # what make docs runs
@@ -16,9 +16,9 @@ import argparse
 import torch
 
 from pyro_vits.apps import run_main
-from pyro_vits.estimators import quadrature_kl_2d, sample_kl_estimates
-from pyro_vits.prior import CosFlowPrior, MaskedNormal
-from pyro_vits.study import app
+from pyro_vits.apps import study as app
+from pyro_vits.distributions import CosFlowPrior, MaskedNormal
+from pyro_vits.kl import quadrature_kl_2d, sample_kl_estimates
 
 NAMES = ("vits", "mc", "control_variate", "abs_elementwise", "k3")
 

@@ -25,10 +25,8 @@ import pyro
 import torch
 
 from pyro_vits.apps import run_main
-from pyro_vits.data.teacher import make_teacher, sample_dataset
-from pyro_vits.elbo import ELBOS, make_elbo
-from pyro_vits.guide import ObservationGuide, PosteriorEncoder
-from pyro_vits.model import VITSPriorModel, evaluate
+from pyro_vits.infer import ELBOS, evaluate, make_elbo
+from pyro_vits.models import ObservationGuide, PosteriorEncoder, VITSPriorModel, make_teacher, sample_dataset
 from pyro_vits.train import fit, geometric_lrd
 
 
@@ -68,7 +66,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=400, help="SVI steps")
-    parser.add_argument("--estimator", choices=ELBOS, default="trace", help="the ELBO (pyro_vits.elbo.ELBOS)")
+    parser.add_argument("--estimator", choices=ELBOS, default="trace", help="the ELBO (pyro_vits.infer.elbo.ELBOS)")
     parser.add_argument("--lr", type=float, default=1e-2, help="initial learning rate (decays 20x)")
     parser.add_argument("--batch-size", type=int, default=16, help="utterances per SVI step")
     parser.add_argument("--channels", type=int, default=8, help="latent channels C (even)")

@@ -13,12 +13,12 @@ from __future__ import annotations
 import argparse
 import json
 
-from pyro_vits.apps.fit_speech import PRESETS, build_pair, read_corpus
-from pyro_vits.data.speech import SpeechConfig
-from pyro_vits.model import evaluate
-from pyro_vits.elbo import make_elbo
+from pyro_vits.data.speech_batches import SpeechConfig
+from pyro_vits.data.speech_data import read_corpus
+from pyro_vits.infer import evaluate, make_elbo
+from pyro_vits.models import PRESETS, build_pair
 from pyro_vits.train import fit
-from pyro_vits.vits_export import export_vits_generator
+from pyro_vits.vits import export_vits_generator
 
 
 def main() -> None:

@@ -4,9 +4,10 @@
 from __future__ import annotations
 
 import json
-import tomllib
 from pathlib import Path
 from typing import Any
+
+import tomllib
 
 __all__ = ["load_config_file"]
 

@@ -31,8 +31,18 @@ from types import ModuleType
 
 from .apps import run_main
 from .apps._args import (
-    RUN_CONTROL, config_argv, configure_logging, device_name, even_positive_int, layered_argv,
-    load_config_file, nonnegative_int, parse_with_config, positive_float, positive_int, unit_interval,
+    RUN_CONTROL,
+    config_argv,
+    configure_logging,
+    device_name,
+    even_positive_int,
+    layered_argv,
+    load_config_file,
+    nonnegative_int,
+    parse_with_config,
+    positive_float,
+    positive_int,
+    unit_interval,
 )
 
 __all__ = [
@@ -81,7 +91,7 @@ def _importable(name: str) -> bool:
 
 TABLE: dict[str, Command] = {
     "fit": Command("fit a student VITS prior by SVI to a teacher's data", ("pyro_vits.apps.fit",)),
-    "study": Command("the KL-estimator study", ("pyro_vits.study.app",)),
+    "study": Command("the KL-estimator study", ("pyro_vits.apps.study",)),
     "bench": Command("time the Pyro KL step against the hand-written one", ("pyro_vits.apps.bench",)),
     "audit": Command("audit a VITS checkpoint's KL on real speech", ("pyro_vits.apps.audit",)),
     "corpus": Command("synthesise an LJSpeech-format corpus with espeak-ng", ("pyro_vits.apps.corpus",)),

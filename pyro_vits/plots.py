@@ -12,7 +12,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from .train.rundir import atomic_write
+from ._rundir import atomic_write
 
 __all__ = [
     "plot_training_curves",
@@ -63,7 +63,7 @@ def plot_training_curves(
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Figures of the KL-estimator study (pyro_vits.study); inputs are the study's plain results
+# Figures of the KL-estimator study (pyro_vits.studies.kl); inputs are the study's plain results
 # ---------------------------------------------------------------------------------------------------------
 
 _DPI = 100
@@ -290,7 +290,7 @@ _NOISE_LABELS = {"fixed": "same batch each repeat", "minibatch": "fresh minibatc
 def plot_snr_vs_particles(snr: Mapping[str, Any], batch: str, path: str | os.PathLike) -> None:
     """Gradient SNR against K per parameter group (one panel each), a line per estimator and noise source
     (±2 SE over seeds), and ``SNR_1 sqrt(K)`` (what K independent particles would give) for the fixed batch.
-    ``snr``: :func:`pyro_vits.study.snr_study`'s results; ``batch``: e.g. ``"B16"``."""
+    ``snr``: :func:`pyro_vits.studies.kl.snr_study`'s results; ``batch``: e.g. ``"B16"``."""
     _require(snr, ("by_elbo",), "snr")
     by_elbo = snr["by_elbo"]
     first = next(iter(by_elbo.values()))
@@ -386,7 +386,7 @@ def plot_khat(
 
 def plot_cos_density(grid: Mapping[str, np.ndarray], a: float, path: str | os.PathLike) -> None:
     """Density of the standard Gaussian base next to the cos-flow prior (unit Jacobian) on the same grid.
-    ``grid``: :func:`pyro_vits.study.cos_density_grid`'s ``x``, ``log_base``, ``log_prior``."""
+    ``grid``: :func:`pyro_vits.studies.kl.cos_density_grid`'s ``x``, ``log_base``, ``log_prior``."""
     _require(grid, ("x", "log_base", "log_prior"), "grid")
     fig, axes = _figure(2, width=4.0, height=3.6)
     x = np.asarray(grid["x"])

@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
+from pyro_vits.distributions import FlowPrior
 from pyro_vits.flows import ResidualCouplingBlock
-from pyro_vits.prior import FlowPrior
 
 C, HIDDEN, KERNEL, N_LAYERS, N_FLOWS, T, GIN = 4, 8, 3, 2, 3, 5, 3
 LENGTHS = (5, 3)  # per-utterance valid lengths used by masked configurations (B = 2)

@@ -6,7 +6,7 @@ import socket
 
 import torch
 
-from pyro_vits.prior import MaskedNormal
+from pyro_vits.distributions import MaskedNormal
 
 
 class FixedNoiseNormal(MaskedNormal):

@@ -14,12 +14,14 @@ import pytest
 import torch
 
 from pyro_vits import cli
-from pyro_vits.estimators import kl_estimate
-from pyro_vits.flows import ResidualCouplingBlock, load_vits_flow
-from pyro_vits.guide import PosteriorEncoder
-from pyro_vits.model import Batch, VITSPriorModel, evaluate, make_teacher, sample_dataset
-from pyro_vits.prior import FlowPrior, MaskedNormal
+from pyro_vits.data.batch import Batch
+from pyro_vits.distributions import FlowPrior, MaskedNormal
+from pyro_vits.flows import ResidualCouplingBlock
+from pyro_vits.infer import evaluate
+from pyro_vits.kl import kl_estimate
+from pyro_vits.models import PosteriorEncoder, VITSPriorModel, make_teacher, sample_dataset
 from pyro_vits.train import fit, geometric_lrd, make_elbo, read_vits_flow, resolve_device
+from pyro_vits.vits import load_vits_flow
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -272,9 +274,8 @@ def test_small_public_helpers_name_the_bad_argument():
     import pandas as pd
 
     from pyro_vits.data.batch import sequence_mask
-    from pyro_vits.diagnostics import markdown_table
-    from pyro_vits.distributed import minibatch_indices
-    from pyro_vits.transforms import CosFlow
+    from pyro_vits.distributions import CosFlow
+    from pyro_vits.infer import markdown_table, minibatch_indices
 
     with pytest.raises(ValueError, match=r"^lengths must be a 1-D Tensor \(N,\), got \(2, 1\)"):
         sequence_mask(torch.tensor([[3], [2]]), 4)
@@ -301,8 +302,8 @@ def test_small_public_helpers_name_the_bad_argument():
 def test_study_helpers_name_the_bad_argument():
     import numpy as np
 
-    from pyro_vits.study.negative import one_utterance_quadrature
-    from pyro_vits.study.variance import log_crossing, ratio_se
+    from pyro_vits.studies.kl.negative import one_utterance_quadrature
+    from pyro_vits.studies.kl.variance import log_crossing, ratio_se
 
     with pytest.raises(ValueError, match=r"^nodes must be a positive int, got 0"):
         one_utterance_quadrature("vits", nodes=0)

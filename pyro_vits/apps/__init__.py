@@ -1,6 +1,6 @@
 """The applications behind ``pyro-vits <command>`` and ``python examples/<script>.py``.
 
-Contract: every application module ``pyro_vits.apps.<name>`` (and ``pyro_vits.study.app``) defines
+Contract: every application module ``pyro_vits.apps.<name>`` (and ``pyro_vits.apps.study``) defines
 ``build_parser(prog: str | None = None) -> argparse.ArgumentParser`` and ``main(argv: Sequence[str] | None =
 None) -> int``. ``main`` raises user errors (:data:`USAGE_ERRORS`) instead of printing them;
 :func:`run_main` is the one error boundary that turns them into one line on stderr and exit code 2.

@@ -78,7 +78,7 @@ def unit_interval(text: str) -> float:
 
 def device_name(text: str) -> str:
     """argparse type: ``auto``, ``cpu``, ``cuda`` or ``cuda:<i>``, usable here (a missing CUDA fails now)."""
-    from .._device import resolve_device  # torch only once a device is parsed
+    from .._device import resolve_device
 
     try:
         resolve_device(text)
@@ -94,7 +94,7 @@ def device_name(text: str) -> str:
 
 def _saved_run_options(run_dir: str | Path) -> dict[str, Any]:
     """The options a ``fit`` run was started with (``config.json``'s ``extra``)."""
-    from ..train.rundir import CONFIG  # the run folder's layout; loads torch only for --resume
+    from .._rundir import CONFIG
 
     path = Path(run_dir) / CONFIG
     if not path.is_file():

@@ -74,10 +74,10 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(args.quiet, args.verbose)
-    from ..audit import audit
-    from ..data.speech import SpeechConfig
     from .._device import resolve_device
-    from ..vits import load_vits_generator, read_vits_config
+    from ..audit.measure import audit
+    from ..data.speech_batches import SpeechConfig
+    from ..vits.generator import load_vits_generator, read_vits_config
 
     device = resolve_device(args.device)
     config = read_vits_config(args.config)

@@ -1,5 +1,5 @@
 """``pyro-vits bench``: the cost of the Pyro formulation of VITS's KL step, of K particles and of K KL
-particles, the memory of a step and of :func:`~pyro_vits.model.evaluate`, and ``torch.compile`` of the flow.
+particles, the memory of a step and of :func:`~pyro_vits.infer.evaluate.evaluate`, and ``torch.compile`` of the flow.
 
     pyro-vits bench [--device cpu|cuda|auto] [--guide encoder|free|both] [--quick] [--repeats N]
                     [--threads N] [--clock auto|wall|cpu] [--out PATH | --out-dir DIR] [--profile]
@@ -13,7 +13,7 @@ nothing. Configurations per guide:
 
 - ``raw``: VITS's hand-written step; ``pyro_k1``: ``SVI`` + ``Trace_ELBO``, one particle;
 - ``vec_kK`` / ``seq_kK``: ``num_particles=K`` vectorised / sequential;
-- ``kl_kK``: one particle for the likelihood and ``kl_particles=K`` (:class:`~pyro_vits.elbo.MC_ELBO`);
+- ``kl_kK``: one particle for the likelihood and ``kl_particles=K`` (:class:`~pyro_vits.infer.elbo.MC_ELBO`);
 - ``vec_kK_rowchunked``: vectorised K with the flow run per particle
   (:class:`~pyro_vits.bench.steps.RowChunkedCouplingBlock`);
 - ``--ablations``: K = 1 with validation off, with one ``torch.optim.Adam``, and with both.
@@ -36,8 +36,17 @@ import torch
 from .._device import resolve_device
 from ..bench.compiled import compile_flow
 from ..bench.memory import EVAL_SIZE, QUICK_EVAL_SIZE, Job, start_jobs
-from ..bench.problem import FULL_SIZE, GUIDE_DESCRIPTIONS, GUIDES, LEAK_SIZE, OPTIM, QUICK_SIZE, Problem, \
-    make_problem, seed_all
+from ..bench.problem import (
+    FULL_SIZE,
+    GUIDE_DESCRIPTIONS,
+    GUIDES,
+    LEAK_SIZE,
+    OPTIM,
+    QUICK_SIZE,
+    Problem,
+    make_problem,
+    seed_all,
+)
 from ..bench.report import device_slug, environment, format_report, target, write_json
 from ..bench.steps import PyroStep, RawStep, Step, TorchOptimStep, with_row_chunked_flow, without_validation
 from ..bench.timing import Block, measure, profile_difference, ratio

@@ -16,9 +16,9 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from . import run_main
 from ..data.corpus import DEBIAN_TEXTS, SYMBOL_MODES, build_corpus, read_sentences
-from ..data.speech import VITS_SYMBOLS
+from ..data.text import VITS_SYMBOLS
+from . import run_main
 
 __all__ = ["build_parser", "main"]
 

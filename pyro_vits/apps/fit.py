@@ -16,7 +16,7 @@ Writes ``config.json``, ``metrics.jsonl``, ``checkpoint.pt``, ``figures/training
 ``inference_data.nc`` + ``summary.{csv,md}`` to ``--out`` (refused when it is not empty, unless
 ``--overwrite``; ``--resume RUN_DIR`` continues a stopped run). ``--init-flow`` starts the student's flow (and
 ``emb_g``) from a real VITS checkpoint, sizing teacher, data and student like it. ``--distributed`` (under
-``torchrun``) splits every minibatch over the processes (``pyro_vits.distributed``); rank 0 alone writes and
+``torchrun``) splits every minibatch over the processes (``pyro_vits.infer.distributed``); rank 0 alone writes and
 prints.
 """
 
@@ -37,21 +37,29 @@ import pyro
 import torch
 
 from .._device import resolve_device
-from ..data.teacher import make_teacher, sample_dataset
-from ..diagnostics import write_run_inference_data
-from ..distributed import DistributedContext, distributed_context
-from ..elbo import ELBOS, make_elbo
-from ..flows import ResidualCouplingBlock, VITSFlowCheckpoint, read_vits_checkpoint
-from ..guide import ObservationGuide, PosteriorEncoder
-from ..model import VITSPriorModel, evaluate
+from ..flows import ResidualCouplingBlock
+from ..infer.diagnostics import write_run_inference_data
+from ..infer.distributed import DistributedContext, distributed_context
+from ..infer.elbo import ELBOS, make_elbo
+from ..infer.evaluate import evaluate
+from ..models.guides import ObservationGuide, PosteriorEncoder
+from ..models.prior_model import VITSPriorModel
+from ..models.teacher import make_teacher, sample_dataset
 from ..plots import plot_training_curves
 from ..train import FitConfig, fit, geometric_lrd
 from ..train.config import NAN_POLICIES
-from ..train.rundir import FIGURES
+from .._rundir import FIGURES
+from ..vits import VITSFlowCheckpoint, read_vits_checkpoint
 from . import run_main
 from ._args import (
-    configure_logging, device_name, even_positive_int, nonnegative_int, parse_with_config, positive_float,
-    positive_int, unit_interval,
+    configure_logging,
+    device_name,
+    even_positive_int,
+    nonnegative_int,
+    parse_with_config,
+    positive_float,
+    positive_int,
+    unit_interval,
 )
 
 logger = logging.getLogger("pyro_vits.apps.fit")

@@ -14,15 +14,13 @@ Equal compute: after the equal-steps runs, each ``--equal-compute`` variant (by 
 ratio's 95 % interval excludes 1) is retrained for ``round(steps / r)`` steps, ``r`` its CPU seconds per step
 over ``vits``'s measured in those runs (paired by seed); the other variants' ``r`` is stated and their
 equal-steps runs stand. The variants and measures are
-:mod:`pyro_vits.speech_study`'s.
-"""
+:mod:`pyro_vits.studies.speech.variants`'s."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import logging
-import math
 import multiprocessing
 import sys
 import time
@@ -31,26 +29,25 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from . import run_main
-from .fit_speech import PRESETS, SpeechCorpus, build_pair, read_corpus
-from ..data.speech import SpeechConfig
-from ..model import evaluate
-from ..speech_study import (VARIANTS, cost_ratios, equal_compute_steps, negative_kl_fraction,
-                            paired_difference, reconstruction_error_db, summarise, unequal_cost, variant_elbo)
-from ..train.rundir import atomic_write
+from ..data.speech_batches import SpeechConfig
+from ..data.speech_data import SpeechCorpus, read_corpus
+from ..infer.evaluate import evaluate
+from ..models.speech import PRESETS, build_pair
+from ..studies.speech.report import render
+from ..studies.speech.variants import (
+    VARIANTS,
+    cost_ratios,
+    equal_compute_steps,
+    negative_kl_fraction,
+    reconstruction_error_db,
+    unequal_cost,
+    variant_elbo,
+)
 from ..train import fit
-
-__all__ = ["build_parser", "main", "run_variant", "render", "comparisons"]
+from .._rundir import atomic_write
+from . import run_main
 
 logger = logging.getLogger("pyro_vits")
-
-LABELS = {"heldout_elbo_per_frame": "held-out ELBO (nats/frame)",
-          "heldout_kl_per_frame": "held-out KL (nats/frame)",
-          "heldout_recon_db": "reconstruction error (dB RMS)",
-          "prob_negative_kl": "P(logged KL < 0)",
-          "s_per_step": "s / step",
-          "cpu_s_per_step": "CPU s / step"}
-KEYS = tuple(LABELS)
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
@@ -121,168 +118,6 @@ def run_variant(corpus: SpeechCorpus, variant: str, seed: int, args: argparse.Na
                   training_steps_kl_negative=getattr(elbo, "negative_steps", None), settings=_settings(args))
     atomic_write(run_dir / "study_run.json", lambda f: json.dump(record, f, indent=2))
     return record
-
-
-def _cell(stat: Mapping[str, float]) -> str:
-    return f"{stat['mean']:.4g} ± {stat['half_width']:.2g}"
-
-
-def _budget(run: Mapping[str, Any]) -> str:
-    return run.get("budget", "steps")
-
-
-def comparisons(runs: Sequence[Mapping[str, Any]]) -> dict[str, list[Mapping[str, Any]]]:
-    """The runs of each comparison: ``"steps"`` (every variant, the same steps) and, when the study has
-    equal-compute runs, ``"compute"`` (those runs in place of their variant's equal-steps runs)."""
-    steps = [r for r in runs if _budget(r) == "steps"]
-    retrained = [r for r in runs if _budget(r) == "compute"]
-    out = {"steps": steps}
-    if retrained:
-        names = {r["variant"] for r in retrained}
-        out["compute"] = [r for r in steps if r["variant"] not in names] + retrained
-    return out
-
-
-def _keys(runs: Sequence[Mapping[str, Any]]) -> tuple[str, ...]:
-    return tuple(k for k in KEYS if all(k in r for r in runs))
-
-
-def _tables(runs: Sequence[Mapping[str, Any]]) -> list[str]:
-    """The variants' table (with their steps) and their differences from ``vits`` paired by seed."""
-    keys = _keys(runs)
-    table = summarise(runs, keys)
-    steps = {v: sorted({r["steps"] for r in runs if r["variant"] == v}) for v in table}
-    lines = ["| variant | steps | " + " | ".join(LABELS[k] for k in keys) + " |", "|---" * (len(keys) + 2) + "|"]
-    lines += [f"| {v} | {'/'.join(map(str, steps[v]))} | " + " | ".join(_cell(table[v][k]) for k in keys) + " |"
-              for v in table]
-    lines += ["", "Difference from `vits`, paired by seed (95 % t-interval; * where it excludes 0):", "",
-              "| variant | Δ held-out ELBO | Δ held-out KL | Δ reconstruction error (dB) |", "|---|---|---|---|"]
-    for v in (v for v in table if v != "vits" and "vits" in table):
-        cells = []
-        for key in KEYS[:3]:
-            d = paired_difference(runs, key, v)
-            cells.append(_cell(d) + (" *" if abs(d["mean"]) > d["half_width"] else ""))
-        lines.append(f"| {v} | " + " | ".join(cells) + " |")
-    return lines + [""]
-
-
-def _took(setup: Mapping[str, Any], runs: Sequence[Mapping[str, Any]]) -> str:
-    """The command's wall time, how many runs it reused from an earlier invocation, and the runs' total
-    training time."""
-    if "wall_s" not in setup:
-        return ""
-    reused = setup.get("reused", 0)
-    wall = setup["wall_s"]
-    text = f", {wall / 60:.1f} min" if wall >= 60 else f", {wall:.0f} s"
-    text += " wall time on a shared 2-core CPU"
-    if reused:
-        text += f", {reused} of the {len(runs)} runs reused from the study folder"
-    if all("cpu_s" in r for r in runs):
-        text += (f"; the {len(runs)} runs' training took {sum(r['cpu_s'] for r in runs) / 60:.1f} CPU-min, "
-                 f"{sum(r['wall_s'] for r in runs) / 60:.1f} min of wall time summed over runs")
-    return text
-
-
-def _header(setup: Mapping[str, Any], runs: Sequence[Mapping[str, Any]]) -> list[str]:
-    corpus = setup["corpus"]
-    return [
-        "# The KL-loss variants on speech", "",
-        f"Generated by `{setup['command']}` ({setup['utc']}" + _took(setup, runs) + "); numbers are means over "
-        f"{len(setup['seeds'])} seeds ± the half-width of the 95 % Student-t interval over seeds.", "",
-        f"Corpus: {corpus['train']} training / {corpus['heldout']} held-out utterances of "
-        f"`{corpus['folder']}` ({corpus['description']}). Model: the CPU preset of "
-        f"`pyro_vits.apps.fit_speech` ({setup['sizes']}), minibatches of {setup['batch_size']} "
-        "utterances, the same seed (initialisation, minibatches, noise) for every variant. The variants "
-        "differ only in the KL term of the loss (see `pyro_vits.speech_study`)."
-        + (f" Code: {setup['code']}." if setup.get("code") else ""), "",
-    ]
-
-
-def _costs(runs: Sequence[Mapping[str, Any]], setup: Mapping[str, Any]) -> list[str]:
-    """The per-step cost ratios measured in the equal-steps runs and the equal-compute rule."""
-    if not any(r["variant"] == "vits" for r in runs):
-        return []
-    key = "cpu_s_per_step" if all("cpu_s_per_step" in r for r in runs) else "s_per_step"
-    unit = "CPU seconds" if key == "cpu_s_per_step" else "wall seconds"
-    ratios = cost_ratios(runs, key)
-    cells = ", ".join(f"`{v}` {_cell(r)}" for v, r in ratios.items() if v != "vits")
-    lines = [f"Cost per step over `vits`'s, measured in these equal-steps runs ({unit} of training per step, "
-             f"paired by seed, 95 % t-interval): {cells}."]
-    retrained = setup.get("equal_compute", [])
-    if retrained:
-        lines[0] += (f" Equal compute: every variant gets the compute of {setup['steps']} steps of `vits`; "
-                     + ", ".join(f"`{v}`" for v in retrained) + f" {'is' if len(retrained) == 1 else 'are'} "
-                     "retrained for round(steps / ratio) steps with the ratio's mean above"
-                     + (" (the variants whose ratio's interval excludes 1)" if setup.get("equal_compute_rule")
-                        == "auto" else "") + "; the other variants' equal-steps runs stand for them.")
-    elif setup.get("equal_compute_rule") == "auto":
-        lines[0] += (" Equal compute: no variant's ratio interval excludes 1, so the equal-steps runs are the "
-                     "equal-compute comparison within what this run can resolve.")
-    return lines + [""]
-
-
-def _verdict(runs: Sequence[Mapping[str, Any]], v: str, label: str = "") -> str:
-    """One variant's held-out ELBO and KL against ``vits``'s, paired by seed, in words."""
-    elbo = paired_difference(runs, "heldout_elbo_per_frame", v)
-    kl = paired_difference(runs, "heldout_kl_per_frame", v)
-    resolved = abs(elbo["mean"]) > elbo["half_width"]
-    verdict = "differs from `vits`" if resolved else "is not distinguishable from `vits` here"
-    if elbo["mean"] == elbo["half_width"] == kl["mean"] == 0:
-        verdict = "is identical to `vits`, run for run"
-    return (f"- `{v}`{label}: held-out ELBO {verdict} ({elbo['mean']:+.3g} ± {elbo['half_width']:.2g} "
-            f"nats/frame); held-out KL {kl['mean']:+.3g} ± {kl['half_width']:.2g} nats/frame.")
-
-
-def _findings(runs: Sequence[Mapping[str, Any]], compute: Sequence[Mapping[str, Any]] = ()) -> list[str]:
-    """Sentences read off the numbers (no judgement that the numbers do not carry): ``runs`` the equal-steps
-    comparison, ``compute`` the equal-compute one (or nothing)."""
-    table = summarise(runs, KEYS[:2])
-    lines = ["## What the numbers say", ""]
-    patched = [r for r in runs if r["variant"] in ("clamp", "abs")]
-    if patched:
-        negative = sum(r["training_steps_kl_negative"] for r in patched)
-        total = sum(r["steps"] for r in patched)
-        lines.append(f"- The unpatched one-draw minibatch KL was negative on {negative} of {total} training "
-                     "steps of the `clamp`/`abs` runs" + (": they never acted, so these runs train "
-                     "exactly as `vits` does." if negative == 0 else "."))
-    every = list({id(r): r for r in [*runs, *compute]}.values())
-    worst = max(r["prob_negative_kl"] for r in every)
-    z = min(r["logged_kl_per_frame"] / r["logged_kl_sd_per_frame"] for r in every
-            if r["logged_kl_sd_per_frame"] > 0)
-    lines.append(f"- At the end of training the logged one-draw VITS KL of a training-size minibatch was "
-                 f"negative in at most {worst:.3g} of the minibatches drawn per run ({len(every)} runs); its "
-                 f"mean sat at least {z:.3g} standard deviations above 0, a normal-approximation "
-                 f"P(negative) of {0.5 * math.erfc(z / math.sqrt(2)):.2g} or less.")
-    for v in (v for v in table if v != "vits" and "vits" in table):
-        lines.append(_verdict(runs, v))
-    retrained = dict.fromkeys(r["variant"] for r in compute if _budget(r) == "compute")
-    lines += [_verdict(compute, v, " at equal compute") for v in retrained]
-    if "vits" in table:
-        kl = table["vits"]["heldout_kl_per_frame"]["mean"]
-        lines.append(f"- Scope: {kl:.3g} nats/frame of KL here, short training and a small latent (see the "
-                     "sizes above), far from a converged VITS (about 1 nat/frame over 192 channels, where the "
-                     "logged KL can go negative); what `clamp`/`abs` do there is not measured here.")
-    return lines + [""]
-
-
-def render(results: Mapping[str, Any]) -> str:
-    """``docs/speech_study.md`` from ``results.json``'s content."""
-    runs, setup = results["runs"], results["setup"]
-    groups = comparisons(runs)
-    lines = _header(setup, runs) + [f"## Equal steps ({setup['steps']} steps)", ""] + _tables(groups["steps"])
-    lines += _costs(groups["steps"], setup)
-    if "compute" in groups:
-        lines += [f"## Equal compute (the compute of {setup['steps']} steps of `vits`)", ""]
-        lines += _tables(groups["compute"])
-    lines += _findings(groups["steps"], groups.get("compute", ()))
-    lines += [f"Held-out ELBO and KL: {setup['eval_samples']} guide draws per utterance "
-              "(`pyro_vits.model.evaluate`); reconstruction error: `dec(m_q)` against the log-magnitude "
-              "spectrogram; P(logged KL < 0): fraction of "
-              f"{setup['negative_batches']} training minibatches of {setup['batch_size']} utterances whose "
-              "one-draw VITS KL (`-H(q) - log p(z)`, per frame) is negative at the end of training; "
-              "s / step: wall time of the run's training (its one final logging evaluation included) over its "
-              "steps, on a shared CPU; CPU s / step: the CPU time of the same, the cost the ratios use.", ""]
-    return "\n".join(lines)
 
 
 def _read(args: argparse.Namespace) -> SpeechCorpus:

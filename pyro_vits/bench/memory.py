@@ -1,5 +1,5 @@
 """Memory of a training step at K particles, a leak check over many steps, and the peak memory and time of
-:func:`~pyro_vits.model.evaluate`, each measured in a fresh process.
+:func:`~pyro_vits.infer.evaluate.evaluate`, each measured in a fresh process.
 
 On CPU peak memory is the growth of the peak resident set (``VmHWM``, reset through ``/proc/self/clear_refs``)
 over the measured call; on CUDA ``torch.cuda.max_memory_allocated``. Workers run as
@@ -135,9 +135,10 @@ def _leak(job: Job, device: torch.device) -> dict[str, Any]:
 
 
 def _eval_memory(job: Job, device: torch.device) -> dict[str, Any]:
-    from ..guide import PosteriorEncoder
-    from ..data.teacher import make_teacher, sample_dataset
-    from ..model import VITSPriorModel, default_eval_chunk, evaluate
+    from ..infer.evaluate import default_eval_chunk, evaluate
+    from ..models.guides import PosteriorEncoder
+    from ..models.prior_model import VITSPriorModel
+    from ..models.teacher import make_teacher, sample_dataset
 
     s = job["size"]
     flow_sizes = dict(kernel_size=s["kernel_size"], n_layers=s["n_layers"], n_flows=s["n_flows"])

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from ..flows import ResidualCouplingBlock
-from ..guide import PosteriorEncoder
+from ..models.guides import PosteriorEncoder
 
 __all__ = [
     "FULL_SIZE",
@@ -46,7 +46,7 @@ LEAK_SIZE = dict(channels=4, hidden=4, kernel_size=3, dilation_rate=1, n_layers=
 """The leak check's flow: small, so that a step's cost is mostly Pyro's own."""
 GUIDES = ("encoder", "free")
 GUIDE_DESCRIPTIONS = {
-    "encoder": "m_q, logs_q = PosteriorEncoder(x) (pyro_vits.guide, VITS enc_q: x_channels -> pre 1x1 -> WN "
+    "encoder": "m_q, logs_q = PosteriorEncoder(x) (pyro_vits.models.guides, VITS enc_q: x_channels -> pre 1x1 -> WN "
                "(enc_layers) -> proj 1x1), computed once per step and shared by vectorised particles",
     "free": "m_q, logs_q learnable (B, C, T) tensors (no encoder): every particle's cost is the flow",
 }

@@ -18,9 +18,10 @@ from pyro.infer import ELBO, SVI, Trace_ELBO
 from torch import Tensor
 from torch.nn.utils import parametrize
 
-from ..elbo import MC_ELBO
+from ..distributions.flow_prior import FlowPrior
+from ..distributions.masked_normal import MaskedNormal
 from ..flows import ResidualCouplingBlock, flatten_leading
-from ..prior import FlowPrior, MaskedNormal
+from ..infer.elbo import MC_ELBO
 from .problem import OPTIM, Problem, SpecBatch, raw_loss, vits_posterior
 
 __all__ = [
@@ -90,7 +91,7 @@ def make_model_guide(prob: Problem, prefix: str = "") -> tuple[Callable[..., Ten
 
 class PyroStep:
     """``SVI.step`` with ``pyro.optim.Adam`` and ``Trace_ELBO(num_particles=K, vectorize_particles=...)``,
-    or, with ``kl_particles > 1``, :class:`~pyro_vits.elbo.MC_ELBO` (the same estimator) with one particle
+    or, with ``kl_particles > 1``, :class:`~pyro_vits.infer.elbo.MC_ELBO` (the same estimator) with one particle
     and ``kl_particles`` draws for the KL term."""
 
     def __init__(self, prob: Problem, num_particles: int = 1, vectorize: bool = False, name: str = "",

@@ -12,8 +12,7 @@ import pyro
 import torch
 from torch import Tensor
 
-from .._validate import check_nonnegative_ints
-from ..prior import check_mask
+from .._validate import check_mask, check_nonnegative_ints
 
 __all__ = ["Batch", "FitData", "sequence_mask", "utterance_plate"]
 
@@ -50,7 +49,7 @@ class Batch:
 
     ``x, m_p, logs_p``: ``(N, C, T)``; ``mask``: ``(N, 1, T)`` 0/1 prefix mask; ``lengths``: ``(N,)`` long;
     ``speaker``: ``(N,)`` long or None; ``index``: ``(N,)`` long ids of the utterances in the dataset they
-    were drawn from (defaults to ``arange(N)``; :class:`~pyro_vits.guide.LocalGuide` indexes by it).
+    were drawn from (defaults to ``arange(N)``; :class:`~pyro_vits.models.guides.LocalGuide` indexes by it).
     """
 
     x: Tensor

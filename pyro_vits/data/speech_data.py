@@ -1,24 +1,34 @@
-"""Speech training data for :class:`~pyro_vits.speech_model.SpeechModel`: padded linear spectrograms, symbol
+"""Speech training data for :class:`~pyro_vits.models.speech.SpeechModel`: padded linear spectrograms, symbol
 ids and speakers, with the data-set protocol :func:`~pyro_vits.train.fit` drives (:class:`SpeechData`), and
 :func:`load_speech_data`, which reads a corpus through :mod:`pyro_vits.data.speech` (VITS's data path).
 """
 
 from __future__ import annotations
 
-import copy
-from collections.abc import Callable
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from .filelists import read_ljspeech
+from .speech_batches import SpeechConfig
+
+logger = logging.getLogger("pyro_vits")
+
+
+import copy
+from collections.abc import Callable
+
 from torch import Tensor
 
 from .._validate import check_positive_ints
 from .batch import sequence_mask
-from .speech import SpeechBatch, SpeechConfig, open_corpus, speech_batches
+from .filelists import open_corpus
+from .speech_batches import SpeechBatch, speech_batches
 
-__all__ = ["SpeechData", "load_speech_data"]
+__all__ = ["SpeechCorpus", "SpeechData", "load_speech_data", "read_corpus"]
 
 
 def _check_lengths(lengths: Tensor, n: int, size: int, name: str) -> None:
@@ -76,7 +86,7 @@ class SpeechData:
 
     @classmethod
     def from_batch(cls, batch: SpeechBatch) -> SpeechData:
-        """From a padded :class:`~pyro_vits.data.speech.SpeechBatch` (what :func:`~pyro_vits.data.speech.
+        """From a padded :class:`~pyro_vits.data.speech_batches.SpeechBatch` (what :func:`~pyro_vits.data.speech.
         speech_batches` yields)."""
         return cls(batch.spec, batch.spec_lengths, batch.text, batch.text_lengths, batch.speakers)
 
@@ -162,7 +172,7 @@ def load_speech_data(
     max_frames: int | None = None,
 ) -> SpeechData:
     """Every utterance of ``corpus`` (a VITS filelist, or an LJSpeech folder: see
-    :func:`~pyro_vits.data.speech.open_corpus`) read as VITS's loader does (``config``: rate, STFT, symbols,
+    :func:`~pyro_vits.data.filelists.open_corpus`) read as VITS's loader does (``config``: rate, STFT, symbols,
     ``add_blank``), the first ``max_utterances`` of them, as one :class:`SpeechData` in memory.
 
     Raises ValueError naming the utterance's ``file:line`` for an utterance longer than ``max_frames``
@@ -181,3 +191,42 @@ def load_speech_data(
             raise ValueError(f"{batch.sources[i]}: {frames} frames for {symbols} symbols; a monotonic "
                              "alignment needs at least one frame per symbol")
     return SpeechData.from_batch(batch)
+
+
+@dataclass
+class SpeechCorpus:
+    """A corpus read for training: ``train`` and ``heldout`` (None without ``val.txt``) data, the
+    ``speech`` settings that made the spectrograms and ``n_speakers`` (0: single speaker)."""
+
+    train: SpeechData
+    heldout: SpeechData | None
+    speech: SpeechConfig
+    n_speakers: int
+
+
+def read_corpus(folder: str | Path, speech: SpeechConfig, *, max_utterances: int | None = None,
+                max_frames: int | None = None, heldout_size: int | None = None,
+                speakers: bool = True) -> SpeechCorpus:
+    """Read an LJSpeech-format ``folder`` (``metadata.csv`` required); ``train.txt``/``val.txt`` when present
+    (the first ``heldout_size`` of ``val.txt`` held out), else every ``metadata.csv`` utterance. Without
+    ``speakers`` the filelists' speaker ids are dropped."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise NotADirectoryError(f"corpus {folder} is not a folder (expected an LJSpeech-format folder)")
+    next(read_ljspeech(folder))  # metadata.csv must exist and hold utterances
+    if (folder / "train.txt").is_file():
+        train = load_speech_data(folder / "train.txt", speech, data_root=folder,
+                                 max_utterances=max_utterances, max_frames=max_frames)
+        val = folder / "val.txt"
+        heldout = (load_speech_data(val, speech, data_root=folder, max_utterances=heldout_size,
+                                    max_frames=max_frames) if val.is_file() and val.stat().st_size else None)
+    else:
+        train = load_speech_data(folder, speech, max_utterances=max_utterances, max_frames=max_frames)
+        heldout = None
+    parts = [d for d in (train, heldout) if d is not None]
+    n_speakers = max((int(d.speaker.max()) + 1 for d in parts if d.speaker is not None), default=0)
+    if not speakers:
+        for d in parts:
+            d.speaker = None
+        n_speakers = 0
+    return SpeechCorpus(train, heldout, speech, n_speakers)

@@ -2,7 +2,6 @@
 
 - :mod:`.residual`: VITS / coqui-TTS residual couplings (``ResidualCouplingBlock``, the base of every block).
 - :mod:`.transformer`: VITS2's five ``transformer_flow_type`` s and Bert-VITS2's ``TransformerCouplingBlock``.
-- :mod:`.load`: :func:`load_vits_flow` / :func:`read_vits_checkpoint` recognise and strictly load all of them.
 
 Autocast: under ``torch.autocast("cpu", dtype=torch.bfloat16)`` the convolutions and attention products run in
 bfloat16; for VITS-sized flows (C = H = 192, gin = 256, 4 couplings, T = 200, every family) the output
@@ -11,8 +10,8 @@ mantissa; the flows keep float32 outputs. Evaluate log-densities without autocas
 across runs.
 """
 
-from .load import MAX_MESSAGE, VITSFlowCheckpoint, load_vits_flow, read_vits_checkpoint
-from .residual import WN, AffineCoupling, Flip, ResidualCouplingBlock, ResidualCouplingLayer, flatten_leading
+from ..nn.wavenet import WN
+from .residual import AffineCoupling, Flip, ResidualCouplingBlock, ResidualCouplingLayer, flatten_leading
 from .transformer import (
     TRANSFORMER_FLOW_TYPES,
     FFTransformerCouplingLayer,
@@ -39,8 +38,4 @@ __all__ = [
     "ResidualCouplingTransformersBlock",
     "TransformerCouplingLayer",
     "TransformerCouplingBlock",
-    "load_vits_flow",
-    "read_vits_checkpoint",
-    "VITSFlowCheckpoint",
-    "MAX_MESSAGE",
 ]

@@ -2,8 +2,7 @@
 
 Shapes: latents ``(..., C, T)`` with any number of leading batch dims, masks ``(..., 1, T)``
 (1 = real frame, broadcast against the leading dims), speaker conditioning ``g`` ``(..., gin, 1)``.
-The direction ``z -> z_p`` (``reverse=False``) is VITS's training direction.
-"""
+The direction ``z -> z_p`` (``reverse=False``) is VITS's training direction."""
 
 from __future__ import annotations
 
@@ -14,59 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from .._validate import check_nonnegative_ints, check_positive_ints
-from ..nn import gated_activation, weight_normed_conv1d
-
-__all__ = [
-    "WN",
-    "AffineCoupling",
-    "ResidualCouplingLayer",
-    "Flip",
-    "ResidualCouplingBlock",
-    "flatten_leading",
-]
-
-
-class WN(nn.Module):
-    """WaveNet-style gated stack: ``(N, H, T), (N, 1, T), g (N, gin, 1) -> (N, H, T)``.
-
-    Parameter names follow VITS ``modules.WN``: ``in_layers.i``, ``res_skip_layers.i``, ``cond_layer``.
-    """
-
-    def __init__(
-        self, hidden_channels: int, kernel_size: int, dilation_rate: int, n_layers: int, gin_channels: int = 0
-    ) -> None:
-        super().__init__()
-        if kernel_size % 2 != 1:
-            raise ValueError(f"kernel_size must be odd, got {kernel_size}")
-        self.hidden_channels = hidden_channels
-        self.n_layers = n_layers
-        self.gin_channels = gin_channels
-        if gin_channels > 0:
-            self.cond_layer = weight_normed_conv1d(gin_channels, 2 * hidden_channels * n_layers)
-        self.in_layers = nn.ModuleList(
-            weight_normed_conv1d(hidden_channels, 2 * hidden_channels, kernel_size, dilation_rate**i)
-            for i in range(n_layers)
-        )
-        self.res_skip_layers = nn.ModuleList(
-            weight_normed_conv1d(
-                hidden_channels, 2 * hidden_channels if i < n_layers - 1 else hidden_channels
-            )
-            for i in range(n_layers)
-        )
-
-    def forward(self, x: Tensor, x_mask: Tensor, g: Tensor | None = None) -> Tensor:
-        hidden = self.hidden_channels
-        output = torch.zeros_like(x)
-        cond = self.cond_layer(g) if g is not None and self.gin_channels > 0 else None
-        for i in range(self.n_layers):
-            acts = gated_activation(self.in_layers[i](x), cond, i, hidden)
-            res_skip = self.res_skip_layers[i](acts)
-            if i < self.n_layers - 1:
-                x = (x + res_skip[:, :hidden]) * x_mask
-                output = output + res_skip[:, hidden:]
-            else:
-                output = output + res_skip
-        return output * x_mask
+from ..nn.wavenet import WN
 
 
 class AffineCoupling(nn.Module):
@@ -178,7 +125,7 @@ class ResidualCouplingBlock(nn.Module):
     ``log|det dy/dx|`` over the valid frames, of shape ``(...)`` (exact zeros when ``mean_only``).
 
     This class is also the base of every prior flow in :mod:`pyro_vits.flows` (VITS2's and Bert-VITS2's
-    transformer couplings subclass it), so :class:`~pyro_vits.prior.FlowPrior` and the transforms accept any
+    transformer couplings subclass it), so :class:`~pyro_vits.distributions.flow_prior.FlowPrior` and the transforms accept any
     of them. The contract: ``flows`` is a ModuleList of layers ``(x, x_mask, g, reverse) -> (y, logdet (N,))``
     applied in order (reversed for ``reverse=True``); ``channels``, ``gin_channels``; ``mean_only`` is True
     exactly when every layer is volume preserving; ``config`` holds the constructor arguments.

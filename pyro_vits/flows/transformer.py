@@ -36,14 +36,8 @@ from torch import Tensor, nn
 
 from .._validate import check_nonnegative_ints, check_positive_ints
 from ..nn import FFT, Encoder
-from .residual import (
-    WN,
-    AffineCoupling,
-    Flip,
-    ResidualCouplingBlock,
-    ResidualCouplingLayer,
-    zero_conv1x1,
-)
+from ..nn.wavenet import WN
+from .residual import AffineCoupling, Flip, ResidualCouplingBlock, ResidualCouplingLayer, zero_conv1x1
 
 __all__ = [
     "TRANSFORMER_FLOW_TYPES",

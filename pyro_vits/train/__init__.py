@@ -1,8 +1,8 @@
-"""Stochastic variational inference for :class:`~pyro_vits.model.VITSPriorModel` and a guide.
+"""Stochastic variational inference for :class:`~pyro_vits.models.prior_model.VITSPriorModel` and a guide.
 
 :func:`fit` runs ``elbo.loss_and_grads`` (default ``Trace_ELBO``) with Pyro's ``ClippedAdam`` over the model's
 and guide's parameters (and any other ``pyro.param`` they declare), logs Monte-Carlo measures (nats per valid
-frame, see :func:`~pyro_vits.model.evaluate`) every ``log_every`` steps and, with ``out_dir``, writes
+frame, see :func:`~pyro_vits.infer.evaluate.evaluate`) every ``log_every`` steps and, with ``out_dir``, writes
 ``config.json``, ``metrics.jsonl`` (one JSON object per logged step) and ``checkpoint.pt`` (atomically, every
 ``checkpoint_every`` steps and at the end). ``resume=True`` continues a stopped run; on CPU the continuation
 is bit-identical to an uninterrupted run. A step whose loss or gradient is NaN/Inf stops the run with a
@@ -12,18 +12,17 @@ is bit-identical to an uninterrupted run. A step whose loss or gradient is NaN/I
 Parts, each depending only on those above it:
 
 - :mod:`~pyro_vits.train.config`: :class:`FitConfig`, the validated settings and ``config.json``'s record;
-- :mod:`~pyro_vits.train.rundir`: the run folder's file names, refuse/overwrite, atomic writes;
 - :mod:`~pyro_vits.train.checkpoint`: save/load/resume with every random state; :func:`read_vits_flow`;
 - :mod:`~pyro_vits.train.guard`: the NaN/Inf guard (:class:`NonFiniteError`);
 - :mod:`~pyro_vits.train.parallel`: the data-parallel strategy protocol that
-  :class:`pyro_vits.distributed.DistributedContext` implements (training never imports it);
+  :class:`pyro_vits.infer.distributed.DistributedContext` implements (training never imports it);
 - :mod:`~pyro_vits.train.loop`: :func:`fit`.
 """
 
 from __future__ import annotations
 
 from .._device import resolve_device
-from ..elbo import ELBOS, make_elbo
+from ..infer.elbo import ELBOS, make_elbo
 from .checkpoint import load_checkpoint, read_vits_flow
 from .config import NAN_POLICIES, FitConfig, geometric_lrd
 from .guard import NonFiniteError
@@ -47,5 +46,5 @@ __all__ = [
     "resolve_device",
 ]
 
-ESTIMATORS = ELBOS  # the ELBO registry's earlier name here; pyro_vits.elbo.ELBOS is the one registry
+ESTIMATORS = ELBOS  # the ELBO registry's earlier name here; pyro_vits.infer.elbo.ELBOS is the one registry
 

@@ -16,8 +16,8 @@ from pyro.poutine.util import site_is_subsample
 from torch import Tensor, nn
 
 from .._device import cuda_devices
-from ..model import _vectorised
 from .._validate import first_line
+from ..infer.evaluate import _vectorised
 
 __all__ = ["NonFiniteError", "NonFiniteGuard", "defers_checks", "grads_finite", "torch_rng"]
 

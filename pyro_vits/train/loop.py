@@ -23,13 +23,13 @@ from tqdm.auto import tqdm
 from .._device import cuda_devices, resolve_device
 from .._validate import check_positive_ints
 from ..data.batch import FitData
-from ..elbo import make_elbo
-from ..model import evaluate
+from ..infer.elbo import make_elbo
+from ..infer.evaluate import evaluate
 from .checkpoint import Named, Progress, load_checkpoint, restore, resumed_config, save_checkpoint
 from .config import FitConfig
 from .guard import NonFiniteGuard, defers_checks, torch_rng
 from .parallel import DataParallel, parallel_device
-from .rundir import CHECKPOINT, append_record, check_out_dir, prepare_run_dir
+from .._rundir import CHECKPOINT, append_record, check_out_dir, prepare_run_dir
 
 __all__ = ["METRIC_KEYS", "FitResult", "fit"]
 
@@ -95,20 +95,20 @@ def fit(
 
     ``data``/``heldout``: :class:`~pyro_vits.data.batch.Batch` or any :class:`~pyro_vits.data.batch.FitData`.
     ``elbo`` defaults to ``Trace_ELBO(num_particles=particles or 1, vectorize_particles=vectorize (True),
-    max_plate_nesting=1)`` (with ``kl_particles``: :func:`~pyro_vits.elbo.make_elbo`'s ``MC_ELBO``); when an
+    max_plate_nesting=1)`` (with ``kl_particles``: :func:`~pyro_vits.infer.elbo.make_elbo`'s ``MC_ELBO``); when an
     ``elbo`` is passed, ``particles``/``vectorize``/``kl_particles`` must be left None. ``eval_chunk`` bounds
-    the logged evaluations' memory (see :func:`~pyro_vits.model.evaluate`).
+    the logged evaluations' memory (see :func:`~pyro_vits.infer.evaluate.evaluate`).
     ``ClippedAdam`` multiplies the learning rate by ``lrd`` after every step and clamps gradient entries to
     ``[-clip_norm, clip_norm]``. ``batch_size`` utterances are subsampled per step (None: all). The parameter
     store is cleared and ``pyro.set_rng_seed(seed)`` called first; model, guide and data are moved to
     ``device``; on CPU the run is bit-for-bit reproducible. Every ``log_every`` steps (and at the last) a
     record is logged: ``step``, ``loss_nats`` (mean finite loss over the window), ``*_per_frame`` from
-    :func:`~pyro_vits.model.evaluate` with ``eval_samples`` particles on the first ``eval_size`` training
+    :func:`~pyro_vits.infer.evaluate.evaluate` with ``eval_samples`` particles on the first ``eval_size`` training
     utterances (``heldout_*`` on ``heldout``), ``skipped_steps`` (so far), ``wall_s`` (since the start) and
     ``it_per_s`` (SVI steps only). ``extra_config`` is stored under ``"extra"`` in the config. The settings
     are checked as a :class:`~pyro_vits.train.config.FitConfig` (``fit(model, guide, data, **cfg.kwargs())``).
 
-    Run folder ``out_dir`` (:mod:`pyro_vits.train.rundir`): refused when it exists and is not empty, unless
+    Run folder ``out_dir`` (:mod:`pyro_vits._rundir`): refused when it exists and is not empty, unless
     ``overwrite`` (its run files are deleted first) or ``resume`` (the run continues from its
     ``checkpoint.pt`` with the same model, guide, data and ELBO, up to ``steps``; the optimiser, its
     learning-rate schedule and the random states continue as saved). ``checkpoint_every`` steps (and at the
@@ -117,7 +117,7 @@ def fit(
     or drops that step's update (``"skip"``, counted in ``skipped_steps``).
 
     ``distributed`` (a :class:`~pyro_vits.train.parallel.DataParallel` strategy such as
-    :class:`~pyro_vits.distributed.DistributedContext`, every rank of a ``torchrun`` launch calling ``fit``
+    :class:`~pyro_vits.infer.distributed.DistributedContext`, every rank of a ``torchrun`` launch calling ``fit``
     alike): data-parallel SVI, ``batch_size`` being the combined minibatch of all ranks; the process runs on
     the strategy's device (``device`` must be ``"auto"`` or of its type). Only rank 0 writes ``out_dir``,
     evaluates and logs records (other ranks return no ``metrics`` and ``out_dir=None``); ``losses`` are the

@@ -3,7 +3,7 @@
 ``fit(..., distributed=strategy)`` runs on ``strategy.device``; only ``strategy.is_main`` writes the run
 folder, evaluates and logs; ``strategy.data_parallel(...)`` returns the per-step object whose ``begin(step)``
 picks this process's utterances and seeds its noise and whose ``loss_and_grads()`` leaves the combined
-minibatch's gradient in every ``.grad``. :class:`pyro_vits.distributed.DistributedContext` implements it
+minibatch's gradient in every ``.grad``. :class:`pyro_vits.infer.distributed.DistributedContext` implements it
 (``torch.distributed`` + ``DistributedDataParallel``); training never imports it.
 """
 

@@ -1,0 +1,483 @@
+"""Recognise and strictly load the prior flow of a VITS-family generator checkpoint.
+
+Supported, each with and without speaker conditioning, from float32/float16/bfloat16/float64 tensors (loaded
+into ``dtype``); keys under ``flow.flows.<i>.``:
+
+- VITS residual couplings: ``pre``, ``enc.in_layers/res_skip_layers[/cond_layer]``, ``post`` at 0, 2, 4, …
+  (parameter-free ``Flip`` s between); coqui-TTS numbers the same couplings 0, 1, 2, ….
+- VITS2 ``pre_conv``: the same plus ``pre_transformer`` (width C/2) and ``post_transformer``; ``pre_conv2``:
+  plus ``pre_transformer`` at the hidden width; ``fft``: ``pre``, ``enc.self_attn_layers…``
+  ``[, enc.cond_pre/cond_layer]``, ``post``; all at 0, 2, 4, ….
+- VITS2 ``mono_layer_*``: residual couplings at 0, 3, 6, … and ``pre_transformer``/``post`` layers at
+  2, 5, 8, ….
+- Bert-VITS2: ``pre``, ``enc.attn_layers…[, enc.spk_emb_linear]``, ``post`` at 0, 2, 4, ….
+
+Weight-normed convolutions may be stored as ``weight_g/weight_v``, ``parametrizations.weight.original0/1`` or,
+after ``remove_weight_norm()``, as a plain ``weight`` (loaded as ``g = ||w||``, ``v = w``: the same weight,
+bit for bit on CPU). Sizes come from the tensor shapes. What weights do not store comes from the checkpoint's
+config (coqui's ``config`` entry, or a VITS ``config.json`` beside the file, see :func:`read_vits_checkpoint`)
+or from the arguments: the WN dilation (``dilation_rate_flow``; default 1, VITS's value), whether a VITS2
+mono-layer flow is ``inter`` or ``post`` residual (``transformer_flow_type``), and the attention head count
+where no relative-position table shows it (VITS2: 2, its ``fft`` type 4). Anything else is refused with one
+short ``ValueError`` (at most 300 characters) naming the first offending key; nothing is loaded partially.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .._validate import check_positive_ints, first_line
+from ..flows.residual import ResidualCouplingBlock
+from ..flows.transformer import (
+    TRANSFORMER_FLOW_TYPES,
+    ResidualCouplingTransformersBlock,
+    TransformerCouplingBlock,
+)
+
+__all__ = ["load_vits_flow", "read_vits_checkpoint", "VITSFlowCheckpoint", "MAX_MESSAGE"]
+
+MAX_MESSAGE = 300
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_G, _V = ".parametrizations.weight.original0", ".parametrizations.weight.original1"
+_DEFAULT_HEADS = {"pre_conv": 2, "pre_conv2": 2, "fft": 4, "mono": 2, "bert": 2}
+_KIND = {
+    "wn": "VITS residual coupling",
+    "pre_conv": "VITS2 pre_conv coupling",
+    "pre_conv2": "VITS2 pre_conv2 coupling",
+    "fft": "VITS2 fft coupling",
+    "mono": "VITS2 mono transformer layer",
+    "bert": "Bert-VITS2 transformer coupling",
+}
+_LABEL = {
+    "wn": "VITS",
+    "coqui": "coqui-TTS",
+    "pre_conv": "VITS2 pre_conv",
+    "pre_conv2": "VITS2 pre_conv2",
+    "fft": "VITS2 fft",
+    "mono": "VITS2 mono_layer",
+    "bert": "Bert-VITS2",
+}
+
+
+def _fail(message: str) -> ValueError:
+    """A ``ValueError`` of at most :data:`MAX_MESSAGE` characters."""
+    return ValueError(message if len(message) <= MAX_MESSAGE else message[: MAX_MESSAGE - 1] + "…")
+
+
+def _short(key: str) -> str:
+    return key if len(key) <= 100 else f"{key[:45]}…{key[-50:]}"
+
+
+# --------------------------------------------------------------------------------------------- entries
+
+
+def _state_dict(obj: Any) -> Mapping[str, Any]:
+    if not isinstance(obj, Mapping):
+        raise TypeError(f"expected a state dict or a checkpoint dict with 'model', got {type(obj).__name__}")
+    state = obj.get("model", obj)
+    if not isinstance(state, Mapping):
+        raise TypeError(f"checkpoint['model'] must be a state dict, got {type(state).__name__}")
+    return state
+
+
+def _flow_modules(state: Mapping[str, Any], dtype: torch.dtype) -> dict[int, dict[str, Tensor]]:
+    """``{i: {sub_key: tensor}}`` for the keys ``[module.]flow.flows.<i>.<sub_key>``, cast to ``dtype``."""
+    modules: dict[int, dict[str, Tensor]] = {}
+    for key, value in state.items():
+        if not isinstance(key, str) or not isinstance(value, Tensor):
+            continue
+        name = key.removeprefix("module.")
+        if not name.startswith("flow."):
+            continue
+        parts = name.split(".", 3)
+        if len(parts) < 4 or parts[1] != "flows" or not parts[2].isdigit():
+            raise _fail(
+                f"{_short(key)}: unsupported flow layout (expected 'flow.flows.<i>.…'; Bert-VITS2's "
+                "share_parameter=True flow is not supported)"
+            )
+        if value.dtype not in FLOAT_DTYPES:
+            raise _fail(
+                f"{_short(key)}: dtype {value.dtype} is not a supported weight dtype "
+                "(float32, float16, bfloat16 or float64)"
+            )
+        modules.setdefault(int(parts[2]), {})[parts[3]] = value.to(dtype)
+    if not modules:
+        keys = [k for k in state if isinstance(k, str)][:3]
+        raise _fail(
+            f"no flow found: expected keys 'flow.flows.<i>.…' (optionally under 'module.'), got "
+            f"{len(state)} entries such as {[_short(k)[:60] for k in keys]}"
+        )
+    return modules
+
+
+def _has(sub: Mapping[str, Tensor], prefix: str) -> bool:
+    return any(k.startswith(prefix) for k in sub)
+
+
+def _kind(sub: Mapping[str, Tensor]) -> str:
+    if _has(sub, "enc.self_attn_layers."):
+        return "fft"
+    if _has(sub, "enc.attn_layers."):
+        return "bert"
+    if _has(sub, "enc.in_layers."):
+        if _has(sub, "pre_transformer."):
+            return "pre_conv" if _has(sub, "post_transformer.") else "pre_conv2"
+        return "wn"
+    if _has(sub, "pre_transformer.") and not _has(sub, "pre."):
+        return "mono"
+    return "unknown"
+
+
+def _family(modules: dict[int, dict[str, Tensor]]) -> str:
+    """The family of the flow and a check of its module numbering (coqui's is renumbered in place)."""
+    kinds = {i: _kind(sub) for i, sub in modules.items()}
+    for i, kind in sorted(kinds.items()):
+        if kind == "unknown":
+            raise _fail(
+                f"flow.flows.{i}.{_short(next(iter(modules[i])))}: not a layer of a VITS, coqui-TTS, "
+                "VITS2 or Bert-VITS2 prior flow"
+            )
+    found = set(kinds.values())
+    family = "mono" if found == {"wn", "mono"} else found.pop() if len(found) == 1 else ""
+    if not family:
+        first = sorted(kinds)[0]
+        other = next(i for i in sorted(kinds) if kinds[i] != kinds[first])
+        raise _fail(
+            f"flow.flows.{other}: a {_KIND[kinds[other]]} after a {_KIND[kinds[first]]} "
+            f"(flow.flows.{first}) fits no supported flow"
+        )
+    indices = sorted(kinds)
+    n = sum(k != "mono" for k in kinds.values())
+    if family == "wn" and indices == list(range(n)) and n > 1:
+        for i in reversed(indices):  # coqui-TTS numbering: coupling i is VITS's flows.<2 i>
+            modules[2 * i] = modules.pop(i)
+        return "coqui"
+    if family == "mono":
+        expected = {3 * i: "wn" for i in range(n)} | {3 * i + 2: "mono" for i in range(n)}
+    else:
+        expected = {2 * i: family for i in range(n)}
+    for i in sorted(set(expected) | set(kinds)):
+        if expected.get(i) != kinds.get(i):
+            want = f"a {_KIND[expected[i]]}" if i in expected else "no layer"
+            found_here = f"a {_KIND[kinds[i]]}" if i in kinds else "nothing"
+            raise _fail(
+                f"flow.flows.{i}: the {_LABEL[family]} numbering expects {want} there "
+                f"(found {found_here}; layers at {indices[:12]})"
+            )
+    return family
+
+
+# --------------------------------------------------------------------------------------------- sizes
+
+
+def _weight_shape(sub: Mapping[str, Tensor], base: str, where: str) -> torch.Size:
+    """Shape of a (possibly weight-normed) convolution weight ``base`` in any layout."""
+    for suffix in (".weight", ".weight_v", _V):
+        if base + suffix in sub:
+            return sub[base + suffix].shape
+    raise _fail(f"missing {where}.{base}.weight (plain, weight_v or {_V[1:]}) in the flow")
+
+
+def _count(sub: Mapping[str, Tensor], prefix: str) -> int:
+    return len({k[len(prefix) :].split(".", 1)[0] for k in sub if k.startswith(prefix)})
+
+
+def _coupling_sizes(sub: Mapping[str, Tensor], where: str) -> dict[str, Any]:
+    """Sizes of a coupling with ``pre``/``post`` (and a WN ``enc`` when it has one)."""
+    pre = _weight_shape(sub, "pre", where)
+    post = _weight_shape(sub, "post", where)
+    hidden, half = pre[0], pre[1]
+    if post[0] not in (half, 2 * half):
+        raise _fail(
+            f"{where}.post.weight: {post[0]} output channels, expected {half} (mean-only) or {2 * half}"
+        )
+    sizes = dict(channels=2 * half, hidden_channels=hidden, mean_only=post[0] == half, gin_channels=0)
+    if _has(sub, "enc.in_layers."):
+        sizes.update(
+            kernel_size=_weight_shape(sub, "enc.in_layers.0", where)[-1],
+            n_layers=_count(sub, "enc.in_layers."),
+        )
+        if _has(sub, "enc.cond_layer."):
+            sizes["gin_channels"] = _weight_shape(sub, "enc.cond_layer", where)[1]
+    return sizes
+
+
+def _encoder_spec(
+    sub: Mapping[str, Tensor], prefix: str, where: str, attn: str = "attn_layers"
+) -> dict[str, Any]:
+    """Sizes of an :class:`~pyro_vits.nn.Encoder` / ``FFT`` stored under ``prefix``."""
+    conv_1 = _weight_shape(sub, f"{prefix}ffn_layers.0.conv_1", where)
+    rel = sub.get(f"{prefix}{attn}.0.emb_rel_k")
+    return dict(
+        n_layers=_count(sub, f"{prefix}{attn}."),
+        kernel_size=conv_1[-1],
+        filter_channels=conv_1[0],
+        window_size=None if rel is None else (rel.shape[1] - 1) // 2,
+    )
+
+
+def _heads(sub: Mapping[str, Tensor], prefix: str, where: str, given: int | None, default: int) -> int:
+    """Attention heads: from the relative-position tables when there are any (``C / d_k``), else ``given`` or
+    ``default``; a ``given`` value contradicting the tables is refused."""
+    rel = sub.get(f"{prefix}attn_layers.0.emb_rel_k")
+    width = _weight_shape(sub, f"{prefix}ffn_layers.0.conv_1", where)[1]
+    stored = None if rel is None or width % rel.shape[-1] else width // rel.shape[-1]
+    if stored is not None and given is not None and stored != given:
+        raise _fail(
+            f"n_heads={given} contradicts {where}.{prefix}attn_layers.0.emb_rel_k of shape "
+            f"{tuple(rel.shape)} "
+            f"(width {width}: {stored} heads)"
+        )
+    return stored or given or default
+
+
+def _config_value(config: Mapping[str, Any] | None, name: str) -> Any:
+    """``config[name]``, or under its ``model`` (VITS ``config.json``) or ``model_args`` (coqui) section."""
+    if not isinstance(config, Mapping):
+        return None
+    for section in (config, config.get("model"), config.get("model_args")):
+        if isinstance(section, Mapping) and section.get(name) is not None:
+            return section[name]
+    return None
+
+
+def _resolve(name: str, explicit: Any, from_config: Any, default: Any) -> Any:
+    if explicit is not None and from_config is not None and explicit != from_config:
+        raise _fail(f"{name}={explicit!r} contradicts the checkpoint config ({from_config!r})")
+    return explicit if explicit is not None else from_config if from_config is not None else default
+
+
+def _mono_type(explicit: str | None, config: Mapping[str, Any] | None) -> str:
+    from_config = _config_value(config, "transformer_flow_type")
+    if from_config is None and _config_value(config, "use_transformer_flows"):
+        from_config = "mono_layer_post_residual"  # VITS2's default when the type is not configured
+    flow_type = _resolve("transformer_flow_type", explicit, from_config, None)
+    if flow_type not in ("mono_layer_inter_residual", "mono_layer_post_residual"):
+        raise _fail(
+            "flow.flows.2: a VITS2 mono-layer flow; inter vs post residual is not stored in weights: pass "
+            "transformer_flow_type='mono_layer_inter_residual' or 'mono_layer_post_residual' "
+            f"(got {flow_type!r})"
+        )
+    return flow_type
+
+
+def _check_flow_type(family: str, kind: str, flow_type: str | None) -> None:
+    """An explicit ``transformer_flow_type`` must name the family the weights show."""
+    if flow_type is None or flow_type == family or (family == "mono" and flow_type.startswith("mono_layer")):
+        return
+    raise _fail(f"transformer_flow_type={flow_type!r} but flow.flows.0 is a {_KIND[kind]}")
+
+
+def _build(family: str, modules: dict[int, dict[str, Tensor]], dilation: int, n_heads: int | None,
+           flow_type: str | None, config: Mapping[str, Any] | None) -> ResidualCouplingBlock:
+    """An unloaded block of ``family`` sized from the shapes of ``modules``."""
+    first = modules[0]
+    _check_flow_type(family, _kind(first), flow_type)
+    s = _coupling_sizes(first, "flow.flows.0")
+    n_flows = sum(_kind(sub) != "mono" for sub in modules.values())
+    c, h, gin, mean_only = s["channels"], s["hidden_channels"], s["gin_channels"], s["mean_only"]
+    if family in ("wn", "coqui"):
+        return ResidualCouplingBlock(c, h, s["kernel_size"], dilation, s["n_layers"], n_flows, gin, mean_only)
+    if family == "bert":
+        spec = _encoder_spec(first, "enc.", "flow.flows.0")
+        heads = _heads(first, "enc.", "flow.flows.0", n_heads, _DEFAULT_HEADS[family])
+        if _has(first, "enc.spk_emb_linear."):
+            gin = first["enc.spk_emb_linear.weight"].shape[1]
+        return TransformerCouplingBlock(c, h, spec["filter_channels"], heads, spec["n_layers"],
+                                        spec["kernel_size"], n_flows, gin, mean_only=mean_only,
+                                        window_size=spec["window_size"])
+    if family == "fft":
+        spec = _encoder_spec(first, "enc.", "flow.flows.0", attn="self_attn_layers")
+        spec["n_heads"] = n_heads or _DEFAULT_HEADS[family]
+        if _has(first, "enc.cond_layer."):
+            gin = _weight_shape(first, "enc.cond_layer", "flow.flows.0")[1]
+        # upstream's positional wiring: the block's dilation_rate and n_layers are the FFT's layers and heads
+        return ResidualCouplingTransformersBlock(c, h, spec["kernel_size"], spec["n_layers"], spec["n_heads"],
+                                                 n_flows, gin, "fft", mean_only=mean_only, transformer=spec)
+    flow_type = _vits2_type(family, modules, flow_type, config)
+    spec = _pre_transformer_spec(family, modules, n_heads)
+    return ResidualCouplingTransformersBlock(c, h, s["kernel_size"], dilation, s["n_layers"], n_flows, gin,
+                                             flow_type, mean_only=mean_only, transformer=spec)
+
+
+def _pre_transformer_spec(family: str, modules: dict[int, dict[str, Tensor]], n_heads: int | None) -> dict:
+    """The sizes of the ``pre_transformer`` of a VITS2 ``pre_conv``/``pre_conv2``/mono-layer flow."""
+    source, where = (modules[2], "flow.flows.2") if family == "mono" else (modules[0], "flow.flows.0")
+    spec = _encoder_spec(source, "pre_transformer.", where)
+    spec["n_heads"] = _heads(source, "pre_transformer.", where, n_heads, _DEFAULT_HEADS[family])
+    if _weight_shape(source, "pre_transformer.ffn_layers.0.conv_1", where)[1] == spec["filter_channels"]:
+        spec["filter_channels"] = None  # upstream: filter width = model width (also for post_transformer)
+    return spec
+
+
+def _vits2_type(family: str, modules: dict[int, dict[str, Tensor]], flow_type: str | None,
+                config: Mapping[str, Any] | None) -> str:
+    if family != "mono":
+        return family
+    post = _weight_shape(modules[2], "post", "flow.flows.2")
+    if post[0] != post[1]:
+        raise _fail(f"flow.flows.2.post.weight: {post[0]} output channels, expected {post[1]} (mean-only)")
+    return _mono_type(flow_type, config)
+
+
+# --------------------------------------------------------------------------------------------- loading
+
+
+def _take(sub: dict[str, Tensor], used: set[str], key: str) -> Tensor | None:
+    """The tensor for the module's parameter ``key`` in any weight-norm layout (marks what it used)."""
+    if key in sub:
+        used.add(key)
+        return sub[key]
+    for suffix, legacy in ((_G, ".weight_g"), (_V, ".weight_v")):
+        if key.endswith(suffix):
+            base = key[: -len(suffix)]
+            if base + legacy in sub:
+                used.add(base + legacy)
+                return sub[base + legacy]
+            if base + ".weight" in sub:  # weight norm removed: g = ||w|| per output channel, v = w
+                used.add(base + ".weight")
+                w = sub[base + ".weight"]
+                return _weight_norm_g(w) if suffix == _G else w
+    return None
+
+
+def _weight_norm_g(w: Tensor) -> Tensor:
+    """``g = ||w||`` per output channel, computed by torch's own weight-norm kernel so that ``g / ||v||`` is
+    exactly 1 there and the re-parametrised weight equals ``w`` bit for bit (float32/float64 on CPU)."""
+    ones = w.new_ones((w.shape[0],) + (1,) * (w.dim() - 1))
+    try:
+        return torch._weight_norm_interface(w, ones, 0)[1].reshape(ones.shape).to(w.dtype)
+    except (AttributeError, RuntimeError):  # a build without the fused kernel: equal to within rounding
+        return torch.norm_except_dim(w, 2, 0)
+
+
+def _load_strict(block: ResidualCouplingBlock, modules: dict[int, dict[str, Tensor]], family: str) -> None:
+    """Load ``modules`` into ``block`` exactly; errors name keys as the checkpoint numbers them."""
+    label, step = _LABEL[family], 2 if family == "coqui" else 1
+    state: dict[str, Tensor] = {}
+    used: dict[int, set[str]] = {i: set() for i in modules}
+    for key, param in block.state_dict().items():
+        _, index, sub_key = key.split(".", 2)
+        value = _take(modules.get(int(index), {}), used.setdefault(int(index), set()), sub_key)
+        name = f"flow.flows.{int(index) // step}.{_short(sub_key)}"
+        if value is None:
+            raise _fail(f"missing {name} for the {label} flow inferred from flow.flows.0")
+        if value.shape != param.shape:
+            raise _fail(
+                f"{name}: shape {tuple(value.shape)}, but the {label} flow inferred from "
+                f"flow.flows.0 expects {tuple(param.shape)}"
+            )
+        state[key] = value
+    for i, sub in sorted(modules.items()):
+        extra = sorted(set(sub) - used[i])
+        if extra:
+            raise _fail(
+                f"unexpected key flow.flows.{i // step}.{_short(extra[0])} for the {label} flow "
+                "inferred from flow.flows.0"
+            )
+    block.load_state_dict(state, strict=True)
+
+
+def load_vits_flow(
+    obj: Mapping[str, Any],
+    dilation_rate: int | None = None,
+    *,
+    transformer_flow_type: str | None = None,
+    n_heads: int | None = None,
+    config: Mapping[str, Any] | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> ResidualCouplingBlock:
+    """Build and strictly load the prior flow of a VITS-family generator state dict (see the module
+    docstring).
+
+    ``obj``: a state dict or a checkpoint dict with ``model`` (keys optionally under ``module.``); its
+    ``config`` entry (coqui) is used when ``config`` is None. ``dilation_rate``: the WN dilation (None: the
+    config's ``dilation_rate_flow``, else 1). ``transformer_flow_type``: needed for VITS2 mono-layer flows
+    without a config. ``n_heads``: attention heads (None: the family's upstream value). Returns a
+    :class:`ResidualCouplingBlock` (or subclass) of ``dtype``. Raises ``ValueError`` (≤ 300 characters, naming
+    the first offending key) for anything it cannot load exactly, ``TypeError`` for a non-mapping.
+    """
+    if transformer_flow_type is not None and transformer_flow_type not in TRANSFORMER_FLOW_TYPES:
+        raise ValueError(
+            f"transformer_flow_type must be one of {TRANSFORMER_FLOW_TYPES} or None, "
+            f"got {transformer_flow_type!r}"
+        )
+    if dtype not in FLOAT_DTYPES:
+        raise ValueError(f"dtype must be one of {FLOAT_DTYPES}, got {dtype!r}")
+    check_positive_ints(allow_none=True, dilation_rate=dilation_rate, n_heads=n_heads)
+    state = _state_dict(obj)
+    if config is None and isinstance(obj.get("config"), Mapping):
+        config = obj["config"]
+    modules = _flow_modules(state, dtype)
+    family = _family(modules)
+    dilation = _resolve("dilation_rate", dilation_rate, _config_value(config, "dilation_rate_flow"), 1)
+    heads_config = _config_value(config, "n_heads") if family == "bert" else None
+    heads = _resolve("n_heads", n_heads, heads_config, None)
+    block = _build(family, modules, dilation, heads, transformer_flow_type, config).to(dtype)
+    _load_strict(block, modules, family)
+    return block
+
+
+@dataclass(frozen=True)
+class VITSFlowCheckpoint:
+    """What :func:`read_vits_checkpoint` found: the loaded ``flow``, the speaker table ``emb_g``
+    ``(n_speakers, gin)`` (None when absent) and where its config came from (None, ``"checkpoint"`` or a
+    path)."""
+
+    flow: ResidualCouplingBlock
+    emb_g: Tensor | None
+    config_source: str | None
+
+    @property
+    def n_speakers(self) -> int:
+        return 0 if self.emb_g is None else int(self.emb_g.shape[0])
+
+
+def read_vits_checkpoint(
+    path: str | os.PathLike,
+    dilation_rate: int | None = None,
+    *,
+    transformer_flow_type: str | None = None,
+    n_heads: int | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> VITSFlowCheckpoint:
+    """Read a generator checkpoint file with ``torch.load(weights_only=True)`` and load its flow
+    (:func:`load_vits_flow`) and ``emb_g``. The config is the checkpoint's ``config`` entry, else a
+    ``config.json`` in the same folder (VITS / VITS2 / Bert-VITS2 layout), else none. Errors start with the
+    path (the loader's own part stays within 300 characters)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no VITS checkpoint at {path}")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # a truncated file or a pickle of other objects: not loadable as weights
+        raise ValueError(f"cannot load {path} with torch.load(weights_only=True) ({first_line(err, 160)}); "
+                         "if it holds other Python objects, re-save its state dict: "
+                         "torch.save({'model': ckpt['model']}, 'generator.pth')") from err
+    config, source = None, None
+    if isinstance(obj, Mapping) and isinstance(obj.get("config"), Mapping):
+        config, source = obj["config"], "checkpoint"
+    elif (path.parent / "config.json").is_file():
+        try:
+            config = json.loads((path.parent / "config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError) as err:
+            raise ValueError(f"cannot read {path.parent / 'config.json'} beside the checkpoint: "
+                             f"{str(err)[:120]}") from err
+        source = str(path.parent / "config.json")
+    try:
+        flow = load_vits_flow(obj, dilation_rate, transformer_flow_type=transformer_flow_type,
+                              n_heads=n_heads, config=config, dtype=dtype)
+    except (TypeError, ValueError) as err:
+        raise type(err)(f"{path}: {err}") from err
+    state = _state_dict(obj)
+    emb = next((v for k, v in state.items() if isinstance(k, str) and isinstance(v, Tensor)
+                and k.removeprefix("module.") == "emb_g.weight"), None)
+    return VITSFlowCheckpoint(flow, None if emb is None else emb.detach().to(dtype), source)
