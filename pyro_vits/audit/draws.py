@@ -14,7 +14,7 @@ from ..data.batch import sequence_mask
 from ..data.speech_batches import SpeechBatch
 from ..distributions.flow_prior import FlowPrior
 from ..flows import ResidualCouplingBlock
-from ..kl.estimators import KL_ESTIMATORS, kl_estimate
+from ..kl import KL_ESTIMATORS, kl_estimate
 from ..nn.alignment import attention_mask, expand_prior, maximum_path, neg_cent
 from ..vits.generator import VITSGenerator
 

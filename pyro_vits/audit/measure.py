@@ -27,7 +27,7 @@ import torch
 from .._validate import check_positive_ints
 from ..data.filelists import Utterance, open_corpus
 from ..data.speech_batches import SpeechConfig, speech_batches
-from ..kl.estimators import prob_negative, prob_negative_normal_approx
+from ..kl import prob_negative, prob_negative_normal_approx
 from ..vits.generator import VITSGenerator
 from .draws import BATCH_SIZES, COLLAPSE_THRESHOLD, REFERENCE, AuditDraws, _check_particles, collect
 from .report import _check_out, _peak_memory_mb, write_report

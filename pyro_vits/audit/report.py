@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from .. import _arviz_compat as azc
-from ..kl.estimators import prob_negative_normal_approx
+from ..kl import prob_negative_normal_approx
 from .draws import COLLAPSE_THRESHOLD, REFERENCE, AuditDraws
 
 

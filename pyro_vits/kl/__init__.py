@@ -1,26 +1,34 @@
-"""VITS's KL term: its estimators, VITS's loss with any of them, and the truths to judge them by."""
+"""VITS's KL term: its estimators (one registry), VITS's loss with any of them, and the truths to judge them by.
+
+Modules: ``estimators`` (the estimator classes, :data:`ESTIMATORS`, :func:`kl_estimate`), ``quadratic``
+(Gaussian-prior quadratic forms and variances), ``reference`` (ground truths), ``negative`` (P(loss < 0)),
+``loss`` (VITS's ``kl_loss`` and the drop-in :func:`vits_kl_loss`).
+"""
 
 from __future__ import annotations
 
+from ._common import LogProb
 from .estimators import (
     BATCH_REDUCTIONS,
+    ESTIMATORS,
     KL_ESTIMATORS,
     QUADRATIC_ESTIMATORS,
-    LogProb,
-    analytic_variance,
-    analytic_variances,
+    EstimatorInputs,
+    KLEstimator,
+    PlotStyle,
     batch_kl,
     kl_estimate,
+    names,
+    sample_kl_estimates,
+)
+from .loss import draw_posterior, vits_kl, vits_kl_loss
+from .negative import (
     prob_negative,
     prob_negative_gaussian,
     prob_negative_normal_approx,
     prob_negative_saddlepoint,
-    quadratic_form,
-    quadrature_kl_2d,
-    reference_kl,
-    sample_kl_estimates,
-    vits_kl,
 )
-from .loss import draw_posterior, vits_kl_loss
+from .quadratic import analytic_variance, analytic_variances, quadratic_form
+from .reference import quadrature_kl_2d, reference_kl
 
-__all__ = ["KL_ESTIMATORS", "QUADRATIC_ESTIMATORS", "BATCH_REDUCTIONS", "LogProb", "vits_kl", "kl_estimate", "sample_kl_estimates", "batch_kl", "quadratic_form", "analytic_variance", "analytic_variances", "reference_kl", "quadrature_kl_2d", "prob_negative", "prob_negative_normal_approx", "prob_negative_gaussian", "prob_negative_saddlepoint", "vits_kl_loss", "draw_posterior"]
+__all__ = ["ESTIMATORS", "KLEstimator", "EstimatorInputs", "PlotStyle", "names", "KL_ESTIMATORS", "QUADRATIC_ESTIMATORS", "BATCH_REDUCTIONS", "LogProb", "vits_kl", "kl_estimate", "sample_kl_estimates", "batch_kl", "quadratic_form", "analytic_variance", "analytic_variances", "reference_kl", "quadrature_kl_2d", "prob_negative", "prob_negative_normal_approx", "prob_negative_gaussian", "prob_negative_saddlepoint", "vits_kl_loss", "draw_posterior"]

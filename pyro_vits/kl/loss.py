@@ -1,4 +1,5 @@
-"""VITS's KL loss as a drop-in function, with any KL estimator and extra KL particles through the flow only.
+"""VITS's KL loss: VITS's own ``kl_loss`` (:func:`vits_kl`) and a drop-in function for it with any KL
+estimator and extra KL particles through the flow only.
 
 In VITS's ``train.py`` (``z, z_p, m_p, logs_p, m_q, logs_q`` come out of ``net_g``, ``z_mask`` is the
 spectrogram mask) the KL line changes from ``kl_loss(z_p, logs_q, m_p, logs_p, z_mask)`` to::
@@ -21,9 +22,28 @@ from .._validate import check_mask, check_positive_ints
 from ..distributions.flow_prior import FlowPrior
 from ..distributions.transforms import VITSFlow
 from ..flows import ResidualCouplingBlock
-from .estimators import KL_ESTIMATORS, kl_estimate, vits_kl
+from ._common import _same_event, _tensor
+from .estimators import KL_ESTIMATORS, kl_estimate
 
-__all__ = ["vits_kl_loss", "draw_posterior"]
+__all__ = ["vits_kl", "vits_kl_loss", "draw_posterior"]
+
+
+def vits_kl(z_p: Tensor, logs_q: Tensor, m_p: Tensor, logs_p: Tensor, z_mask: Tensor) -> Tensor:
+    """VITS ``losses.kl_loss``: ``sum((logs_p - logs_q - 1/2 + (z_p - m_p)^2 exp(-2 logs_p) / 2) mask)``
+    divided by ``sum(mask)``.
+
+    Inputs ``(B, C, T)`` (any broadcastable ``(..., C, T)``), ``z_mask (B, 1, T)``; all cast to float32 as
+    in VITS; returns a 0-d tensor in nats per valid frame. ``z_p = f(z)``, ``z ~ q``. Padded frames are
+    selected out (``torch.where``), so even non-finite padded values leave the result unchanged.
+    """
+    z_p = _tensor(z_p, "z_p").float()
+    for name, value in (("logs_q", logs_q), ("m_p", m_p), ("logs_p", logs_p)):
+        _same_event(_tensor(value, name), z_p, name, "z_p")
+    mask = check_mask(_tensor(z_mask, "z_mask"), z_p, "z_mask")
+    logs_q, m_p, logs_p = logs_q.float(), m_p.float(), logs_p.float()
+    kl = logs_p - logs_q - 0.5 + 0.5 * (z_p - m_p) ** 2 * torch.exp(-2.0 * logs_p)
+    kl, full_mask = torch.broadcast_tensors(kl, mask)
+    return torch.where(full_mask > 0, kl, 0.0).sum() / mask.sum()
 
 
 def draw_posterior(m_q: Tensor, logs_q: Tensor, z_mask: Tensor, num: int) -> Tensor:

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from ... import _arviz_compat
 from ...infer import diagnostics
-from ...kl.estimators import sample_kl_estimates
+from ...kl import sample_kl_estimates
 from .config import D64, StudyConfig
 
 __all__ = ["Draws", "Sweep", "col", "by_seed", "summary", "mean_ci", "t_quantile", "solve_increasing",

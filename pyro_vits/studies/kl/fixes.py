@@ -13,7 +13,7 @@ from torch import Tensor
 from ..._validate import check_positive_ints
 from ...distributions.flow_prior import CosFlowPrior
 from ...distributions.masked_normal import MaskedNormal
-from ...kl.estimators import batch_kl, kl_estimate, quadrature_kl_2d
+from ...kl import batch_kl, kl_estimate, quadrature_kl_2d
 from .common import Draws, Sweep, by_seed, col, summary
 from .config import D64, RATIO_OFFSET, StudyConfig, check_config
 from .negative import exact_tail, near_convergence

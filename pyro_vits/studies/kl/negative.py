@@ -14,7 +14,7 @@ from torch import Tensor
 from ..._validate import check_positive_ints
 from ...distributions.flow_prior import CosFlowPrior
 from ...distributions.masked_normal import MaskedNormal
-from ...kl.estimators import (
+from ...kl import (
     QUADRATIC_ESTIMATORS,
     kl_estimate,
     prob_negative,
@@ -181,7 +181,7 @@ def regime_study(config: StudyConfig) -> Sweep:
     """P(batch loss < 0) for a batch of F frames (``regime_frames``) at KL = ``regime_kls`` nats per frame
     in the ``regime_channels``-channel setting of :func:`regime_profile`, for each of
     :data:`~pyro_vits.kl.estimators.QUADRATIC_ESTIMATORS`: exact saddlepoint tail and normal approximation
-    (:func:`~pyro_vits.kl.estimators.prob_negative_gaussian`), and a simulation check at
+    (:func:`~pyro_vits.kl.negative.prob_negative_gaussian`), and a simulation check at
     ``regime_sim_frames`` frames (``regime_sim_batches`` batches per seed).
 
     InferenceData ``regime``: ``<estimator>__KL<kl>`` -> simulated batch losses ``(seed, batch)``.

@@ -13,7 +13,7 @@ from torch import Tensor
 from ...distributions.flow_prior import CosFlowPrior, FlowPrior
 from ...distributions.masked_normal import MaskedNormal
 from ...flows import ResidualCouplingBlock
-from ...kl.estimators import batch_kl, prob_negative, quadrature_kl_2d, reference_kl
+from ...kl import batch_kl, prob_negative, quadrature_kl_2d, reference_kl
 from ...models.teacher import make_teacher, sample_dataset
 from .common import Draws, Sweep, by_seed, chunked_estimates, col, summary
 from .config import COS_A, D64, Q_LOC, Q_SCALE, StudyConfig, check_config

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from ...distributions.flow_prior import CosFlowPrior
-from ...kl.estimators import analytic_variance, sample_kl_estimates
+from ...kl import analytic_variance, sample_kl_estimates
 from .common import Draws, Sweep, by_seed, col, z_score
 from .config import COS_A, D64, RATIO_OFFSET, StudyConfig, check_config
 
