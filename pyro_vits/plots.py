@@ -13,6 +13,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from ._rundir import atomic_write
+from .kl.estimators import ESTIMATORS
+from .kl.estimators import names as registry_names
 
 __all__ = [
     "plot_training_curves",
@@ -107,8 +109,11 @@ def _finish(fig: Figure, axes: Sequence[Any], path: str | os.PathLike, shared_le
     _save(fig, path)
 
 
-_HISTOGRAMS = ("vits", "mc", "control_variate", "k3")
-_MEAN_LINES = ("clamp", "abs", "abs_elementwise")
+_HISTOGRAMS = registry_names(plot="histogram")
+"""Estimators whose draws the estimator histograms show (registry ``plot.kind``)."""
+_MEAN_LINES = registry_names(plot="mean line")
+"""Estimators drawn as a line at their mean (registry ``plot.kind``): they can sit on top of the truth."""
+_CLOSED_FORM = ESTIMATORS["gaussian_closed_form"].plot
 
 
 def _vline(ax: Any, label: str, value: float, color: str, style: str, lo: float, hi: float, row: int) -> None:
@@ -127,10 +132,11 @@ def plot_estimator_histograms(
     closed_forms: Mapping[str, float],
     path: str | os.PathLike,
 ) -> None:
-    """One panel per setting: histograms of the ``vits``, ``mc``, ``control_variate`` and ``k3``
-    one-particle draws (any shape, nats per frame), the means of ``clamp``, ``abs`` and
-    ``abs_elementwise`` (their value is in the legend: they can sit on top of the truth), the truth
-    (thin black) and the Gaussian closed form. The x range covers the 0.5-99.5 % of the pooled draws."""
+    """One panel per setting: histograms of the one-particle draws (any shape, nats per frame) of the
+    registry's ``"histogram"`` estimators (``vits``, ``mc``, ``control_variate``, ``k3``), the means of its
+    ``"mean line"`` ones (``clamp``, ``abs``, ``abs_elementwise``; their value is in the legend: they can sit
+    on top of the truth), the truth (thin black) and the Gaussian closed form, in the registry's colours. The
+    x range covers the 0.5-99.5 % of the pooled draws."""
     if not draws:
         raise ValueError("draws is empty: nothing to plot")
     _require(truths, list(draws), "truths")
@@ -141,12 +147,13 @@ def plot_estimator_histograms(
         pooled = np.concatenate([np.ravel(by_estimator[name]) for name in _HISTOGRAMS])
         lo, hi = np.percentile(pooled, [0.5, 99.5])
         lo, hi = min(lo, truths[setting]), max(hi, truths[setting])
-        for i, name in enumerate(_HISTOGRAMS):
+        for name in _HISTOGRAMS:
             ax.hist(np.ravel(by_estimator[name]), bins=np.linspace(lo, hi, 60), density=True, histtype="step",
-                    color=f"C{i}", lw=1.3, label=name)
-        lines = [("truth", truths[setting], "black", "-"), ("closed form", closed_forms[setting], "red", "--")]
-        lines += [(f"mean {name}", float(np.mean(by_estimator[name])), f"C{4 + i}", (0, (1 + i, 1 + i)))
-                  for i, name in enumerate(_MEAN_LINES)]
+                    color=ESTIMATORS[name].plot.colour, lw=1.3, label=name)
+        lines = [("truth", truths[setting], "black", "-"),
+                 (_CLOSED_FORM.label, closed_forms[setting], _CLOSED_FORM.colour, "--")]
+        lines += [(f"mean {name}", float(np.mean(by_estimator[name])), ESTIMATORS[name].plot.colour,
+                   (0, (1 + i, 1 + i))) for i, name in enumerate(_MEAN_LINES)]
         for row, (label, value, color, style) in enumerate(lines):
             _vline(ax, label, value, color, style, lo, hi, row)
         if lo <= 0.0 <= hi:
@@ -217,18 +224,21 @@ def plot_negative_regime(regime: Mapping[str, Any], path: str | os.PathLike) -> 
 
 
 def plot_variance_ratio(ratio: Mapping[str, Any], path: str | os.PathLike) -> None:
-    """Var(hybrid = vits) / Var(full MC) and Var(control variate) / Var(full MC) against sigma_q / sigma_p:
-    the Gaussian theory curves, the measured ratios (±2 pooled SE) for the Gaussian and cos priors, the
-    1/sqrt(2) line. ``ratio``: ``variance_ratio_study``'s results."""
+    """Var(hybrid = vits) / Var(full MC) and Var(control variate) / Var(full MC) (each estimator of
+    ``theory_curve``, labelled by the registry) against sigma_q / sigma_p: the Gaussian theory curves, the
+    measured ratios (±2 pooled SE) for the Gaussian and cos priors, the 1/sqrt(2) line. ``ratio``:
+    ``variance_ratio_study``'s results."""
     _require(ratio, ("ratios", "theory_curve", "gaussian", "cos", "theory_crossing"), "ratio")
     fig, (ax,) = _figure(1, width=6.6, height=5.0)
     curve = ratio["theory_curve"]
-    for j, (name, label) in enumerate((("vits", "hybrid"), ("control_variate", "control variate"))):
-        ax.plot(curve["ratios"], curve[name], color="black", ls=("-", "--")[j], label=f"{label}: theory")
+    for j, name in enumerate(k for k in curve if k != "ratios"):
+        label = ESTIMATORS[name].plot.label
+        ax.plot(curve["ratios"], curve[name], color="black", ls=("-", "--", ":", "-.")[j % 4],
+                label=f"{label}: theory")
         for i, prior in enumerate(("gaussian", "cos")):
             row = ratio[prior][name]
             ax.errorbar(ratio["ratios"], row["ratio"], yerr=2 * np.asarray(row["ratio_se"]),
-                        fmt=("o", "s")[j], ms=4, capsize=2, color=f"C{i + 2 * j}",
+                        fmt=("o", "s", "^", "D")[j % 4], ms=4, capsize=2, color=f"C{i + 2 * j}",
                         label=f"{label}: {prior} prior")
     ax.axvline(ratio["theory_crossing"], color="grey", ls="--", lw=0.8)
     ax.axhline(1.0, color="grey", lw=0.8)

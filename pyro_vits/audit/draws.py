@@ -14,7 +14,7 @@ from ..data.batch import sequence_mask
 from ..data.speech_batches import SpeechBatch
 from ..distributions.flow_prior import FlowPrior
 from ..flows import ResidualCouplingBlock
-from ..kl import KL_ESTIMATORS, kl_estimate
+from ..kl import ESTIMATORS, kl_estimate
 from ..nn.alignment import attention_mask, expand_prior, maximum_path, neg_cent
 from ..vits.generator import VITSGenerator
 
@@ -28,9 +28,9 @@ REFERENCE = "mc"
 """The unbiased estimator taken as the truth for the Gaussian closed form's error."""
 
 def estimator_names() -> tuple[str, ...]:
-    """Every name of the estimator registry :data:`~pyro_vits.kl.estimators.KL_ESTIMATORS`, in its order (new
+    """Every name of the estimator registry :data:`~pyro_vits.kl.estimators.ESTIMATORS`, in its order (new
     estimators appear in the audit automatically)."""
-    return tuple(KL_ESTIMATORS)
+    return tuple(ESTIMATORS)
 
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from .. import _arviz_compat as azc
-from ..kl import prob_negative_normal_approx
+from ..kl import names, prob_negative_normal_approx
 from .draws import COLLAPSE_THRESHOLD, REFERENCE, AuditDraws
 
 
@@ -124,8 +124,9 @@ def _figures(report: Mapping[str, Any], draws: AuditDraws, folder: Path) -> None
     _plot_channels(report, folder / "channels.png")
 
 
-SIGNED = ("vits", "mc", "control_variate")
-"""The unbiased estimators whose value can be negative, drawn in the P(negative) figure."""
+SIGNED = names(unbiased=True, can_be_negative=True)
+"""The unbiased estimators whose value can be negative (registry properties), drawn in the P(negative)
+figure."""
 
 
 def _plot_prob_negative(report: Mapping[str, Any], estimates: Mapping[str, np.ndarray], path: Path) -> None:

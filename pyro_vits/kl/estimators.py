@@ -92,6 +92,8 @@ class KLEstimator:
       estimator as ``c0 + alpha e + beta e^2`` in its noise ``e ~ N(0, 1)`` for a Gaussian prior;
     - ``batch_reduction``: None, or a method on VITS's batch-mean loss (the fix acts on the batch loss; its
       per-utterance formula applies it to one utterance's ``vits`` estimate);
+    - ``penalty``: None, or a method ``(logs_q, logs_p, mask) -> (...)``: what a fix adds to ``vits`` per
+      utterance, from the posterior's and the (aligned) prior's log-scales only;
     - ``plot``: a :class:`PlotStyle`.
     """
 
@@ -105,6 +107,7 @@ class KLEstimator:
     plot: ClassVar[PlotStyle]
     quadratic: Any = None
     batch_reduction: Any = None
+    penalty: Any = None
 
     def estimate(self, x: EstimatorInputs) -> Tensor:
         """The estimate per utterance ``(...)`` in nats."""
@@ -231,9 +234,11 @@ class AbsElementwise(KLEstimator):
     """The patch proposed for VITS, ``abs`` on the log-scale term only: ``sum_valid |logs_p - logs_q - 1/2| +
     (f(z) - m_p)^2 exp(-2 logs_p) / 2`` minus the flow's log-determinant, i.e. ``vits + sum_valid (|d| - d)``
     with ``d = logs_p - logs_q - 1/2`` (:meth:`penalty`). Biased by ``2 sum max(-d, 0)`` (deterministic); it
-    moves the optimum of ``sigma_q`` from ``sigma_p`` to ``sigma_p e^(-1/2)`` for a Gaussian prior."""
+    moves the optimum of ``sigma_q`` from ``sigma_p`` to ``sigma_p e^(-1/2)`` for a Gaussian prior. Per
+    element ``|d| + (f(z) - m_p)^2 exp(-2 logs_p) / 2 >= 0``, so it is never negative for a volume-preserving
+    flow (VITS's mean-only couplings, the cos flow); only a flow's log-determinant can pull it below 0."""
 
-    name, unbiased, can_be_negative, fix = "abs_elementwise", False, True, True
+    name, unbiased, can_be_negative, fix = "abs_elementwise", False, False, True
     needs_prior_scales = True
     plot = PlotStyle("element-wise abs", "mean line", "C6")
 
@@ -268,6 +273,9 @@ def _registry(estimators: list[KLEstimator]) -> dict[str, KLEstimator]:
     registry = {est.name: est for est in estimators}
     if len(registry) != len(estimators):
         raise ValueError("estimator names must be unique")
+    for est in estimators:
+        if est.fix and est.batch_reduction is None and est.penalty is None:
+            raise TypeError(f"fix {est.name!r} must declare a batch_reduction or a penalty")
     return registry
 
 

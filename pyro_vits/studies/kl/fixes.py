@@ -13,15 +13,16 @@ from torch import Tensor
 from ..._validate import check_positive_ints
 from ...distributions.flow_prior import CosFlowPrior
 from ...distributions.masked_normal import MaskedNormal
-from ...kl import batch_kl, kl_estimate, quadrature_kl_2d
+from ...kl import ESTIMATORS, batch_kl, kl_estimate, names, quadrature_kl_2d
 from .common import Draws, Sweep, by_seed, col, summary
 from .config import D64, RATIO_OFFSET, StudyConfig, check_config
 from .negative import exact_tail, near_convergence
 
 __all__ = ["FIXES", "fix_gradient_study", "sigma_optimum_study", "gradient_identity"]
 
-FIXES = ("mean", "clamp", "abs", "abs_elementwise")
-"""Losses compared: VITS's plain batch mean, its ``clamp``/``abs`` and the element-wise ``abs`` patch."""
+FIXES = ("mean",) + names(fix=True)
+"""Losses compared: VITS's plain batch mean and every fix of the registry (``fix``): ``clamp``/``abs`` (a
+``batch_reduction`` of the batch mean) and the element-wise ``abs`` patch (its own per-utterance formula)."""
 _GRAD_PARAMS = ("m_q[0]", "m_q[1]", "logs_q[0]", "logs_q[1]")
 
 
@@ -31,8 +32,13 @@ def _losses(prior: Any, m_q: Tensor, logs_q: Tensor, eps: Tensor) -> dict[str, T
     m, s = m_q.expand_as(z), logs_q.expand_as(z)
     frames = torch.ones(eps.shape[1], dtype=eps.dtype)
     per_utt = kl_estimate("vits", z, m, s, prior)
-    out = {r: batch_kl(r, per_utt, frames) for r in ("mean", "clamp", "abs")}
-    out["abs_elementwise"] = batch_kl("mean", kl_estimate("abs_elementwise", z, m, s, prior), frames)
+    out = {}
+    for name in FIXES:
+        fix = ESTIMATORS.get(name)
+        if fix is None or fix.batch_reduction is not None:  # the plain mean, or a fix of vits's batch mean
+            out[name] = batch_kl(name, per_utt, frames)
+        else:
+            out[name] = batch_kl("mean", kl_estimate(name, z, m, s, prior), frames)
     return out
 
 
@@ -149,9 +155,10 @@ def gradient_identity(draws: int = 64, seed: int = 0) -> dict[str, float]:
     prior = CosFlowPrior(col(0.1, 0.0), col(0.2, -0.1), a=1.0)
     eps = _noise((draws, 2, 1), seed)
     grads = {}
-    for name in ("vits", "mc", "control_variate"):
+    group = names(gradient_group="vits")
+    for name in group:
         m_q, logs_q = (v.expand(draws, 2, 1).clone().requires_grad_(True) for v in (m_q0, logs_q0))
         value = kl_estimate(name, m_q + logs_q.exp() * eps, m_q, logs_q, prior)
         grads[name] = torch.cat(torch.autograd.grad(value.sum(), (m_q, logs_q)), -1)
     return {f"{name}_max_abs_difference": float((grads[name] - grads["vits"]).abs().max())
-            for name in ("mc", "control_variate")} | {"draws": draws}
+            for name in group if name != "vits"} | {"draws": draws}

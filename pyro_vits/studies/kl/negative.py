@@ -17,6 +17,7 @@ from ...distributions.masked_normal import MaskedNormal
 from ...kl import (
     QUADRATIC_ESTIMATORS,
     kl_estimate,
+    names,
     prob_negative,
     prob_negative_gaussian,
     prob_negative_normal_approx,
@@ -29,8 +30,9 @@ from .config import D64, NEAR_A, StudyConfig, check_config
 __all__ = ["near_convergence", "one_utterance_quadrature", "exact_tail", "negative_batch_study",
            "regime_profile", "regime_study", "NEGATIVE_ESTIMATORS"]
 
-NEGATIVE_ESTIMATORS = ("vits", "mc", "control_variate")
-"""Estimators whose P(batch loss < 0) is measured near convergence (``k3`` is never negative)."""
+NEGATIVE_ESTIMATORS = names(unbiased=True, can_be_negative=True)
+"""Estimators whose P(batch loss < 0) is measured near convergence: the unbiased ones that can be negative
+(``k3`` is never negative)."""
 
 
 def near_convergence() -> tuple[Tensor, Tensor, CosFlowPrior]:

@@ -13,20 +13,19 @@ from torch import Tensor
 from ...distributions.flow_prior import CosFlowPrior, FlowPrior
 from ...distributions.masked_normal import MaskedNormal
 from ...flows import ResidualCouplingBlock
-from ...kl import batch_kl, prob_negative, quadrature_kl_2d, reference_kl
+from ...kl import ESTIMATORS, batch_kl, names, prob_negative, quadrature_kl_2d, reference_kl
 from ...models.teacher import make_teacher, sample_dataset
 from .common import Draws, Sweep, by_seed, chunked_estimates, col, summary
 from .config import COS_A, D64, Q_LOC, Q_SCALE, StudyConfig, check_config
 
 __all__ = ["QUALITY_ESTIMATORS", "estimator_quality_study", "teacher_flow"]
 
-QUALITY_ESTIMATORS = ("vits", "mc", "control_variate", "k3", "clamp", "abs", "abs_elementwise",
-                      "gaussian_closed_form")
-"""Estimators compared at fixed parameters; ``clamp``/``abs`` act on the batch loss (VITS users' fixes),
-``abs_elementwise`` is the element-wise patch; names from :data:`~pyro_vits.kl.estimators.KL_ESTIMATORS`."""
+QUALITY_ESTIMATORS = names()
+"""Estimators compared at fixed parameters: every one of :data:`~pyro_vits.kl.estimators.ESTIMATORS`; those
+with a ``batch_reduction`` (``clamp``/``abs``, VITS users' fixes) act on the batch loss of ``vits`` draws."""
 
-_SAMPLED = ("vits", "mc", "control_variate", "k3", "abs_elementwise", "gaussian_closed_form")
-_BATCH_FIXES = ("clamp", "abs")
+_SAMPLED = names(batch_reduction=False)
+_BATCH_FIXES = names(batch_reduction=True)
 K3_THRESHOLD = 1 / math.sqrt(2)  # E_q[(p/q)^2] < inf iff sigma_q > sigma_p / sqrt(2) (Gaussian tails)
 
 
@@ -122,7 +121,7 @@ def _estimator_rows(s: _Setting, config: StudyConfig, per_seed: list[dict[str, T
         base = "vits" if name in _BATCH_FIXES else name
         by_k = {k: by_seed([_particle_batch_loss(d[base].reshape(s.draws, -1), s.frames, k, name)
                             for d in per_seed]) for k in config.particles}
-        if name == "gaussian_closed_form":  # deterministic: its error is exact
+        if ESTIMATORS[name].deterministic:  # its error is exact
             value = float(by_k[1][0, 0])
             estimators[name] = {"value": value, "bias": value - s.truth, "bias_mcse": s.truth_error,
                                 "relative_error": (value - s.truth) / s.truth}

@@ -11,13 +11,17 @@ import torch
 from torch import Tensor
 
 from ...distributions.flow_prior import CosFlowPrior
-from ...kl import analytic_variance, sample_kl_estimates
+from ...kl import QUADRATIC_ESTIMATORS, analytic_variance, sample_kl_estimates
 from .common import Draws, Sweep, by_seed, col, z_score
 from .config import COS_A, D64, RATIO_OFFSET, StudyConfig, check_config
 
 __all__ = ["VARIANCE_ESTIMATORS", "variance_ratio_study", "log_crossing", "ratio_se"]
 
-VARIANCE_ESTIMATORS = ("vits", "mc", "control_variate")
+VARIANCE_ESTIMATORS = QUADRATIC_ESTIMATORS
+"""Estimators whose one-draw variance is measured: those with a Gaussian-prior quadratic form (exact theory)."""
+_REFERENCE = "mc"
+_COMPARED = tuple(name for name in VARIANCE_ESTIMATORS if name != _REFERENCE)
+"""Estimators whose variance is reported as a ratio to :data:`_REFERENCE`'s (full Monte Carlo)."""
 
 
 def _ratio_posteriors(ratios: np.ndarray) -> tuple[Tensor, Tensor]:
@@ -31,7 +35,7 @@ def _theory(name: str, ratios: np.ndarray) -> np.ndarray:
     m_q, logs_q = _ratio_posteriors(ratios)
     zeros = torch.zeros_like(m_q)
     var = analytic_variance(name, m_q, logs_q, zeros, zeros)
-    return (var / analytic_variance("mc", m_q, logs_q, zeros, zeros)).numpy()
+    return (var / analytic_variance(_REFERENCE, m_q, logs_q, zeros, zeros)).numpy()
 
 
 def _same_1d(a: Any, b: Any, a_name: str, b_name: str) -> None:
@@ -80,9 +84,9 @@ def variance_ratio_study(config: StudyConfig) -> Sweep:
     dense = np.geomspace(ratios[0], ratios[-1], 200)
     results: dict[str, Any] = {
         "ratios": ratios.tolist(), "offset": RATIO_OFFSET, "theory_crossing": 1 / math.sqrt(2),
-        "theory": {name: _theory(name, ratios).tolist() for name in ("vits", "control_variate")},
+        "theory": {name: _theory(name, ratios).tolist() for name in _COMPARED},
         "theory_curve": {"ratios": dense.tolist(),
-                         **{name: _theory(name, dense).tolist() for name in ("vits", "control_variate")}},
+                         **{name: _theory(name, dense).tolist() for name in _COMPARED}},
         "unit": "variance ratio Var(estimator) / Var(mc), dimensionless",
     }
     draws: Draws = {}
@@ -94,9 +98,9 @@ def variance_ratio_study(config: StudyConfig) -> Sweep:
             draws[f"{prior_name}__{name}"] = by_seed([d[name] for d in per_seed])
         pooled = {name: draws[f"{prior_name}__{name}"].reshape(-1, len(ratios)) for name in VARIANCE_ESTIMATORS}
         row: dict[str, Any] = {}
-        for name in ("vits", "control_variate"):
-            measured = pooled[name].var(0, ddof=1) / pooled["mc"].var(0, ddof=1)
-            se = [ratio_se(pooled[name][:, i], pooled["mc"][:, i]) for i in range(len(ratios))]
+        for name in _COMPARED:
+            measured = pooled[name].var(0, ddof=1) / pooled[_REFERENCE].var(0, ddof=1)
+            se = [ratio_se(pooled[name][:, i], pooled[_REFERENCE][:, i]) for i in range(len(ratios))]
             row[name] = {"ratio": measured.tolist(), "ratio_se": se, "crossing": log_crossing(ratios, measured)}
             if prior_name == "gaussian":
                 z = [z_score(m, t, s) for m, t, s in zip(measured, results["theory"][name], se)]

@@ -38,12 +38,17 @@ from torch import Tensor
 from ..._validate import check_positive_ints
 from ...data.speech_data import SpeechData
 from ...infer.elbo import HybridEntropyELBO
+from ...kl import ESTIMATORS, names
 from ...models.speech import SpeechModel, log_spectrogram
 
-__all__ = ["VARIANTS", "KLVariantELBO", "variant_elbo", "reconstruction_error_db", "negative_kl_fraction",
+__all__ = ["PATCHES", "VARIANTS", "KLVariantELBO", "variant_elbo", "reconstruction_error_db", "negative_kl_fraction",
            "t_interval", "summarise", "paired_difference", "cost_ratios", "unequal_cost", "equal_compute_steps"]
 
-VARIANTS = ("vits", "clamp", "abs", "abs_elementwise", "vits_k4")
+PATCHES = names(fix=True)
+"""The patched ``kl_loss`` variants of :class:`KLVariantELBO`: the registry's fixes (``clamp``, ``abs``,
+``abs_elementwise``), each applied by its registry formula (``batch_reduction`` or ``penalty``)."""
+
+VARIANTS = ("vits",) + PATCHES + ("vits_k4",)
 """Loss variants compared (module docstring)."""
 
 DB_PER_NEPER = 20.0 / math.log(10.0)
@@ -51,14 +56,14 @@ DB_PER_NEPER = 20.0 / math.log(10.0)
 
 class KLVariantELBO(Trace_ELBO):
     """One-particle ELBO for :class:`~pyro_vits.models.speech.SpeechModel` whose KL term is a patched VITS
-    ``kl_loss`` (``variant`` in ``("clamp", "abs", "abs_elementwise")``, see the module docstring). The loss
+    ``kl_loss`` (``variant`` in :data:`PATCHES`, see the module docstring). The loss
     is ``-log p(x | z) + KL_variant`` with the plate's subsampling scale; reported and differentiated alike.
     ``negative_steps`` counts the evaluations whose unpatched minibatch KL was negative (where ``clamp`` and
     ``abs`` act)."""
 
     def __init__(self, variant: str) -> None:
-        if variant not in ("clamp", "abs", "abs_elementwise"):
-            raise ValueError(f"variant must be 'clamp', 'abs' or 'abs_elementwise', got {variant!r}")
+        if variant not in PATCHES:
+            raise ValueError(f"variant must be one of {PATCHES}, got {variant!r}")
         super().__init__(num_particles=1, vectorize_particles=False, max_plate_nesting=1)
         self.variant = variant
         self.negative_steps = 0
@@ -68,14 +73,13 @@ class KLVariantELBO(Trace_ELBO):
         q, prior, z = q_site["fn"], p_site["fn"], q_site["value"]
         kl = -(q.entropy() * q_site["scale"]).sum() - p_site["log_prob_sum"]
         self.negative_steps += int(torch_item(kl) < 0)
-        if self.variant == "clamp":
-            return kl.clamp(min=0.0)
-        if self.variant == "abs":
-            return kl.abs()
+        fix = ESTIMATORS[self.variant]
+        if fix.batch_reduction is not None:  # clamp, abs: on the minibatch's KL
+            return fix.batch_reduction(kl)
         with torch.no_grad():
             path = prior.alignment(prior.flow(z, prior.mask, prior.g))
-        d = prior.expanded(path)[1] - torch.log(q.scale) - 0.5
-        return kl + (torch.where(prior.mask > 0, d.abs() - d, 0.0).sum((-2, -1)) * q_site["scale"]).sum()
+        penalty = fix.penalty(torch.log(q.scale), prior.expanded(path)[1], prior.mask)
+        return kl + (penalty * q_site["scale"]).sum()
 
     def _differentiable_loss_particle(self, model_trace: Trace, guide_trace: Trace) -> tuple[float, Tensor]:
         loss = self._kl(model_trace, guide_trace) - model_trace.nodes["x"]["log_prob_sum"]
