@@ -23,7 +23,7 @@ from ..models.guides import PosteriorEncoder
 from ..nn.text_encoder import WINDOW_SIZE, TextEncoder
 from .flow_checkpoint import flow_from_tensors
 from .layouts import CANONICAL_PARTS, Layout, canonical, layout_for_keys
-from .reader import Checkpoint, module_state, read_checkpoint, weight_shape
+from .reader import Checkpoint, fail, module_state, read_checkpoint, weight_shape
 
 logger = logging.getLogger(__name__)
 
@@ -241,9 +241,7 @@ def _load(module: nn.Module, entries: Mapping[str, Tensor], part: str, label: st
     try:
         module.load_state_dict(module_state(module, entries), strict=True)
     except RuntimeError as err:
-        raise ValueError(
-            f"{label}: {part} weights do not match VITS's layout: {' '.join(str(err).split())[:400]}"
-        ) from err
+        raise fail(f"{label}: {part} weights do not match VITS's layout: {err}") from err
 
 
 def load_vits_generator(
