@@ -59,7 +59,7 @@ class Checkpoint:
 
 def _load_file(path: Path) -> Any:
     if not path.is_file():
-        raise FileNotFoundError(f"no VITS checkpoint at {path} (checkpoint not found)")
+        raise FileNotFoundError(f"checkpoint not found: {path} (no VITS checkpoint at that path)")
     if path.suffix == ".safetensors":
         try:
             from safetensors.torch import load_file
