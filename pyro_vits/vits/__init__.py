@@ -11,5 +11,7 @@ from .generator import (
     load_vits_generator,
     read_vits_config,
 )
+from .layouts import LAYOUTS, Layout
+from .reader import Checkpoint, read_checkpoint
 
-__all__ = ["vits_generator_state", "vits_config", "export_vits_generator", "load_vits_flow", "read_vits_checkpoint", "VITSFlowCheckpoint", "MAX_MESSAGE", "ENC_Q_DILATION", "VITSPosteriorEncoder", "VITSGenerator", "read_vits_config", "load_vits_generator"]
+__all__ = ["vits_generator_state", "vits_config", "export_vits_generator", "load_vits_flow", "read_vits_checkpoint", "VITSFlowCheckpoint", "MAX_MESSAGE", "ENC_Q_DILATION", "VITSPosteriorEncoder", "VITSGenerator", "read_vits_config", "load_vits_generator", "LAYOUTS", "Layout", "Checkpoint", "read_checkpoint"]

@@ -21,15 +21,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .._rundir import atomic_write
 from ..data.speech_batches import SpeechConfig
 from ..models.guides import PosteriorEncoder
 from ..models.speech import SpeechModel
-from .._rundir import atomic_write
+from .reader import weight_norm_key
 
 __all__ = ["vits_generator_state", "vits_config", "export_vits_generator"]
-
-_WEIGHT_NORM = {".parametrizations.weight.original0": ".weight_g",
-                ".parametrizations.weight.original1": ".weight_v"}
 
 
 def _vits_keys(prefix: str, module: nn.Module, skip: tuple[str, ...] = ()) -> dict[str, Tensor]:
@@ -39,10 +37,7 @@ def _vits_keys(prefix: str, module: nn.Module, skip: tuple[str, ...] = ()) -> di
     for key, value in module.state_dict().items():
         if key.startswith(skip):
             continue
-        for new, old in _WEIGHT_NORM.items():
-            if key.endswith(new):
-                key = key[: -len(new)] + old
-        out[f"{prefix}.{key}"] = value.detach().cpu().clone()
+        out[f"{prefix}.{weight_norm_key(key, 'weight_g')}"] = value.detach().cpu().clone()
     return out
 
 

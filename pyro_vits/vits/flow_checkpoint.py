@@ -34,19 +34,21 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .._validate import check_positive_ints, first_line
+from .._validate import check_positive_ints
 from ..flows.residual import ResidualCouplingBlock
 from ..flows.transformer import (
     TRANSFORMER_FLOW_TYPES,
     ResidualCouplingTransformersBlock,
     TransformerCouplingBlock,
 )
+from .layouts import Layout, canonical, layout_for_keys, resolve
+from .reader import FLOAT_DTYPES, MAX_MESSAGE, Checkpoint, read_checkpoint, take_weight, weight_shape
+from .reader import fail as _fail
+from .reader import short as _short
 
-__all__ = ["load_vits_flow", "read_vits_checkpoint", "VITSFlowCheckpoint", "MAX_MESSAGE"]
+__all__ = ["load_vits_flow", "read_vits_checkpoint", "VITSFlowCheckpoint", "MAX_MESSAGE", "flow_family",
+           "flow_from_tensors"]
 
-MAX_MESSAGE = 300
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-_G, _V = ".parametrizations.weight.original0", ".parametrizations.weight.original1"
 _DEFAULT_HEADS = {"pre_conv": 2, "pre_conv2": 2, "fft": 4, "mono": 2, "bert": 2}
 _KIND = {
     "wn": "VITS residual coupling",
@@ -67,37 +69,16 @@ _LABEL = {
 }
 
 
-def _fail(message: str) -> ValueError:
-    """A ``ValueError`` of at most :data:`MAX_MESSAGE` characters."""
-    return ValueError(message if len(message) <= MAX_MESSAGE else message[: MAX_MESSAGE - 1] + "…")
-
-
-def _short(key: str) -> str:
-    return key if len(key) <= 100 else f"{key[:45]}…{key[-50:]}"
-
-
 # --------------------------------------------------------------------------------------------- entries
 
 
-def _state_dict(obj: Any) -> Mapping[str, Any]:
-    if not isinstance(obj, Mapping):
-        raise TypeError(f"expected a state dict or a checkpoint dict with 'model', got {type(obj).__name__}")
-    state = obj.get("model", obj)
-    if not isinstance(state, Mapping):
-        raise TypeError(f"checkpoint['model'] must be a state dict, got {type(state).__name__}")
-    return state
-
-
-def _flow_modules(state: Mapping[str, Any], dtype: torch.dtype) -> dict[int, dict[str, Tensor]]:
-    """``{i: {sub_key: tensor}}`` for the keys ``[module.]flow.flows.<i>.<sub_key>``, cast to ``dtype``."""
+def _flow_modules(state: Mapping[str, Tensor], dtype: torch.dtype) -> dict[int, dict[str, Tensor]]:
+    """``{i: {sub_key: tensor}}`` for the canonical keys ``flow.flows.<i>.<sub_key>``, cast to ``dtype``."""
     modules: dict[int, dict[str, Tensor]] = {}
     for key, value in state.items():
-        if not isinstance(key, str) or not isinstance(value, Tensor):
+        if not key.startswith("flow."):
             continue
-        name = key.removeprefix("module.")
-        if not name.startswith("flow."):
-            continue
-        parts = name.split(".", 3)
+        parts = key.split(".", 3)
         if len(parts) < 4 or parts[1] != "flows" or not parts[2].isdigit():
             raise _fail(
                 f"{_short(key)}: unsupported flow layout (expected 'flow.flows.<i>.…'; Bert-VITS2's "
@@ -110,7 +91,7 @@ def _flow_modules(state: Mapping[str, Any], dtype: torch.dtype) -> dict[int, dic
             )
         modules.setdefault(int(parts[2]), {})[parts[3]] = value.to(dtype)
     if not modules:
-        keys = [k for k in state if isinstance(k, str)][:3]
+        keys = list(state)[:3]
         raise _fail(
             f"no flow found: expected keys 'flow.flows.<i>.…' (optionally under 'module.'), got "
             f"{len(state)} entries such as {[_short(k)[:60] for k in keys]}"
@@ -136,7 +117,7 @@ def _kind(sub: Mapping[str, Tensor]) -> str:
     return "unknown"
 
 
-def _family(modules: dict[int, dict[str, Tensor]]) -> str:
+def flow_family(modules: dict[int, dict[str, Tensor]]) -> str:
     """The family of the flow and a check of its module numbering (coqui's is renumbered in place)."""
     kinds = {i: _kind(sub) for i, sub in modules.items()}
     for i, kind in sorted(kinds.items()):
@@ -179,11 +160,12 @@ def _family(modules: dict[int, dict[str, Tensor]]) -> str:
 
 
 def _weight_shape(sub: Mapping[str, Tensor], base: str, where: str) -> torch.Size:
-    """Shape of a (possibly weight-normed) convolution weight ``base`` in any layout."""
-    for suffix in (".weight", ".weight_v", _V):
-        if base + suffix in sub:
-            return sub[base + suffix].shape
-    raise _fail(f"missing {where}.{base}.weight (plain, weight_v or {_V[1:]}) in the flow")
+    """Shape of a (possibly weight-normed) convolution weight ``base`` in any stored form."""
+    shape = weight_shape(sub, base)
+    if shape is None:
+        raise _fail(f"missing {where}.{base}.weight (plain, weight_v or parametrizations.weight.original1) "
+                    "in the flow")
+    return shape
 
 
 def _count(sub: Mapping[str, Tensor], prefix: str) -> int:
@@ -331,34 +313,6 @@ def _vits2_type(family: str, modules: dict[int, dict[str, Tensor]], flow_type: s
 # --------------------------------------------------------------------------------------------- loading
 
 
-def _take(sub: dict[str, Tensor], used: set[str], key: str) -> Tensor | None:
-    """The tensor for the module's parameter ``key`` in any weight-norm layout (marks what it used)."""
-    if key in sub:
-        used.add(key)
-        return sub[key]
-    for suffix, legacy in ((_G, ".weight_g"), (_V, ".weight_v")):
-        if key.endswith(suffix):
-            base = key[: -len(suffix)]
-            if base + legacy in sub:
-                used.add(base + legacy)
-                return sub[base + legacy]
-            if base + ".weight" in sub:  # weight norm removed: g = ||w|| per output channel, v = w
-                used.add(base + ".weight")
-                w = sub[base + ".weight"]
-                return _weight_norm_g(w) if suffix == _G else w
-    return None
-
-
-def _weight_norm_g(w: Tensor) -> Tensor:
-    """``g = ||w||`` per output channel, computed by torch's own weight-norm kernel so that ``g / ||v||`` is
-    exactly 1 there and the re-parametrised weight equals ``w`` bit for bit (float32/float64 on CPU)."""
-    ones = w.new_ones((w.shape[0],) + (1,) * (w.dim() - 1))
-    try:
-        return torch._weight_norm_interface(w, ones, 0)[1].reshape(ones.shape).to(w.dtype)
-    except (AttributeError, RuntimeError):  # a build without the fused kernel: equal to within rounding
-        return torch.norm_except_dim(w, 2, 0)
-
-
 def _load_strict(block: ResidualCouplingBlock, modules: dict[int, dict[str, Tensor]], family: str) -> None:
     """Load ``modules`` into ``block`` exactly; errors name keys as the checkpoint numbers them."""
     label, step = _LABEL[family], 2 if family == "coqui" else 1
@@ -366,7 +320,7 @@ def _load_strict(block: ResidualCouplingBlock, modules: dict[int, dict[str, Tens
     used: dict[int, set[str]] = {i: set() for i in modules}
     for key, param in block.state_dict().items():
         _, index, sub_key = key.split(".", 2)
-        value = _take(modules.get(int(index), {}), used.setdefault(int(index), set()), sub_key)
+        value = take_weight(modules.get(int(index), {}), sub_key, used.setdefault(int(index), set()))
         name = f"flow.flows.{int(index) // step}.{_short(sub_key)}"
         if value is None:
             raise _fail(f"missing {name} for the {label} flow inferred from flow.flows.0")
@@ -386,6 +340,50 @@ def _load_strict(block: ResidualCouplingBlock, modules: dict[int, dict[str, Tens
     block.load_state_dict(state, strict=True)
 
 
+def _check_arguments(dilation_rate: int | None, flow_type: str | None, n_heads: int | None,
+                     dtype: torch.dtype) -> None:
+    if flow_type is not None and flow_type not in TRANSFORMER_FLOW_TYPES:
+        raise ValueError(f"transformer_flow_type must be one of {TRANSFORMER_FLOW_TYPES} or None, got {flow_type!r}")
+    if dtype not in FLOAT_DTYPES:
+        raise ValueError(f"dtype must be one of {FLOAT_DTYPES}, got {dtype!r}")
+    check_positive_ints(allow_none=True, dilation_rate=dilation_rate, n_heads=n_heads)
+
+
+def flow_from_tensors(
+    tensors: Mapping[str, Tensor],
+    layout: Layout,
+    *,
+    named: bool = False,
+    dilation_rate: int | None = None,
+    transformer_flow_type: str | None = None,
+    n_heads: int | None = None,
+    config: Mapping[str, Any] | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[ResidualCouplingBlock, Layout]:
+    """The loaded flow of canonically named ``tensors`` (``flow.flows.<i>.…``) and the layout that holds it
+    (``layout`` itself when ``named``, else the layout with its key names holding this flow family)."""
+    modules = _flow_modules(tensors, dtype)
+    family = flow_family(modules)
+    layout = resolve(layout, family, named, _KIND[_kind(modules[0])])
+    dilation = _resolve("dilation_rate", dilation_rate, _config_value(config, "dilation_rate_flow"), 1)
+    heads_config = _config_value(config, "n_heads") if "n_heads" in layout.config_values else None
+    heads = _resolve("n_heads", n_heads, heads_config, None)
+    block = _build(family, modules, dilation, heads, transformer_flow_type, config).to(dtype)
+    _load_strict(block, modules, family)
+    return block, layout
+
+
+def _read(checkpoint: Checkpoint, layout: str | None, config: Mapping[str, Any] | None,
+          **kwargs: Any) -> tuple[ResidualCouplingBlock, Tensor | None]:
+    """The flow and ``emb_g`` of ``checkpoint`` through its layout."""
+    found = layout_for_keys(checkpoint.tensors, layout)
+    tensors, _ = canonical(checkpoint.tensors, found)
+    if config is None:
+        config = checkpoint.config
+    flow, _ = flow_from_tensors(tensors, found, named=layout is not None, config=config, **kwargs)
+    return flow, tensors.get("emb_g.weight")
+
+
 def load_vits_flow(
     obj: Mapping[str, Any],
     dilation_rate: int | None = None,
@@ -394,36 +392,24 @@ def load_vits_flow(
     n_heads: int | None = None,
     config: Mapping[str, Any] | None = None,
     dtype: torch.dtype = torch.float32,
+    layout: str | None = None,
 ) -> ResidualCouplingBlock:
     """Build and strictly load the prior flow of a VITS-family generator state dict (see the module
     docstring).
 
-    ``obj``: a state dict or a checkpoint dict with ``model`` (keys optionally under ``module.``); its
-    ``config`` entry (coqui) is used when ``config`` is None. ``dilation_rate``: the WN dilation (None: the
-    config's ``dilation_rate_flow``, else 1). ``transformer_flow_type``: needed for VITS2 mono-layer flows
-    without a config. ``n_heads``: attention heads (None: the family's upstream value). Returns a
-    :class:`ResidualCouplingBlock` (or subclass) of ``dtype``. Raises ``ValueError`` (≤ 300 characters, naming
-    the first offending key) for anything it cannot load exactly, ``TypeError`` for a non-mapping.
+    ``obj``: a state dict or a checkpoint dict with ``model`` (keys optionally under ``module.``), read by
+    :func:`~pyro_vits.vits.reader.read_checkpoint`; its ``config`` entry (coqui) is used when ``config`` is
+    None. ``dilation_rate``: the WN dilation (None: the config's ``dilation_rate_flow``, else 1).
+    ``transformer_flow_type``: needed for VITS2 mono-layer flows without a config. ``n_heads``: attention heads
+    (None: the family's upstream value). ``layout``: a name in :data:`~pyro_vits.vits.layouts.LAYOUTS` (None:
+    detected). Returns a :class:`ResidualCouplingBlock` (or subclass) of ``dtype``. Raises ``ValueError``
+    (≤ 300 characters, naming the first offending key) for anything it cannot load exactly, ``TypeError`` for
+    a non-mapping.
     """
-    if transformer_flow_type is not None and transformer_flow_type not in TRANSFORMER_FLOW_TYPES:
-        raise ValueError(
-            f"transformer_flow_type must be one of {TRANSFORMER_FLOW_TYPES} or None, "
-            f"got {transformer_flow_type!r}"
-        )
-    if dtype not in FLOAT_DTYPES:
-        raise ValueError(f"dtype must be one of {FLOAT_DTYPES}, got {dtype!r}")
-    check_positive_ints(allow_none=True, dilation_rate=dilation_rate, n_heads=n_heads)
-    state = _state_dict(obj)
-    if config is None and isinstance(obj.get("config"), Mapping):
-        config = obj["config"]
-    modules = _flow_modules(state, dtype)
-    family = _family(modules)
-    dilation = _resolve("dilation_rate", dilation_rate, _config_value(config, "dilation_rate_flow"), 1)
-    heads_config = _config_value(config, "n_heads") if family == "bert" else None
-    heads = _resolve("n_heads", n_heads, heads_config, None)
-    block = _build(family, modules, dilation, heads, transformer_flow_type, config).to(dtype)
-    _load_strict(block, modules, family)
-    return block
+    _check_arguments(dilation_rate, transformer_flow_type, n_heads, dtype)
+    checkpoint = read_checkpoint(obj)
+    return _read(checkpoint, layout, config, dilation_rate=dilation_rate,
+                 transformer_flow_type=transformer_flow_type, n_heads=n_heads, dtype=dtype)[0]
 
 
 @dataclass(frozen=True)
@@ -441,6 +427,16 @@ class VITSFlowCheckpoint:
         return 0 if self.emb_g is None else int(self.emb_g.shape[0])
 
 
+def _config_beside(path: Path) -> dict[str, Any] | None:
+    if not (path.parent / "config.json").is_file():
+        return None
+    try:
+        return json.loads((path.parent / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise ValueError(f"cannot read {path.parent / 'config.json'} beside the checkpoint: "
+                         f"{str(err)[:120]}") from err
+
+
 def read_vits_checkpoint(
     path: str | os.PathLike,
     dilation_rate: int | None = None,
@@ -448,36 +444,21 @@ def read_vits_checkpoint(
     transformer_flow_type: str | None = None,
     n_heads: int | None = None,
     dtype: torch.dtype = torch.float32,
+    layout: str | None = None,
 ) -> VITSFlowCheckpoint:
-    """Read a generator checkpoint file with ``torch.load(weights_only=True)`` and load its flow
+    """Read a generator checkpoint file (:func:`~pyro_vits.vits.reader.read_checkpoint`) and load its flow
     (:func:`load_vits_flow`) and ``emb_g``. The config is the checkpoint's ``config`` entry, else a
     ``config.json`` in the same folder (VITS / VITS2 / Bert-VITS2 layout), else none. Errors start with the
     path (the loader's own part stays within 300 characters)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no VITS checkpoint at {path}")
+    _check_arguments(dilation_rate, transformer_flow_type, n_heads, dtype)
+    checkpoint = read_checkpoint(Path(path))
+    config, source = checkpoint.config, "checkpoint"
+    if config is None:
+        config = _config_beside(Path(path))
+        source = None if config is None else str(Path(path).parent / "config.json")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # a truncated file or a pickle of other objects: not loadable as weights
-        raise ValueError(f"cannot load {path} with torch.load(weights_only=True) ({first_line(err, 160)}); "
-                         "if it holds other Python objects, re-save its state dict: "
-                         "torch.save({'model': ckpt['model']}, 'generator.pth')") from err
-    config, source = None, None
-    if isinstance(obj, Mapping) and isinstance(obj.get("config"), Mapping):
-        config, source = obj["config"], "checkpoint"
-    elif (path.parent / "config.json").is_file():
-        try:
-            config = json.loads((path.parent / "config.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError) as err:
-            raise ValueError(f"cannot read {path.parent / 'config.json'} beside the checkpoint: "
-                             f"{str(err)[:120]}") from err
-        source = str(path.parent / "config.json")
-    try:
-        flow = load_vits_flow(obj, dilation_rate, transformer_flow_type=transformer_flow_type,
-                              n_heads=n_heads, config=config, dtype=dtype)
+        flow, emb = _read(checkpoint, layout, config, dilation_rate=dilation_rate,
+                          transformer_flow_type=transformer_flow_type, n_heads=n_heads, dtype=dtype)
     except (TypeError, ValueError) as err:
         raise type(err)(f"{path}: {err}") from err
-    state = _state_dict(obj)
-    emb = next((v for k, v in state.items() if isinstance(k, str) and isinstance(v, Tensor)
-                and k.removeprefix("module.") == "emb_g.weight"), None)
     return VITSFlowCheckpoint(flow, None if emb is None else emb.detach().to(dtype), source)

@@ -17,25 +17,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .._validate import first_line
 from ..data.batch import sequence_mask
 from ..flows import ResidualCouplingBlock
 from ..models.guides import PosteriorEncoder
 from ..nn.text_encoder import WINDOW_SIZE, TextEncoder
-from .flow_checkpoint import load_vits_flow
+from .flow_checkpoint import flow_from_tensors
+from .layouts import CANONICAL_PARTS, Layout, canonical, layout_for_keys
+from .reader import Checkpoint, fail, module_state, read_checkpoint, weight_shape
 
 logger = logging.getLogger(__name__)
-
-
-_PARTS = {
-    "enc_p": ("enc_p.", "text_encoder."),
-    "enc_q": ("enc_q.", "posterior_encoder."),
-    "flow": ("flow.",),
-    "emb_g": ("emb_g.",),
-}
-
-
-_SKIPPED = ("dec.", "dp.", "waveform_decoder.", "duration_predictor.", "disc.")
 
 
 ENC_Q_DILATION = 1  # VITS's PosteriorEncoder(spec_channels, inter, hidden, 5, 1, 16): not stored in weights
@@ -112,74 +102,37 @@ def read_vits_config(config: str | Path | Mapping[str, Any]) -> dict[str, Any]:
     return loaded
 
 
-def _state_dict(obj: str | Path | Mapping[str, Any]) -> tuple[dict[str, Tensor], str]:
-    """``(state dict without 'module.' prefixes, a label for messages)`` from a path, checkpoint or state
-    dict."""
-    label = "checkpoint"
-    if isinstance(obj, (str, Path)):
-        label = str(obj)
-        if not Path(obj).is_file():
-            raise FileNotFoundError(f"checkpoint not found: {obj}")
-        try:
-            obj = torch.load(obj, map_location="cpu", weights_only=True)
-        except Exception as err:  # torch raises several types for corrupt or foreign files
-            raise ValueError(f"{label}: cannot load as a torch checkpoint ({first_line(err)})") from err
-    if not isinstance(obj, Mapping):
-        raise TypeError(
-            f"{label}: expected a state dict or a checkpoint dict with 'model', got {type(obj).__name__}"
-        )
-    state = obj.get("model", obj)
-    if not isinstance(state, Mapping):
-        raise ValueError(f"{label}: 'model' is a {type(state).__name__}, not a state dict")
-    tensors = {}
-    for key, value in state.items():
-        if isinstance(key, str) and isinstance(value, Tensor):
-            tensors[key.removeprefix("module.")] = value
-    return tensors, label
-
-
-def _split_parts(state: Mapping[str, Tensor], label: str) -> dict[str, dict[str, Tensor]]:
-    parts: dict[str, dict[str, Tensor]] = {name: {} for name in _PARTS}
-    skipped = set()
-    for key, value in state.items():
-        for name, prefixes in _PARTS.items():
-            prefix = next((p for p in prefixes if key.startswith(p)), None)
-            if prefix is not None:
-                parts[name][key[len(prefix) :]] = value
-                break
-        else:
-            if key.startswith("emb_l."):
-                raise ValueError(f"{label}: multilingual generators (emb_l) are not supported")
-            skipped.add(key.split(".")[0])
+def _split_parts(checkpoint: Checkpoint, layout: Layout) -> tuple[dict[str, dict[str, Tensor]], dict[str, Tensor]]:
+    """``({part: {sub_key: tensor}}, the canonical tensors)`` of the latent path, through ``layout``."""
+    label = checkpoint.label
+    tensors, other = canonical(checkpoint.tensors, layout)
+    if "emb_l" in other:
+        raise ValueError(f"{label}: multilingual generators (emb_l) are not supported")
+    parts: dict[str, dict[str, Tensor]] = {name: {} for name in CANONICAL_PARTS}
+    for key, value in tensors.items():
+        part, sub_key = key.split(".", 1)
+        parts[part][sub_key] = value
     missing = [name for name in ("enc_p", "enc_q", "flow") if not parts[name]]
     if missing:
+        stored = next(s for s, c in layout.prefixes if c == missing[0] + ".")
         raise ValueError(
             f"{label}: no {'/'.join(missing)} weights (expected keys such as "
-            f"'{_PARTS[missing[0]][0]}…'; found top-level parts {sorted({k.split('.')[0] for k in state})})"
+            f"'{stored}…'; found top-level parts {sorted({k.split('.')[0] for k in checkpoint.tensors})})"
         )
-    if skipped:
-        logger.info("%s: ignoring %s (not part of the latent path)", label, ", ".join(sorted(skipped)))
-    return parts
+    if other:
+        logger.info("%s: ignoring %s (not part of the latent path)", label, ", ".join(sorted(other)))
+    return parts, tensors
 
 
 def _count(entries: Mapping[str, Tensor], prefix: str) -> int:
     return len({k[len(prefix) :].split(".")[0] for k in entries if k.startswith(prefix)})
 
 
-def _find_weight(entries: Mapping[str, Tensor], key: str) -> Tensor | None:
-    """``key`` in any weight-norm layout (plain, ``weight_v``, ``parametrizations.weight.original1``)."""
-    for candidate in (
-        key,
-        key.replace(".weight", ".weight_v"),
-        key.replace(".weight", ".parametrizations.weight.original1"),
-    ):
-        if candidate in entries:
-            return entries[candidate]
-    return None
-
-
-def _weight(entries: Mapping[str, Tensor], key: str, label: str) -> Tensor:
-    found = _find_weight(entries, key)
+def _weight(entries: Mapping[str, Tensor], key: str, label: str) -> torch.Size:
+    """The shape of ``key`` (a ``….weight`` in any weight-norm form, or any other tensor)."""
+    found = weight_shape(entries, key.removesuffix(".weight")) if key.endswith(".weight") else None
+    if found is None and key in entries:
+        found = entries[key].shape
     if found is None:
         raise ValueError(f"{label}: missing {key}")
     return found
@@ -189,32 +142,32 @@ def _text_encoder_sizes(enc_p: Mapping[str, Tensor], label: str) -> dict[str, in
     emb = _weight(enc_p, "emb.weight", f"{label} enc_p")
     rel = _weight(enc_p, "encoder.attn_layers.0.emb_rel_k", f"{label} enc_p")
     conv_1 = _weight(enc_p, "encoder.ffn_layers.0.conv_1.weight", f"{label} enc_p")
-    if rel.shape[1] != 2 * WINDOW_SIZE + 1 or rel.shape[0] != 1:
+    if rel[1] != 2 * WINDOW_SIZE + 1 or rel[0] != 1:
         raise ValueError(
-            f"{label}: enc_p relative-position table {tuple(rel.shape)} is not VITS's "
+            f"{label}: enc_p relative-position table {tuple(rel)} is not VITS's "
             f"(1, {2 * WINDOW_SIZE + 1}, d_k)"
         )
     return dict(
-        n_vocab=emb.shape[0],
-        hidden_channels=emb.shape[1],
-        inter_channels=_weight(enc_p, "proj.weight", f"{label} enc_p").shape[0] // 2,
-        n_heads=emb.shape[1] // rel.shape[-1],
+        n_vocab=emb[0],
+        hidden_channels=emb[1],
+        inter_channels=_weight(enc_p, "proj.weight", f"{label} enc_p")[0] // 2,
+        n_heads=emb[1] // rel[-1],
         n_layers=_count(enc_p, "encoder.attn_layers."),
-        filter_channels=conv_1.shape[0],
-        kernel_size=conv_1.shape[-1],
+        filter_channels=conv_1[0],
+        kernel_size=conv_1[-1],
     )
 
 
 def _posterior_sizes(enc_q: Mapping[str, Tensor], label: str) -> dict[str, int]:
     pre = _weight(enc_q, "pre.weight", f"{label} enc_q")
-    cond = _find_weight(enc_q, "enc.cond_layer.weight")
+    cond = weight_shape(enc_q, "enc.cond_layer")
     return dict(
-        spec_channels=pre.shape[1],
-        enc_q_hidden=pre.shape[0],
-        enc_q_inter=_weight(enc_q, "proj.weight", f"{label} enc_q").shape[0] // 2,
+        spec_channels=pre[1],
+        enc_q_hidden=pre[0],
+        enc_q_inter=_weight(enc_q, "proj.weight", f"{label} enc_q")[0] // 2,
         enc_q_layers=_count(enc_q, "enc.in_layers."),
-        enc_q_kernel=_weight(enc_q, "enc.in_layers.0.weight", f"{label} enc_q").shape[-1],
-        gin_channels=0 if cond is None else cond.shape[1],
+        enc_q_kernel=_weight(enc_q, "enc.in_layers.0.weight", f"{label} enc_q")[-1],
+        gin_channels=0 if cond is None else cond[1],
     )
 
 
@@ -286,15 +239,16 @@ def _check_config(sizes: Mapping[str, int], config: Mapping[str, Any], label: st
 
 def _load(module: nn.Module, entries: Mapping[str, Tensor], part: str, label: str) -> None:
     try:
-        module.load_state_dict(entries, strict=True)
+        module.load_state_dict(module_state(module, entries), strict=True)
     except RuntimeError as err:
-        raise ValueError(
-            f"{label}: {part} weights do not match VITS's layout: {' '.join(str(err).split())[:400]}"
-        ) from err
+        raise fail(f"{label}: {part} weights do not match VITS's layout: {err}") from err
 
 
 def load_vits_generator(
-    obj: str | Path | Mapping[str, Any], config: str | Path | Mapping[str, Any] | None = None
+    checkpoint: str | Path | Mapping[str, Any],
+    config: str | Path | Mapping[str, Any] | None = None,
+    *,
+    layout: str | None = None,
 ) -> VITSGenerator:
     """Load a VITS generator's latent path from a checkpoint path, a checkpoint dict (``{"model": ...}``,
     as VITS's ``utils.save_checkpoint`` writes) or a state dict; returns a :class:`VITSGenerator` in eval
@@ -303,10 +257,13 @@ def load_vits_generator(
     ``config``: VITS ``config.json`` (path or dict); its ``model`` sizes, ``data.filter_length`` and
     ``data.n_speakers`` (and a top-level ``symbols`` list) must match the weights, and its
     ``model.p_dropout`` is kept (and the flow's settings, e.g. ``dilation_rate_flow``, are read from it by
-    :func:`~pyro_vits.flows.load_vits_flow`). Raises ``ValueError`` for missing parts or disagreeing sizes.
+    :func:`~pyro_vits.flows.load_vits_flow`). ``layout``: a name in :data:`~pyro_vits.vits.layouts.LAYOUTS`
+    (None: detected from the keys). Raises ``ValueError`` for missing parts or disagreeing sizes.
     """
-    state, label = _state_dict(obj)
-    parts = _split_parts(state, label)
+    found = read_checkpoint(checkpoint)
+    label = found.label
+    keys_layout = layout_for_keys(found.tensors, layout)
+    parts, tensors = _split_parts(found, keys_layout)
     sizes = _generator_sizes(parts, label)
     p_dropout = 0.0
     if config is not None:
@@ -314,9 +271,12 @@ def load_vits_generator(
         _check_config(sizes, config, label)
         p_dropout = float(config["model"].get("p_dropout", 0.0))
     try:
-        flow = load_vits_flow({"flow." + k: v for k, v in parts["flow"].items()}, config=config)
+        flow, holder = flow_from_tensors(tensors, keys_layout, named=layout is not None, config=config)
     except ValueError as err:
         raise ValueError(f"{label}: {err}") from err
+    if "enc_p" not in holder.parts:
+        raise ValueError(f"{label}: the {holder.label} layout's enc_p/enc_q are not VITS's: load its flow "
+                         "with load_vits_flow")
     if flow.channels != sizes["inter_channels"] or flow.gin_channels != sizes["gin_channels"]:
         raise ValueError(
             f"{label}: flow has {flow.channels} channels and gin {flow.gin_channels}, enc_p "

@@ -1,0 +1,162 @@
+"""The one reader of VITS-family checkpoints: a path or a mapping -> a flat ``{key: Tensor}`` of the generator.
+
+Files: ``.pth`` / ``.pt`` / ``.ckpt`` (any other suffix too) with ``torch.load(weights_only=True)``;
+``.safetensors`` with the ``safetensors`` package. Nesting: a checkpoint dict's ``model`` (VITS, coqui) or
+``state_dict`` (Lightning) entry, and ``module.`` (DataParallel) key prefixes. The one weight-norm routine:
+a module's ``parametrizations.weight.original0/1`` (or plain ``weight``) found in any stored form
+(``weight_g/weight_v``, torch parametrizations, or a plain ``weight`` after ``remove_weight_norm()``), and the
+inverse renaming for export. Errors are one line (at most :data:`MAX_MESSAGE` characters) naming the file.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .._validate import first_line
+
+__all__ = ["MAX_MESSAGE", "Checkpoint", "read_checkpoint", "take_weight", "weight_shape", "weight_norm_key",
+           "module_state"]
+
+MAX_MESSAGE = 300
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+WEIGHT_NORM_FORMS = {
+    "parametrizations": (".parametrizations.weight.original0", ".parametrizations.weight.original1"),
+    "weight_g": (".weight_g", ".weight_v"),
+}
+"""The stored forms of a weight-normed weight: ``(magnitude g, direction v)`` suffixes; ``plain``
+(``.weight``, after ``remove_weight_norm()``) is the third."""
+_G, _V = WEIGHT_NORM_FORMS["parametrizations"]
+
+
+def fail(message: str) -> ValueError:
+    """A one-line ``ValueError`` of at most :data:`MAX_MESSAGE` characters."""
+    message = " ".join(message.split())
+    return ValueError(message if len(message) <= MAX_MESSAGE else message[: MAX_MESSAGE - 1] + "…")
+
+
+def short(key: str) -> str:
+    return key if len(key) <= 100 else f"{key[:45]}…{key[-50:]}"
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """What :func:`read_checkpoint` found: ``tensors`` (keys without ``module.``, as stored otherwise), the
+    checkpoint's own ``config`` entry (coqui) or None, and ``label`` (the path, or ``"checkpoint"``) for
+    messages."""
+
+    tensors: dict[str, Tensor]
+    config: Mapping[str, Any] | None
+    label: str
+    path: Path | None = None
+
+
+def _load_file(path: Path) -> Any:
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path} (no VITS checkpoint at that path)")
+    if path.suffix == ".safetensors":
+        try:
+            from safetensors.torch import load_file
+        except ImportError as err:
+            raise ImportError(f"{path}: reading .safetensors needs the 'safetensors' package "
+                              "(pip install safetensors)") from err
+        try:
+            return load_file(str(path), device="cpu")
+        except Exception as err:
+            raise fail(f"{path}: cannot load as a safetensors file ({first_line(err, 160)})") from err
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # a truncated file or a pickle of other objects: not loadable as weights
+        raise ValueError(f"{path}: cannot load as a torch checkpoint with torch.load(weights_only=True) "
+                         f"({first_line(err, 160)}); if it holds other Python objects, re-save its state "
+                         "dict: torch.save({'model': ckpt['model']}, 'generator.pth')") from err
+
+
+def read_checkpoint(checkpoint: str | os.PathLike | Mapping[str, Any]) -> Checkpoint:
+    """Read a checkpoint file or unwrap an in-memory checkpoint / state dict (see the module docstring).
+    Raises ``FileNotFoundError``, ``ValueError`` (unreadable file, ``model`` not a state dict) or ``TypeError``
+    (not a mapping)."""
+    path = Path(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else None
+    label = "checkpoint" if path is None else str(path)
+    obj = checkpoint if path is None else _load_file(path)
+    if not isinstance(obj, Mapping):
+        raise TypeError(f"{label}: expected a state dict or a checkpoint dict with 'model', got "
+                        f"{type(obj).__name__}")
+    key = next((k for k in ("model", "state_dict") if k in obj), None)
+    state = obj if key is None else obj[key]
+    if not isinstance(state, Mapping):
+        raise fail(f"{label}: {key!r} is a {type(state).__name__}, not a state dict")
+    tensors = {k.removeprefix("module."): v for k, v in state.items()
+               if isinstance(k, str) and isinstance(v, Tensor)}
+    config = obj.get("config") if isinstance(obj.get("config"), Mapping) else None
+    return Checkpoint(tensors, config, label, path)
+
+
+# --------------------------------------------------------------------------------------------- weight norm
+
+
+def weight_norm_key(key: str, form: str = "weight_g") -> str:
+    """``key`` with its weight-norm suffix (either form) in ``form`` (``"weight_g"`` or
+    ``"parametrizations"``); other keys unchanged."""
+    for other in WEIGHT_NORM_FORMS.values():
+        for suffix, new in zip(other, WEIGHT_NORM_FORMS[form]):
+            if key.endswith(suffix):
+                return key[: -len(suffix)] + new
+    return key
+
+
+def weight_shape(entries: Mapping[str, Tensor], base: str) -> torch.Size | None:
+    """The shape of the (possibly weight-normed) weight of module ``base`` in any stored form, else None."""
+    for suffix in (".weight", ".weight_v", _V):
+        if base + suffix in entries:
+            return entries[base + suffix].shape
+    return None
+
+
+def weight_norm_g(w: Tensor) -> Tensor:
+    """``g = ||w||`` per output channel, computed by torch's own weight-norm kernel so that ``g / ||v||`` is
+    exactly 1 there and the re-parametrised weight equals ``w`` bit for bit (float32/float64 on CPU)."""
+    ones = w.new_ones((w.shape[0],) + (1,) * (w.dim() - 1))
+    try:
+        return torch._weight_norm_interface(w, ones, 0)[1].reshape(ones.shape).to(w.dtype)
+    except (AttributeError, RuntimeError):  # a build without the fused kernel: equal to within rounding
+        return torch.norm_except_dim(w, 2, 0)
+
+
+def take_weight(entries: Mapping[str, Tensor], key: str, used: set[str]) -> Tensor | None:
+    """The tensor for a module's state key ``key`` (weight-normed ones as ``parametrizations…original0/1``)
+    in any stored form; adds the stored key it used to ``used``. A plain ``weight`` gives ``g = ||w||``,
+    ``v = w``."""
+    if key in entries:
+        used.add(key)
+        return entries[key]
+    for suffix, legacy in zip((_G, _V), WEIGHT_NORM_FORMS["weight_g"]):
+        if key.endswith(suffix):
+            base = key[: -len(suffix)]
+            if base + legacy in entries:
+                used.add(base + legacy)
+                return entries[base + legacy]
+            if base + ".weight" in entries:  # weight norm removed
+                used.add(base + ".weight")
+                w = entries[base + ".weight"]
+                return weight_norm_g(w) if suffix == _G else w
+    return None
+
+
+def module_state(module: nn.Module, entries: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """``entries`` under ``module``'s own state keys (any weight-norm form); entries it does not use are kept
+    as they are, so that a strict ``load_state_dict`` reports them."""
+    state: dict[str, Tensor] = {}
+    used: set[str] = set()
+    for key in module.state_dict():
+        value = take_weight(entries, key, used)
+        if value is not None:
+            state[key] = value
+    state.update({k: v for k, v in entries.items() if k not in used})
+    return state
