@@ -35,11 +35,11 @@ MODULES = {module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
 
 # --------------------------------------------------------------------------- the layer table
 # Each layer is a package (the package and all its modules) or a single module. A layer may import itself, the
-# leaves, and the layers its row names, nothing else of pyro_vits (module-level, in-function and string imports
-# alike). Every module belongs to exactly one layer: a new module or package needs a row here.
+# leaves, and the layers its row names, nothing else of pyro_vits (module-level, in-function and string
+# imports alike). Every module belongs to exactly one layer: a new module or package needs a row here.
 LEAVES = frozenset({"_validate", "_device", "_configfile", "_arviz_compat", "_rundir", "_io"})
-BELOW_APPS = frozenset({"nn", "flows", "distributions", "data", "kl", "infer", "models", "vits", "train", "plots",
-                        "audit", "bench"})
+BELOW_APPS = frozenset({"nn", "flows", "distributions", "data", "kl", "infer", "models", "vits", "train",
+                        "plots", "audit", "bench"})
 LAYERS: dict[str, frozenset[str]] = {
     **{leaf: frozenset() for leaf in LEAVES},
     "nn": frozenset(),
@@ -112,8 +112,8 @@ def imports(path: Path, source: str | None = None) -> list[Import]:
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     found: list[Import] = []
     tree = ast.parse(path.read_text() if source is None else source)
-    loggers = {id(arg) for node in ast.walk(tree) if isinstance(node, ast.Call) and _call_name(node) == "getLogger"
-               for arg in node.args}
+    loggers = {id(arg) for node in ast.walk(tree)
+               if isinstance(node, ast.Call) and _call_name(node) == "getLogger" for arg in node.args}
 
     def visit(node: ast.AST, kind: str, type_only: bool) -> None:
         for child in ast.iter_child_nodes(node):
@@ -166,9 +166,11 @@ def graph(include_lazy: bool) -> dict[str, set[str]]:
 
 
 def test_every_module_belongs_to_exactly_one_layer():
-    unplaced = {m: layers_containing(m) for m in MODULES if m != "pyro_vits" and len(layers_containing(m)) != 1}
+    unplaced = {m: layers_containing(m) for m in MODULES
+                if m != "pyro_vits" and len(layers_containing(m)) != 1}
     assert not unplaced, f"modules without exactly one row in LAYERS (add one): {unplaced}"
-    unknown = {row: sorted(allowed - LAYERS.keys()) for row, allowed in LAYERS.items() if allowed - LAYERS.keys()}
+    unknown = {row: sorted(allowed - LAYERS.keys())
+               for row, allowed in LAYERS.items() if allowed - LAYERS.keys()}
     assert not unknown, f"rows naming layers that have no row: {unknown}"
     misplaced = {row: sorted(allowed & LEAVES) for row, allowed in LAYERS.items() if allowed & LEAVES}
     assert not misplaced, f"leaves are always allowed, do not list them: {misplaced}"
@@ -212,7 +214,8 @@ def test_imports_follow_the_layer_table():
                     known.add((name, target))
                 else:
                     bad.append(message)
-    assert not bad, "imports that the layer table (LAYERS in tests/test_architecture.py) forbids:\n" + "\n".join(bad)
+    assert not bad, ("imports that the layer table (LAYERS in tests/test_architecture.py) forbids:\n"
+                     + "\n".join(bad))
     stale = KNOWN_VIOLATIONS.keys() - known
     assert not stale, f"KNOWN_VIOLATIONS entries that no longer occur (remove them): {sorted(stale)}"
 
@@ -234,7 +237,8 @@ def __getattr__(name):
     assert found == {("importlib", "module"), ("pyro_vits._validate", "module"),
                      ("pyro_vits.data.batch", "module"), ("pyro_vits.kl.loss", "function"),
                      ("pyro_vits.apps", "string"), ("pyro_vits.train", "function"), ("pyro_vits", "function")}
-    assert [message.split(" (")[0] for _, message in module_violations("pyro_vits.nn._probe", path, source)] == [
+    messages = [message for _, message in module_violations("pyro_vits.nn._probe", path, source)]
+    assert [message.split(" (")[0] for message in messages] == [
         "pyro_vits/nn/_probe.py:4 -> pyro_vits.data.batch", "pyro_vits/nn/_probe.py:6 -> pyro_vits.kl.loss",
         "pyro_vits/nn/_probe.py:7 -> pyro_vits.apps", "pyro_vits/nn/_probe.py:9 -> pyro_vits.train",
         "pyro_vits/nn/_probe.py:10 -> pyro_vits"]
@@ -246,7 +250,8 @@ def test_public_name_table_targets():
     assert not [i for i in imports(TOP) if i.target.startswith("pyro_vits")]
     for name, target in pyro_vits._EXPORTS.items():
         assert target in MODULES, f"pyro_vits.{name} -> {target}: no such module"
-        assert hasattr(importlib.import_module(target), name), f"pyro_vits.{name} -> {target}: no {name} there"
+        module = importlib.import_module(target)
+        assert hasattr(module, name), f"pyro_vits.{name} -> {target}: no {name} there"
 
 
 def cycle(edges: dict[str, set[str]]) -> list[str] | None:
@@ -290,7 +295,8 @@ def test_no_module_imports_examples_or_benchmarks_or_reads_repository_paths():
     offenders = []
     for name, path in MODULES.items():
         text = path.read_text()
-        bad_imports = [i.target for i in imports(path) if i.target.split(".")[0] in ("examples", "benchmarks")]
+        bad_imports = [i.target for i in imports(path)
+                       if i.target.split(".")[0] in ("examples", "benchmarks")]
         if bad_imports or re.search(r"\bREPO\b|parents\[|spec_from_file_location|sys\.path", text):
             offenders.append(name)
     assert not offenders

@@ -32,7 +32,7 @@ def _package_transforms() -> set[type]:
     for info in pkgutil.walk_packages(pyro_vits.__path__, "pyro_vits.", onerror=unimportable):
         try:
             module = importlib.import_module(info.name)
-        except ImportError as error:  # a module that does not import would hide its Transforms: fail, not skip
+        except ImportError as error:  # a module that does not import hides its Transforms: fail, not skip
             pytest.fail(f"{info.name} does not import ({error!r}), so its Transforms cannot be checked")
         for _, obj in inspect.getmembers(module, inspect.isclass):
             if issubclass(obj, Transform) and obj.__module__.startswith("pyro_vits"):

@@ -37,7 +37,8 @@ def test_unknown_estimator_nan_policy_and_device(small_data):
     with pytest.raises(ValueError, match=re.escape(message)):
         make_elbo("foo")
     with pytest.raises(ValueError, match="name must be one of"):
-        kl_estimate("foo", small_data.x, small_data.m_p, small_data.logs_p, MaskedNormal(small_data.m_p, torch.ones_like(small_data.m_p)))
+        kl_estimate("foo", small_data.x, small_data.m_p, small_data.logs_p,
+                    MaskedNormal(small_data.m_p, torch.ones_like(small_data.m_p)))
     with pytest.raises(TypeError, match="elbo must be a pyro.infer.ELBO, got str"):
         quick_fit(small_data, elbo="trace")
     with pytest.raises(ValueError, match=r"nan_policy must be one of \('stop', 'skip'\), got 'ignore'"):
