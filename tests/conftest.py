@@ -171,3 +171,11 @@ def assert_normalised_2d_fixture():
     """``assert_normalised_2d(flow, g, *, half_width, points, min_reshape, tol)``: a C=2 flow prior
     integrates to one."""
     return assert_normalised_2d
+
+
+@pytest.fixture(scope="module")
+def small_data():
+    """A tiny teacher data set (N=6 utterances, C=4 channels, T=8 frames; ``validation_helpers``)."""
+    from validation_helpers import small_dataset
+
+    return small_dataset()

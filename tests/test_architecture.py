@@ -1,5 +1,6 @@
-"""The package's structure: an acyclic import graph, no reach into the repository (examples/, benchmarks/,
-paths), the public names, the README's Python blocks, the generated docs/api.md, and a wheel install."""
+"""The package's structure: the layer table of allowed imports, an acyclic import graph, no reach into the
+repository (examples/, benchmarks/, paths), the public names, the README's Python blocks, the generated
+docs/api.md, and a wheel install."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import sys
 import sysconfig
 import venv
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 
@@ -21,6 +23,7 @@ import pyro_vits
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = Path(pyro_vits.__file__).parent
+TOP = PACKAGE / "__init__.py"
 
 
 def module_name(path: Path) -> str:
@@ -30,29 +33,104 @@ def module_name(path: Path) -> str:
 
 MODULES = {module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
 
+# --------------------------------------------------------------------------- the layer table
+# Each layer is a package (the package and all its modules) or a single module. A layer may import itself, the
+# leaves, and the layers its row names, nothing else of pyro_vits (module-level, in-function and string
+# imports alike). Every module belongs to exactly one layer: a new module or package needs a row here.
+LEAVES = frozenset({"_validate", "_device", "_configfile", "_arviz_compat", "_rundir", "_io"})
+BELOW_APPS = frozenset({"nn", "flows", "distributions", "data", "kl", "infer", "models", "vits", "train",
+                        "plots", "audit", "bench"})
+LAYERS: dict[str, frozenset[str]] = {
+    **{leaf: frozenset() for leaf in LEAVES},
+    "nn": frozenset(),
+    "flows": frozenset({"nn"}),
+    "distributions": frozenset({"flows", "nn"}),
+    "data": frozenset(),
+    "kl": frozenset({"distributions", "flows", "nn"}),
+    "infer": frozenset({"data", "distributions", "flows", "nn"}),
+    "models": frozenset({"nn", "flows", "distributions", "data"}),
+    "vits": frozenset({"models", "nn", "flows", "data", "distributions"}),
+    "train": frozenset({"infer", "models", "data", "vits", "distributions", "flows", "nn"}),
+    "plots": frozenset({"kl", "distributions", "flows", "nn"}),
+    "audit": frozenset({"vits", "kl", "distributions", "data", "nn", "plots", "infer", "flows", "models"}),
+    "studies": BELOW_APPS,
+    "bench": frozenset({"models", "infer", "flows", "distributions", "data", "kl", "nn"}),
+    "apps": BELOW_APPS | {"studies"},
+    "cli": frozenset({"apps"}),
+}
+"""layer -> the layers it may import, besides itself and the leaves (``pyro_vits.<layer>`` and its modules).
+The top-level ``pyro_vits/__init__.py`` (the public names, loaded lazily by name) is no layer: nothing in
+the package imports it, and its table's targets are checked to exist."""
+
+
+KNOWN_VIOLATIONS: dict[tuple[str, str], str] = {
+    ("pyro_vits.nn.text_encoder", "pyro_vits.data.batch"):
+        "TextEncoder uses data.batch.sequence_mask; to go once sequence_mask lives in nn (or a leaf)",
+}
+"""(importer, imported module) pairs that break the table today, each with its reason; an entry that no
+longer matches an import fails the test, so the list only shrinks."""
+
+
+def layer_of(module: str) -> str | None:
+    """The row of ``LAYERS`` that ``module`` belongs to (None for the top-level ``pyro_vits``)."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 and parts[0] == "pyro_vits" else None
+
+
+def layers_containing(module: str) -> list[str]:
+    return [row for row in LAYERS if module == f"pyro_vits.{row}" or module.startswith(f"pyro_vits.{row}.")]
+
+
+class Import(NamedTuple):
+    target: str  # a pyro_vits module (or another top-level module), or "pyro_vits" for its public names
+    line: int
+    kind: str  # "module" (runs at import), "function" (lazy), "string" (a module named in a string constant)
+    type_only: bool = False  # inside ``if TYPE_CHECKING``
+
 
 def _type_checking(node: ast.If) -> bool:
     return "TYPE_CHECKING" in ast.unparse(node.test)
 
 
-def imports(path: Path) -> list[tuple[str, bool]]:
-    """``(module, lazy)`` for every import in ``path`` outside ``if TYPE_CHECKING`` blocks and module
-    ``__getattr__`` re-exports (names forwarded on first use); ``lazy``: inside a function."""
+def _is_module_string(node: ast.AST) -> bool:
+    return (isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in MODULES
+            and node.value != "pyro_vits")
+
+
+def _call_name(node: ast.Call) -> str:
+    return ast.unparse(node.func).rpartition(".")[2]
+
+
+def imports(path: Path, source: str | None = None) -> list[Import]:
+    """Every import in ``path``: module-level, inside functions (lazy), under ``if TYPE_CHECKING`` (flagged),
+    and string imports: a constant naming a pyro_vits module (``importlib.import_module("pyro_vits.x")``, the
+    command table of ``cli``), logger names aside. Only the top-level ``pyro_vits/__init__.py``'s
+    ``__getattr__`` and its public-name table ``_EXPORTS`` are skipped (checked by
+    :func:`test_public_name_table_targets`).
+    ``from pyro_vits import NAME`` of a public name (not a module) is reported as target ``pyro_vits``."""
     name = module_name(path)
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-    found: list[tuple[str, bool]] = []
+    found: list[Import] = []
+    tree = ast.parse(path.read_text() if source is None else source)
+    loggers = {id(arg) for node in ast.walk(tree)
+               if isinstance(node, ast.Call) and _call_name(node) == "getLogger" for arg in node.args}
 
-    def visit(node: ast.AST, lazy: bool) -> None:
+    def visit(node: ast.AST, kind: str, type_only: bool) -> None:
         for child in ast.iter_child_nodes(node):
             if isinstance(child, ast.If) and _type_checking(child):
+                visit(child, kind, True)
                 continue
             if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)):
-                if child.name == "__getattr__" and node is tree:
+                if path == TOP and node is tree and child.name == "__getattr__":
                     continue
-                visit(child, True)
+                visit(child, "function" if kind == "module" else kind, type_only)
                 continue
+            if path == TOP and node is tree and isinstance(child, ast.AnnAssign | ast.Assign) and \
+                    "_EXPORTS" in ast.unparse(child).partition("=")[0]:
+                continue  # the public-name table: its targets are checked on their own
             if isinstance(child, ast.Import):
-                found.extend((a.name, lazy) for a in child.names)
+                found.extend(Import(a.name, child.lineno, kind, type_only) for a in child.names
+                             if a.name != "pyro_vits")  # the root package: always loaded, names nothing
             elif isinstance(child, ast.ImportFrom):
                 base = child.module or ""
                 if child.level:
@@ -60,28 +138,120 @@ def imports(path: Path) -> list[tuple[str, bool]]:
                     base = ".".join(anchor + ([base] if base else []))
                 for alias in child.names:
                     sub = f"{base}.{alias.name}"
-                    found.append((sub if sub in MODULES else base, lazy))
-            visit(child, lazy)
+                    found.append(Import(sub if sub in MODULES else base, child.lineno, kind, type_only))
+            elif _is_module_string(child) and id(child) not in loggers:
+                found.append(Import(child.value, child.lineno, "string", type_only))
+            visit(child, kind, type_only)
 
-    tree = ast.parse(path.read_text())
-    visit(tree, False)
+    visit(tree, "module", False)
     return found
 
 
 def graph(include_lazy: bool) -> dict[str, set[str]]:
     """Edges between pyro_vits modules; importing ``a.b.c`` also runs the packages ``a.b`` (unless the
-    importer is inside them: they are then already being imported)."""
+    importer is inside them: they are then already being imported). ``include_lazy``: also the imports in
+    functions and the string imports (else only what runs at import time)."""
     edges: dict[str, set[str]] = {m: set() for m in MODULES}
     for name, path in MODULES.items():
-        for target, lazy in imports(path):
-            if not target.startswith("pyro_vits") or (lazy and not include_lazy):
+        for imp in imports(path):
+            if (not imp.target.startswith("pyro_vits") or imp.type_only
+                    or (imp.kind != "module" and not include_lazy)):
                 continue
-            parts = target.split(".")
+            parts = imp.target.split(".")
             for i in range(1, len(parts) + 1):
                 ancestor = ".".join(parts[:i])
                 if ancestor in MODULES and ancestor != name and not name.startswith(ancestor + "."):
                     edges[name].add(ancestor)
     return edges
+
+
+def test_every_module_belongs_to_exactly_one_layer():
+    unplaced = {m: layers_containing(m) for m in MODULES
+                if m != "pyro_vits" and len(layers_containing(m)) != 1}
+    assert not unplaced, f"modules without exactly one row in LAYERS (add one): {unplaced}"
+    unknown = {row: sorted(allowed - LAYERS.keys())
+               for row, allowed in LAYERS.items() if allowed - LAYERS.keys()}
+    assert not unknown, f"rows naming layers that have no row: {unknown}"
+    misplaced = {row: sorted(allowed & LEAVES) for row, allowed in LAYERS.items() if allowed & LEAVES}
+    assert not misplaced, f"leaves are always allowed, do not list them: {misplaced}"
+    assert all(not LAYERS[leaf] for leaf in LEAVES), "a leaf imports only other leaves"
+
+
+def test_the_layer_table_is_acyclic():
+    order: list[str] = []
+    remaining = dict(LAYERS)
+    while remaining:
+        ready = [row for row, allowed in remaining.items() if not allowed & remaining.keys() - {row}]
+        assert ready, f"the layer table has a cycle among {sorted(remaining)}"
+        order += sorted(ready)
+        for row in ready:
+            del remaining[row]
+
+
+def module_violations(name: str, path: Path, source: str | None = None) -> list[tuple[str, str]]:
+    """``(target, "file:line -> target (why)")`` for each import of module ``name`` that the table forbids."""
+    (row,) = layers_containing(name)
+    allowed = {row} | LAYERS[row] | LEAVES
+    bad = []
+    for imp in imports(path, source):
+        if imp.target != "pyro_vits" and not imp.target.startswith("pyro_vits."):
+            continue
+        target_row = layer_of(imp.target)
+        if target_row in allowed:
+            continue
+        what = "the public names of pyro_vits" if target_row is None else f"layer {target_row!r}"
+        bad.append((imp.target, f"{path.relative_to(ROOT)}:{imp.line} -> {imp.target} ({imp.kind} import; "
+                                f"{what} is neither in {row!r}'s row {sorted(LAYERS[row])} nor a leaf)"))
+    return bad
+
+
+def test_imports_follow_the_layer_table():
+    bad, known = [], set()
+    for name, path in MODULES.items():
+        if path != TOP:
+            for target, message in module_violations(name, path):
+                if (name, target) in KNOWN_VIOLATIONS:
+                    known.add((name, target))
+                else:
+                    bad.append(message)
+    assert not bad, ("imports that the layer table (LAYERS in tests/test_architecture.py) forbids:\n"
+                     + "\n".join(bad))
+    stale = KNOWN_VIOLATIONS.keys() - known
+    assert not stale, f"KNOWN_VIOLATIONS entries that no longer occur (remove them): {sorted(stale)}"
+
+
+def test_the_layer_check_sees_every_kind_of_import():
+    source = '''
+import importlib
+from .. import _validate
+from ..data.batch import Batch
+def lazy():
+    from ..kl import loss
+    return importlib.import_module("pyro_vits.apps")
+def __getattr__(name):
+    import pyro_vits.train
+    from pyro_vits import fit
+'''
+    path = PACKAGE / "nn" / "_probe.py"
+    found = {(i.target, i.kind) for i in imports(path, source)}
+    assert found == {("importlib", "module"), ("pyro_vits._validate", "module"),
+                     ("pyro_vits.data.batch", "module"), ("pyro_vits.kl.loss", "function"),
+                     ("pyro_vits.apps", "string"), ("pyro_vits.train", "function"), ("pyro_vits", "function")}
+    messages = [message for _, message in module_violations("pyro_vits.nn._probe", path, source)]
+    assert [message.split(" (")[0] for message in messages] == [
+        "pyro_vits/nn/_probe.py:4 -> pyro_vits.data.batch", "pyro_vits/nn/_probe.py:6 -> pyro_vits.kl.loss",
+        "pyro_vits/nn/_probe.py:7 -> pyro_vits.apps", "pyro_vits/nn/_probe.py:9 -> pyro_vits.train",
+        "pyro_vits/nn/_probe.py:10 -> pyro_vits"]
+
+
+def test_public_name_table_targets():
+    """The top-level ``__getattr__`` maps public names to packages: each target is a pyro_vits module that
+    defines the name, and ``pyro_vits/__init__.py`` imports nothing else of pyro_vits."""
+    assert not [i for i in imports(TOP) if i.target.startswith("pyro_vits")]
+    for name, target in pyro_vits._EXPORTS.items():
+        assert target in MODULES, f"pyro_vits.{name} -> {target}: no such module"
+        module = importlib.import_module(target)
+        assert hasattr(module, name), f"pyro_vits.{name} -> {target}: no {name} there"
 
 
 def cycle(edges: dict[str, set[str]]) -> list[str] | None:
@@ -121,18 +291,12 @@ def test_training_and_distributed_do_not_import_each_other():
     assert "pyro_vits.model" not in edges["pyro_vits.models.guides"]
 
 
-def _bench_fallback() -> set[str]:
-    """cli.py may read benchmarks/run.py of a checkout only while pyro_vits.apps.bench does not exist."""
-    return set() if importlib.util.find_spec("pyro_vits.apps.bench") else {"pyro_vits.cli"}
-
-
 def test_no_module_imports_examples_or_benchmarks_or_reads_repository_paths():
     offenders = []
     for name, path in MODULES.items():
-        if name in _bench_fallback():
-            continue
         text = path.read_text()
-        bad_imports = [t for t, _ in imports(path) if t.split(".")[0] in ("examples", "benchmarks")]
+        bad_imports = [i.target for i in imports(path)
+                       if i.target.split(".")[0] in ("examples", "benchmarks")]
         if bad_imports or re.search(r"\bREPO\b|parents\[|spec_from_file_location|sys\.path", text):
             offenders.append(name)
     assert not offenders

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import re
+
 import pyro
 import pyro.distributions as dist
 import pytest
 import torch
 from pyro import poutine
 from pyro.infer import Trace_ELBO
+from validation_helpers import HIDDEN, C, fields
 
 from pyro_vits.distributions import FlowPrior, MaskedNormal, VITSFlow
+from pyro_vits.flows import ResidualCouplingBlock
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -209,3 +213,30 @@ def test_pyro_vectorised_elbo_and_model_log_density(make_block, length_mask):
         torch.testing.assert_close(model_trace.nodes["z"]["log_prob"].detach(), expected, rtol=0, atol=1e-10)
         direct = direct_log_prob(block, m_p, logs_p, z, mask, g)
         torch.testing.assert_close(expected, direct, rtol=0, atol=1e-10)
+
+
+def test_mismatched_shapes_of_m_p_logs_p_mask_and_z(small_data):
+    d = small_data
+    with pytest.raises(ValueError, match=r"m_p must have the shape of x \(6, 4, 8\), got \(6, 4, 7\)"):
+        fields(d, m_p=d.m_p[..., :-1])
+    with pytest.raises(ValueError, match=r"logs_p must have the shape of x \(6, 4, 8\), got \(6, 3, 8\)"):
+        fields(d, logs_p=d.logs_p[:, :-1])
+    with pytest.raises(ValueError, match=r"mask must have shape \(N=6, 1, T=8\), got \(6, 1, 7\)"):
+        fields(d, mask=d.mask[..., :-1])
+    flow = ResidualCouplingBlock(C, HIDDEN, 3, 1, 1)
+    with pytest.raises(ValueError, match=r"m_p must have shape \(\.\.\., C=4, T\), got \(6, 3, 8\)"):
+        FlowPrior(d.m_p[:, :3], d.logs_p[:, :3], flow)
+    with pytest.raises(ValueError, match=r"logs_p must have the shape of m_p \(6, 4, 8\), got \(6, 4, 7\)"):
+        FlowPrior(d.m_p, d.logs_p[..., :-1], flow)
+    with pytest.raises(ValueError, match=r"mask must have shape \(\.\.\., 1, T=8\), got \(6, 2, 8\)"):
+        FlowPrior(d.m_p, d.logs_p, flow, mask=torch.ones(6, 2, 8))
+    prior = FlowPrior(d.m_p, d.logs_p, flow, d.mask, validate_args=False)
+    message = re.escape("z must have shape (..., C, T) = (..., 4, 8), got (6, 4, 7)")
+    with pytest.raises(ValueError, match=message):
+        prior.log_prob(torch.zeros(6, 4, 7))
+    normal = MaskedNormal(d.m_p, torch.ones_like(d.m_p), d.mask, validate_args=False)
+    message = re.escape("value must have shape (..., C, T) = (..., 4, 8), got (6, 8, 4)")
+    with pytest.raises(ValueError, match=message):
+        normal.log_prob(torch.zeros(6, 8, 4))
+    with pytest.raises(TypeError, match="z must be a Tensor, got list"):
+        prior.log_prob([0.0])

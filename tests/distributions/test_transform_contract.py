@@ -25,12 +25,15 @@ C, T = 4, 5
 
 
 def _package_transforms() -> set[type]:
+    def unimportable(name: str) -> None:  # walk_packages would otherwise skip a package that fails to import
+        pytest.fail(f"{name} does not import, so its Transforms cannot be checked")
+
     found = set()
-    for info in pkgutil.walk_packages(pyro_vits.__path__, "pyro_vits."):
+    for info in pkgutil.walk_packages(pyro_vits.__path__, "pyro_vits.", onerror=unimportable):
         try:
             module = importlib.import_module(info.name)
-        except ImportError:  # an optional dependency (e.g. audio I/O) is missing: nothing to check there
-            continue
+        except ImportError as error:  # a module that does not import hides its Transforms: fail, not skip
+            pytest.fail(f"{info.name} does not import ({error!r}), so its Transforms cannot be checked")
         for _, obj in inspect.getmembers(module, inspect.isclass):
             if issubclass(obj, Transform) and obj.__module__.startswith("pyro_vits"):
                 found.add(obj)

@@ -12,10 +12,19 @@ import torch
 from pyro import poutine
 from pyro.infer import SVI, RenyiELBO, Trace_ELBO
 from pyro.optim import Adam
+from validation_helpers import build, quick_fit
 
 from pyro_vits.distributions import FlowPrior, MaskedNormal
 from pyro_vits.flows import ResidualCouplingBlock
-from pyro_vits.infer import STL_ELBO, HybridEntropyELBO, IWAE_DReG, analytic_entropy, gradient_stats
+from pyro_vits.infer import (
+    STL_ELBO,
+    HybridEntropyELBO,
+    IWAE_DReG,
+    analytic_entropy,
+    evaluate,
+    gradient_stats,
+    make_elbo,
+)
 from pyro_vits.kl import vits_kl
 
 D64 = torch.float64
@@ -272,3 +281,12 @@ def test_svi_trains_the_vits_like_model(elbo_cls):
     assert all(math.isfinite(v) for v in losses) and sum(losses[-10:]) < sum(losses[:10])
     assert not torch.equal(pyro.param("m_q").detach(), M_Q)
     assert not torch.equal(flow.flows[0].post.weight, random_flow().flows[0].post.weight)
+
+
+def test_particles_k_below_one(small_data):
+    with pytest.raises(ValueError, match="particles must be a positive int or None, got 0"):
+        quick_fit(small_data, particles=0)
+    with pytest.raises(ValueError, match="particles must be a positive int, got 0"):
+        make_elbo("trace", particles=0)
+    with pytest.raises(ValueError, match="num_samples must be a positive int, got 0"):
+        evaluate(*build(), small_data, num_samples=0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ from torch.distributions import Normal
 
 from pyro_vits.data.batch import Batch
 from pyro_vits.distributions import FlowPrior
+from pyro_vits.flows import ResidualCouplingBlock
 from pyro_vits.infer import evaluate
 from pyro_vits.models import LocalGuide, ObservationGuide, VITSPriorModel, make_teacher, sample_dataset
 
@@ -228,3 +230,11 @@ def test_evaluate_seeding_and_validation(speaker_data):
         evaluate(teacher, guide, speaker_data, batch_size=0)
     with pytest.raises(TypeError, match="Batch"):
         evaluate(teacher, guide, speaker_data.x)
+
+
+def test_odd_channel_count():
+    message = re.escape("channels must be even (the coupling splits them in halves), got 5")
+    for build_odd in (lambda: VITSPriorModel(5, 8), lambda: make_teacher(5, 8),
+                      lambda: ResidualCouplingBlock(5, 8, 3, 1, 1)):
+        with pytest.raises(ValueError, match=message):
+            build_odd()
