@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from fit_helpers import fit_with
 
 from pyro_vits import cli
 from pyro_vits.data.batch import Batch
@@ -20,7 +21,7 @@ from pyro_vits.flows import ResidualCouplingBlock
 from pyro_vits.infer import evaluate
 from pyro_vits.kl import kl_estimate
 from pyro_vits.models import PosteriorEncoder, VITSPriorModel, make_teacher, sample_dataset
-from pyro_vits.train import fit, geometric_lrd, make_elbo, read_vits_flow, resolve_device
+from pyro_vits.train import geometric_lrd, make_elbo, read_vits_flow, resolve_device
 from pyro_vits.vits import load_vits_flow
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -40,7 +41,7 @@ def build():
 
 
 def quick_fit(data, **kwargs):
-    return fit(*build(), data, **dict(dict(steps=2, device="cpu", progress=False, eval_samples=2), **kwargs))
+    return fit_with(*build(), data, **dict(dict(steps=2, device="cpu", progress=False, eval_samples=2), **kwargs))
 
 
 def fields(d, **changes):
@@ -169,7 +170,7 @@ def test_negative_steps_cli(capsys):
 
 
 def test_unknown_estimator_nan_policy_and_device(data):
-    message = "estimator must be one of ('trace', 'vits', 'stl', 'iwae_dreg'), got 'foo'"
+    message = "elbo must be one of ('trace', 'vits', 'stl', 'iwae_dreg'), got 'foo'"
     with pytest.raises(ValueError, match=re.escape(message)):
         make_elbo("foo")
     with pytest.raises(ValueError, match="name must be one of"):
@@ -189,8 +190,8 @@ def test_unknown_estimator_nan_policy_and_device(data):
 
 
 def test_unknown_estimator_nan_policy_and_device_cli(capsys):
-    assert ("argument --estimator: invalid choice: 'foo' (choose from 'trace', 'vits', 'stl', 'iwae_dreg')"
-            in cli_error(capsys, "--estimator", "foo"))
+    assert ("argument --elbo: invalid choice: 'foo' (choose from 'trace', 'vits', 'stl', 'iwae_dreg')"
+            in cli_error(capsys, "--elbo", "foo"))
     assert "argument --nan-policy: invalid choice: 'ignore'" in cli_error(capsys, "--nan-policy", "ignore")
     assert ("argument --device: device must be 'auto', 'cpu', 'cuda' or 'cuda:<i>', got 'tpu'"
             in cli_error(capsys, "--device", "tpu"))

@@ -29,6 +29,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from .._rundir import atomic_write
 from ..data.speech_batches import SpeechConfig
 from ..data.speech_data import SpeechCorpus, read_corpus
 from ..infer.evaluate import evaluate
@@ -43,8 +44,7 @@ from ..studies.speech.variants import (
     unequal_cost,
     variant_elbo,
 )
-from ..train import fit
-from .._rundir import atomic_write
+from ..train import FitConfig, fit
 from . import run_main
 
 logger = logging.getLogger("pyro_vits")
@@ -97,9 +97,9 @@ def run_variant(corpus: SpeechCorpus, variant: str, seed: int, args: argparse.Na
     elbo = variant_elbo(variant)
     run_dir = _run_dir(args, variant, seed, budget)
     start, cpu_start = time.perf_counter(), time.process_time()
-    result = fit(model, guide, corpus.train, steps=steps, elbo=elbo, lr=settings["lr"],
-                 batch_size=args.batch_size, device=args.device, seed=seed, out_dir=run_dir,
-                 overwrite=args.overwrite, log_every=steps, progress=False, eval_samples=4,
+    config = FitConfig(steps=steps, lr=settings["lr"], batch_size=args.batch_size, seed=seed, out_dir=run_dir,
+                       overwrite=args.overwrite, log_every=steps, progress=False, eval_samples=4)
+    result = fit(model, guide, corpus.train, config, elbo=elbo, device=args.device,
                  extra_config=dict(variant=variant))
     cpu, wall = time.process_time() - cpu_start, time.perf_counter() - start
     heldout = corpus.heldout.to(result.device)

@@ -22,8 +22,8 @@ from pyro.poutine.util import site_is_subsample
 from torch import Tensor
 
 from .. import _arviz_compat
-from .._validate import check_positive_ints
 from .. import _rundir as rundir
+from .._validate import check_positive_ints
 
 __all__ = [
     "GradientStats",

@@ -21,10 +21,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .._rundir import atomic_write
 from ..data.speech_batches import SpeechConfig
 from ..models.guides import PosteriorEncoder
 from ..models.speech import SpeechModel
-from .._rundir import atomic_write
 
 __all__ = ["vits_generator_state", "vits_config", "export_vits_generator"]
 
