@@ -29,7 +29,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from .._rundir import atomic_write
+from .._io import atomic_write
 from ..data.speech_batches import SpeechConfig
 from ..data.speech_data import SpeechCorpus, read_corpus
 from ..infer.evaluate import evaluate

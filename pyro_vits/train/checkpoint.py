@@ -19,7 +19,8 @@ import torch
 from pyro.optim.clipped_adam import ClippedAdam
 from torch import Tensor, nn
 
-from .._rundir import CHECKPOINT, atomic_write
+from .._io import atomic_write
+from .._rundir import CHECKPOINT
 from .._validate import first_line
 from ..flows import ResidualCouplingBlock
 from ..vits.flow_checkpoint import read_vits_checkpoint

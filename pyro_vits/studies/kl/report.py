@@ -16,7 +16,7 @@ import torch
 
 from ... import _arviz_compat, plots
 from ...infer import diagnostics
-from ..._rundir import atomic_write
+from ..._io import atomic_write
 from .common import Sweep
 from .config import COS_A, StudyConfig, check_config
 from .fixes import fix_gradient_study, gradient_identity, sigma_optimum_study
