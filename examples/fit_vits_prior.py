@@ -25,9 +25,9 @@ import pyro
 import torch
 
 from pyro_vits.apps import run_main
-from pyro_vits.infer import ELBOS, evaluate, make_elbo
+from pyro_vits.infer import ELBOS, evaluate
 from pyro_vits.models import ObservationGuide, PosteriorEncoder, VITSPriorModel, make_teacher, sample_dataset
-from pyro_vits.train import fit, geometric_lrd
+from pyro_vits.train import FitConfig, fit, geometric_lrd
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
@@ -44,10 +44,10 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     pyro.set_rng_seed(args.seed)
     model = VITSPriorModel(args.channels, args.hidden, **sizes)
     guide = PosteriorEncoder(args.channels, args.channels, args.hidden, 5, n_layers=4)
-    result = fit(model, guide, train, steps=args.steps, elbo=make_elbo(args.estimator), lr=args.lr,
-                 lrd=geometric_lrd(0.05, args.steps), batch_size=args.batch_size, device=args.device,
-                 seed=args.seed, out_dir=args.out, overwrite=args.overwrite, heldout=heldout,
-                 log_every=args.log_every, progress=args.progress)
+    config = FitConfig(steps=args.steps, elbo=args.elbo, lr=args.lr, lrd=geometric_lrd(0.05, args.steps),
+                       batch_size=args.batch_size, seed=args.seed, out_dir=args.out, overwrite=args.overwrite,
+                       log_every=args.log_every, progress=args.progress)
+    result = fit(model, guide, train, config, heldout=heldout, device=args.device)
 
     # 3. held-out: the student's bounds against the teacher's exact log-likelihood
     heldout = heldout.to(result.device)
@@ -66,7 +66,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=400, help="SVI steps")
-    parser.add_argument("--estimator", choices=ELBOS, default="trace", help="the ELBO (pyro_vits.infer.elbo.ELBOS)")
+    parser.add_argument("--elbo", choices=ELBOS, default="trace", help="the ELBO (pyro_vits.infer.elbo.ELBOS)")
     parser.add_argument("--lr", type=float, default=1e-2, help="initial learning rate (decays 20x)")
     parser.add_argument("--batch-size", type=int, default=16, help="utterances per SVI step")
     parser.add_argument("--channels", type=int, default=8, help="latent channels C (even)")

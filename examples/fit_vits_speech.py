@@ -15,9 +15,9 @@ import json
 
 from pyro_vits.data.speech_batches import SpeechConfig
 from pyro_vits.data.speech_data import read_corpus
-from pyro_vits.infer import evaluate, make_elbo
+from pyro_vits.infer import evaluate
 from pyro_vits.models import PRESETS, build_pair
-from pyro_vits.train import fit
+from pyro_vits.train import FitConfig, fit
 from pyro_vits.vits import export_vits_generator
 
 
@@ -46,10 +46,10 @@ def main() -> None:
     model, guide = build_pair(preset, speech, corpus.n_speakers, seed=args.seed)
 
     # 3. SVI with VITS's estimator (analytic entropy of q, one draw for the flow prior).
-    result = fit(model, guide, corpus.train, steps=steps, elbo=make_elbo("vits", 1), lr=preset["lr"],
-                 batch_size=preset["batch_size"], device=args.device, seed=args.seed, out_dir=args.out,
-                 overwrite=True, heldout=corpus.heldout, eval_samples=preset["eval_samples"],
-                 log_every=max(1, steps // 6))
+    config = FitConfig(steps=steps, elbo="vits", lr=preset["lr"], batch_size=preset["batch_size"],
+                       seed=args.seed, out_dir=args.out, overwrite=True, eval_samples=preset["eval_samples"],
+                       log_every=max(1, steps // 6))
+    result = fit(model, guide, corpus.train, config, heldout=corpus.heldout, device=args.device)
     print(f"{steps} steps in {result.wall_s:.1f} s")
 
     # 4. Held-out ELBO and KL (nats per frame) with 16 guide draws per utterance.

@@ -1,5 +1,6 @@
 """The run folder: its file names (the contract between training, diagnostics and the applications),
-the refuse/overwrite policy, and atomic writes.
+and the refuse/overwrite policy (the atomic writes are :mod:`pyro_vits._io`'s). A run folder is written
+in place while the run goes on (it is not published whole, unlike :func:`pyro_vits._io.publish_folder`).
 
 ::
 
@@ -14,15 +15,16 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from . import _io
+from ._io import atomic_write, write_json
+
 __all__ = [
     "CHECKPOINT", "CONFIG", "FIGURES", "INFERENCE_DATA", "METRICS", "RUN_FILES", "SUMMARY",
-    "append_record", "atomic_write", "check_out_dir", "prepare_run_dir", "write_json",
+    "append_record", "check_out_dir", "prepare_run_dir",
 ]
 
 logger = logging.getLogger("pyro_vits.train")
@@ -37,44 +39,16 @@ RUN_FILES = (CONFIG, METRICS, CHECKPOINT)
 """The files :func:`~pyro_vits.train.fit` writes (and, unless resuming, deletes before a new run)."""
 
 
-def atomic_write(path: Path, write: Callable[[Any], None], mode: str = "w") -> None:
-    """Write ``path`` via a temporary file in the same folder and ``os.replace``: a reader (or a crash)
-    sees either the previous file or the complete new one."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.chmod(tmp, 0o644)
-        with os.fdopen(fd, mode) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
-def write_json(path: Path, obj: Any) -> None:
-    """``obj`` as indented, key-sorted JSON, written atomically."""
-    atomic_write(path, lambda f: json.dump(obj, f, indent=2, sort_keys=True))
-
-
 def append_record(out: Path, record: Mapping[str, Any]) -> None:
     """Append one JSON line to ``out/metrics.jsonl``."""
-    with open(out / METRICS, "a") as f:
-        f.write(json.dumps(record) + "\n")
+    _io.append_record(out / METRICS, record)
 
 
 def check_out_dir(out: Path, overwrite: bool) -> None:
     """Refuse a run folder that exists and is not empty, unless ``overwrite``."""
-    if out.exists() and not out.is_dir():
-        raise NotADirectoryError(f"out_dir {out} exists and is not a directory")
-    entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
-    if entries and not overwrite:
-        shown = ", ".join(entries[:4]) + (f" and {len(entries) - 4} more" if len(entries) > 4 else "")
-        raise FileExistsError(
-            f"out_dir {out} is not empty ({shown}); refusing to overwrite it: pass overwrite=True "
-            f"(--overwrite) to replace its run files, or resume=True (--resume {out}) to continue the run"
-        )
+    _io.check_folder(out, overwrite, what="out_dir", hint=(
+        "refusing to overwrite it: pass overwrite=True (--overwrite) to replace its run files, or "
+        f"resume=True (--resume {out}) to continue the run"))
 
 
 def _remove_run_files(out: Path, keep_checkpoint: bool) -> None:

@@ -96,6 +96,8 @@ TABLE: dict[str, Command] = {
     "audit": Command("audit a VITS checkpoint's KL on real speech", ("pyro_vits.apps.audit",)),
     "corpus": Command("synthesise an LJSpeech-format corpus with espeak-ng", ("pyro_vits.apps.corpus",)),
     "fit-speech": Command("fit the prior and posterior on real speech", ("pyro_vits.apps.fit_speech",)),
+    "speech-study": Command("train the KL-loss variants on speech and compare them",
+                            ("pyro_vits.apps.speech_study",)),
 }
 """Every command with the module(s) behind it; :data:`COMMANDS` lists those installed."""
 

@@ -12,7 +12,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from ._rundir import atomic_write
+from ._io import atomic_write
 from .kl.estimators import ESTIMATORS
 from .kl.estimators import names as registry_names
 

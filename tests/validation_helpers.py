@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from fit_helpers import fit_with
 
 from pyro_vits import cli
 from pyro_vits.data.batch import Batch
 from pyro_vits.flows import ResidualCouplingBlock
 from pyro_vits.models import PosteriorEncoder, VITSPriorModel, make_teacher, sample_dataset
-from pyro_vits.train import fit
 
 C, T, N, HIDDEN = 4, 8, 6, 8
 NO_CUDA = "device='cuda' but CUDA is not available (use 'cpu' or 'auto')"
@@ -27,7 +27,7 @@ def build():
 
 
 def quick_fit(data, **kwargs):
-    return fit(*build(), data, **dict(dict(steps=2, device="cpu", progress=False, eval_samples=2), **kwargs))
+    return fit_with(*build(), data, **dict(dict(steps=2, device="cpu", progress=False, eval_samples=2), **kwargs))
 
 
 def fields(d, **changes):

@@ -71,8 +71,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+    args = build_parser(prog).parse_args(argv)
     configure_logging(args.quiet, args.verbose)
     from .._device import resolve_device
     from ..audit.measure import audit
@@ -131,4 +131,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 if __name__ == "__main__":
     from . import run_main
 
-    sys.exit(run_main(main, prog="pyro-vits audit"))
+    sys.exit(run_main(lambda argv: main(argv, prog="pyro-vits audit"), prog="pyro-vits audit"))

@@ -432,9 +432,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     """Run the benchmark, print the summary and write the JSON (atomically); 0 on success."""
-    args = build_parser().parse_args(argv)
+    args = build_parser(prog).parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     device = resolve_device(args.device)  # a CPU-only machine asked for cuda fails here, before any work
     name = f"{device_slug(device)}{'-quick' if args.quick else ''}.json"
@@ -447,4 +447,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(run_main(main, prog="pyro-vits bench"))
+    raise SystemExit(run_main(lambda argv: main(argv, prog="pyro-vits bench"), prog="pyro-vits bench"))

@@ -37,10 +37,11 @@ import pyro
 import torch
 
 from .._device import resolve_device
+from .._rundir import FIGURES
 from ..flows import ResidualCouplingBlock
 from ..infer.diagnostics import write_run_inference_data
 from ..infer.distributed import DistributedContext, distributed_context
-from ..infer.elbo import ELBOS, make_elbo
+from ..infer.elbo import ELBOS
 from ..infer.evaluate import evaluate
 from ..models.guides import ObservationGuide, PosteriorEncoder
 from ..models.prior_model import VITSPriorModel
@@ -48,7 +49,6 @@ from ..models.teacher import make_teacher, sample_dataset
 from ..plots import plot_training_curves
 from ..train import FitConfig, fit, geometric_lrd
 from ..train.config import NAN_POLICIES
-from .._rundir import FIGURES
 from ..vits import VITSFlowCheckpoint, read_vits_checkpoint
 from . import run_main
 from ._args import (
@@ -166,10 +166,8 @@ def _run(args: argparse.Namespace, device: torch.device, ctx: DistributedContext
     guide = PosteriorEncoder(args.channels, args.channels, args.hidden, args.kernel_size,
                              n_layers=args.enc_layers, n_speakers=sizes["n_speakers"],
                              gin_channels=sizes["gin_channels"])
-    result = fit(model, guide, train, elbo=make_elbo(args.estimator, args.particles, args.vectorize,
-                                                       args.kl_particles),
-                 device=device, heldout=heldout, extra_config=vars(args), distributed=ctx,
-                 **fit_config(args, out).kwargs())
+    result = fit(model, guide, train, fit_config(args, out), heldout=heldout, distributed=ctx, device=device,
+                 extra_config=vars(args))
     if ctx is not None and not ctx.is_main:
         return dict(student=None, teacher=None, out_dir=None, wall_s=time.perf_counter() - start)
     heldout = heldout.to(result.device)
@@ -189,7 +187,8 @@ def _run(args: argparse.Namespace, device: torch.device, ctx: DistributedContext
 def fit_config(args: argparse.Namespace, out: Path) -> FitConfig:
     """The training settings of the options ``args`` with run folder ``out`` (the final held-out measures'
     ``--eval-samples`` are not :func:`~pyro_vits.train.fit`'s logged-record ``eval_samples``)."""
-    return FitConfig(steps=args.steps, lr=args.lr, lrd=geometric_lrd(args.final_lr_ratio, args.steps),
+    return FitConfig(steps=args.steps, elbo=args.elbo, particles=args.particles, vectorize=args.vectorize,
+                     kl_particles=args.kl_particles, lr=args.lr, lrd=geometric_lrd(args.final_lr_ratio, args.steps),
                      batch_size=args.batch_size, seed=args.seed, log_every=args.log_every,
                      eval_chunk=args.eval_chunk,
                      checkpoint_every=args.checkpoint_every, nan_policy=args.nan_policy, out_dir=out,
@@ -207,7 +206,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     add("--vectorize", action=argparse.BooleanOptionalAction, default=True, help="vectorise ELBO particles")
     add("--kl-particles", type=positive_int, default=1,
         help="draws averaged in the KL term of each particle, through the prior flow only (not iwae_dreg)")
-    add("--estimator", choices=ELBOS, default="trace",
+    add("--elbo", choices=ELBOS, default="trace",
         help="ELBO: trace (Trace_ELBO), vits (analytic entropy, VITS's KL), stl (sticking the landing), "
              "iwae_dreg (importance-weighted, DReG gradients)")
     add("--lr", type=positive_float, default=1e-2, help="initial ClippedAdam learning rate")

@@ -24,9 +24,9 @@ from typing import Any
 
 from ..data.speech_batches import SpeechConfig
 from ..data.speech_data import read_corpus
-from ..infer.elbo import ELBOS, make_elbo
+from ..infer.elbo import ELBOS
 from ..models.speech import PRESETS, SIZE_KEYS, build_pair
-from ..train import fit
+from ..train import FitConfig, fit
 from ..vits.export import export_vits_generator
 from . import run_main
 
@@ -78,12 +78,13 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     extra = dict(corpus=str(args.corpus), settings=s, speech=dict(
         sampling_rate=speech.sampling_rate, n_fft=speech.filter_length, hop_length=speech.hop_length,
         add_blank=speech.add_blank))
-    result = fit(model, guide, corpus.train, steps=s["steps"], elbo=make_elbo(args.elbo, args.particles),
-                 lr=s["lr"], batch_size=s["batch_size"], device=args.device, seed=args.seed, out_dir=args.out,
-                 log_every=args.log_every or max(1, s["steps"] // 5), progress=not args.quiet,
-                 heldout=corpus.heldout, eval_samples=s["eval_samples"], eval_size=s["eval_size"],
-                 extra_config=extra, checkpoint_every=args.checkpoint_every, resume=args.resume,
-                 overwrite=args.overwrite)
+    config = FitConfig(steps=s["steps"], elbo=args.elbo, particles=args.particles, lr=s["lr"],
+                       batch_size=s["batch_size"], seed=args.seed, out_dir=args.out,
+                       log_every=args.log_every or max(1, s["steps"] // 5), progress=not args.quiet,
+                       eval_samples=s["eval_samples"], eval_size=s["eval_size"],
+                       checkpoint_every=args.checkpoint_every, resume=args.resume, overwrite=args.overwrite)
+    result = fit(model, guide, corpus.train, config, heldout=corpus.heldout, device=args.device,
+                 extra_config=extra)
     path = export_vits_generator(result.model, result.guide, speech, args.out, s["steps"],
                                  train=dict(seed=args.seed, batch_size=s["batch_size"],
                                             learning_rate=s["lr"]))

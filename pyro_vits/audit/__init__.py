@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from .draws import (
-    AlignedPrior,
-    AuditDraws,
     BATCH_SIZES,
     COLLAPSE_THRESHOLD,
-    LatentDraws,
     REFERENCE,
+    AlignedPrior,
+    AuditDraws,
+    LatentDraws,
     collect,
     draw_latents,
     estimator_names,

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -14,6 +12,7 @@ import numpy as np
 import torch
 
 from .. import _arviz_compat as azc
+from .._io import check_folder, publish_folder
 from ..kl import names, prob_negative_normal_approx
 from .draws import COLLAPSE_THRESHOLD, REFERENCE, AuditDraws
 
@@ -38,11 +37,12 @@ REPORT_FILES = ("figures", "audit.nc", "report.md", "report.json")
 completion)."""
 
 
+_REFUSAL = dict(what="--out", hint="it already holds an audit report or other files: pass overwrite=True "
+                                   "(--overwrite) to replace the folder")
+
+
 def _check_out(out: Path, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise NotADirectoryError(f"--out {out} exists and is not a directory")
-    if out.is_dir() and not overwrite and any((out / name).exists() for name in REPORT_FILES):
-        raise FileExistsError(f"{out} already holds an audit report (pass overwrite=True / --overwrite)")
+    check_folder(out, overwrite, **_REFUSAL)
 
 
 def _markdown(report: Mapping[str, Any]) -> str:
@@ -207,22 +207,14 @@ def _plot_channels(report: Mapping[str, Any], path: Path) -> None:
 def write_report(
     report: Mapping[str, Any], draws: AuditDraws, out: str | os.PathLike, overwrite: bool = False
 ) -> Path:
-    """Write ``report.json``, ``report.md``, ``figures/*.png`` and ``audit.nc`` into ``out``: everything is
-    built in a temporary folder next to it and moved in at the end, ``report.json`` last."""
+    """Write ``report.json``, ``report.md``, ``figures/*.png`` and ``audit.nc`` as the folder ``out``: it is
+    built in a temporary folder next to it and renamed into place when complete
+    (:func:`pyro_vits._io.publish_folder`; a non-empty ``out`` is replaced only with ``overwrite``)."""
     out = Path(out)
-    _check_out(out, overwrite)
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".audit-", dir=out))
-    try:
+    with publish_folder(out, overwrite=overwrite, **_REFUSAL) as tmp:
         (tmp / "figures").mkdir()
         _figures(report, draws, tmp / "figures")
         azc.save(_inference_data(report, draws), tmp / "audit.nc")
         (tmp / "report.md").write_text(_markdown(report), encoding="utf-8")
         (tmp / "report.json").write_text(json.dumps(report, indent=1, default=str) + "\n", encoding="utf-8")
-        if (out / "figures").exists():
-            shutil.rmtree(out / "figures")
-        for name in REPORT_FILES:
-            os.replace(tmp / name, out / name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out

@@ -27,7 +27,6 @@ import random
 import re
 import shutil
 import subprocess
-import tempfile
 from collections.abc import Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -35,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .._io import publish_folder
 from .._validate import check_positive_ints
 
 __all__ = [
@@ -197,27 +197,6 @@ def _check_args(voices: Sequence[str], symbols: str, heldout: float, max_seconds
         raise ValueError(f"max_seconds must be positive, got {max_seconds!r}")
 
 
-def _prepare_out(out: Path, overwrite: bool) -> Path:
-    """A fresh temporary folder next to ``out`` (refusing a non-empty ``out`` unless ``overwrite``)."""
-    if out.exists() and not out.is_dir():
-        raise NotADirectoryError(f"out {out} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"out {out} is not empty; pass overwrite=True (--overwrite) to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-
-
-def _publish(tmp: Path, out: Path) -> None:
-    """Replace ``out`` by the complete folder ``tmp`` (two renames; the old folder is then removed)."""
-    old = None
-    if out.exists():
-        old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
-        os.rename(out, old / "corpus")
-    os.rename(tmp, out)
-    if old is not None:
-        shutil.rmtree(old)
-
-
 def build_corpus(
     out: str | os.PathLike,
     sentences: Sequence[str],
@@ -252,15 +231,9 @@ came from (recorded in the summary). Returns the summary also written to
     version = espeak_version(executable)
     order = list(sentences)
     random.Random(seed).shuffle(order)
-    out = Path(out)
-    tmp = _prepare_out(out, overwrite)
-    try:
+    with publish_folder(out, overwrite=overwrite) as tmp:
         summary = _write_corpus(tmp, order, voices, symbols, allowed, max_utterances, max_seconds, heldout,
                                 speed, sample_rate, seed, workers, executable, version, source)
-        _publish(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return summary
 
 

@@ -4,8 +4,8 @@
 from __future__ import annotations
 
 from .diagnostics import (
-    GradientStats,
     KHAT_THRESHOLDS,
+    GradientStats,
     gradient_stats,
     guide_samples,
     khat_counts,
@@ -35,11 +35,11 @@ from .distributed import (
 )
 from .elbo import (
     ELBOS,
-    HybridEntropyELBO,
-    IWAE_DReG,
     KL_PARTICLE_ELBOS,
     MC_ELBO,
     STL_ELBO,
+    HybridEntropyELBO,
+    IWAE_DReG,
     analytic_entropy,
     detach_distribution,
     kl_particle_sites,

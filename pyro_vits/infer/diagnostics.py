@@ -22,8 +22,9 @@ from pyro.poutine.util import site_is_subsample
 from torch import Tensor
 
 from .. import _arviz_compat
-from .._validate import check_positive_ints
 from .. import _rundir as rundir
+from .._io import atomic_write
+from .._validate import check_positive_ints
 
 __all__ = [
     "GradientStats",
@@ -252,8 +253,8 @@ def write_summary(frame: pd.DataFrame, stem: str | os.PathLike) -> tuple[Path, P
     stem = Path(stem)
     stem.parent.mkdir(parents=True, exist_ok=True)
     csv, md = stem.with_suffix(".csv"), stem.with_suffix(".md")
-    rundir.atomic_write(csv, lambda f: frame.to_csv(f))
-    rundir.atomic_write(md, lambda f: f.write(markdown_table(frame)))
+    atomic_write(csv, lambda f: frame.to_csv(f))
+    atomic_write(md, lambda f: f.write(markdown_table(frame)))
     return csv, md
 
 

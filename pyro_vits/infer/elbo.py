@@ -354,20 +354,20 @@ KL_PARTICLE_ELBOS: dict[str, type[ELBO]] = {"trace": MC_ELBO, "vits": HybridEntr
 estimator as ``Trace_ELBO``); ``iwae_dreg`` weights whole particles and has no separate KL term."""
 
 
-def make_elbo(estimator: str = "trace", particles: int = 1, vectorize: bool = True,
+def make_elbo(elbo: str = "trace", particles: int = 1, vectorize: bool = True,
               kl_particles: int = 1) -> ELBO:
-    """The ELBO named ``estimator`` (a key of :data:`ELBOS`) with ``particles`` particles per step and
+    """The ELBO named ``elbo`` (a key of :data:`ELBOS`) with ``particles`` particles per step and
     ``max_plate_nesting=1``: ``trace`` (``Trace_ELBO``), ``vits`` (:class:`HybridEntropyELBO`, VITS's
     analytic-entropy estimator), ``stl``, ``iwae_dreg``. ``kl_particles > 1`` averages each particle's KL
     term over that many draws through the prior only (:data:`KL_PARTICLE_ELBOS`; not for ``iwae_dreg``);
     ``kl_particles=1`` gives exactly the plain class."""
-    if estimator not in ELBOS:
-        raise ValueError(f"estimator must be one of {tuple(ELBOS)}, got {estimator!r}")
+    if elbo not in ELBOS:
+        raise ValueError(f"elbo must be one of {tuple(ELBOS)}, got {elbo!r}")
     check_positive_ints(particles=particles, kl_particles=kl_particles)
     if kl_particles == 1:
-        return ELBOS[estimator](num_particles=particles, vectorize_particles=vectorize, max_plate_nesting=1)
-    if estimator not in KL_PARTICLE_ELBOS:
-        raise ValueError(f"kl_particles > 1 needs an estimator in {tuple(KL_PARTICLE_ELBOS)}, "
-                         f"got {estimator!r}")
-    return KL_PARTICLE_ELBOS[estimator](num_particles=particles, vectorize_particles=vectorize,
-                                        max_plate_nesting=1, kl_particles=kl_particles)
+        return ELBOS[elbo](num_particles=particles, vectorize_particles=vectorize, max_plate_nesting=1)
+    if elbo not in KL_PARTICLE_ELBOS:
+        raise ValueError(f"kl_particles > 1 needs an ELBO in {tuple(KL_PARTICLE_ELBOS)}, "
+                         f"got {elbo!r}")
+    return KL_PARTICLE_ELBOS[elbo](num_particles=particles, vectorize_particles=vectorize,
+                                   max_plate_nesting=1, kl_particles=kl_particles)

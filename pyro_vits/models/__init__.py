@@ -17,4 +17,4 @@ from .speech import (
 )
 from .teacher import make_teacher, sample_dataset
 
-__all__ = ["GaussianGuide", "PosteriorEncoder", "LocalGuide", "ObservationGuide", "DECODERS", "VITSPriorModel", "LOG_FLOOR", "log_spectrogram", "SpectrogramDecoder", "SpeechModel", "speech_model_and_guide", "SIZE_KEYS", "build_pair", "make_teacher", "sample_dataset"]
+__all__ = ["GaussianGuide", "PosteriorEncoder", "LocalGuide", "ObservationGuide", "DECODERS", "VITSPriorModel", "LOG_FLOOR", "log_spectrogram", "SpectrogramDecoder", "SpeechModel", "speech_model_and_guide", "SIZE_KEYS", "PRESETS", "build_pair", "make_teacher", "sample_dataset"]

@@ -31,7 +31,6 @@ from .parallel import DataParallel
 
 __all__ = [
     "ELBOS",
-    "ESTIMATORS",
     "METRIC_KEYS",
     "NAN_POLICIES",
     "DataParallel",
@@ -45,6 +44,4 @@ __all__ = [
     "read_vits_flow",
     "resolve_device",
 ]
-
-ESTIMATORS = ELBOS  # the ELBO registry's earlier name here; pyro_vits.infer.elbo.ELBOS is the one registry
 

@@ -19,11 +19,12 @@ import torch
 from pyro.optim.clipped_adam import ClippedAdam
 from torch import Tensor, nn
 
+from .._io import atomic_write
+from .._rundir import CHECKPOINT
 from .._validate import first_line
 from ..flows import ResidualCouplingBlock
 from ..vits.flow_checkpoint import read_vits_checkpoint
 from .config import RESUME_KEYS
-from .._rundir import CHECKPOINT, atomic_write
 
 __all__ = ["CHECKPOINT_FORMAT", "CHECKPOINT_KEYS", "Progress", "first_line", "load_checkpoint",
            "read_vits_flow", "restore", "resumed_config", "save_checkpoint"]

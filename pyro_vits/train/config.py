@@ -8,7 +8,7 @@ import numbers
 import os
 import platform
 import sys
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Mapping
@@ -20,10 +20,13 @@ from torch import nn
 
 from .._configfile import load_config_file
 from .._validate import check_positive_ints
+from ..infer.elbo import ELBOS
 
-__all__ = ["NAN_POLICIES", "RESUME_KEYS", "FitConfig", "geometric_lrd"]
+__all__ = ["ELBO_FIELDS", "NAN_POLICIES", "RESUME_KEYS", "FitConfig", "geometric_lrd"]
 
 NAN_POLICIES = ("stop", "skip")
+# the fields that choose fit's default ELBO (None when an ELBO object is passed to fit)
+ELBO_FIELDS = ("elbo", "particles", "vectorize", "kl_particles")
 # config entries a resumed run must share with its checkpoint (optimiser and schedule continue as saved)
 RESUME_KEYS = ("model", "guide", "elbo", "data", "heldout", "batch_size", "seed")
 UNITS = "*_per_frame: nats per valid frame, channels summed; loss_nats: nats; wall_s: seconds"
@@ -47,15 +50,24 @@ def _kl_particles(elbo: ELBO) -> dict[str, int]:
 
 @dataclass(frozen=True)
 class FitConfig:
-    """How :func:`~pyro_vits.train.fit` runs (every field is one of its keywords; see there).
+    """How :func:`~pyro_vits.train.fit` runs: ``fit(model, guide, data, config)`` (each field is described
+    there).
 
+    ``elbo`` names the ELBO (a key of :data:`pyro_vits.infer.elbo.ELBOS`; None: ``"trace"``) that ``fit``
+    builds with ``particles`` (None: 1), ``vectorize`` (None: True) and ``kl_particles`` (None: 1), see
+    :func:`~pyro_vits.infer.elbo.make_elbo`; leave the four None when passing ``fit`` an ELBO object.
     Checked on construction: ``steps``, ``log_every``, ``eval_samples``, ``eval_size`` positive ints;
-    ``batch_size``, ``checkpoint_every``, ``eval_chunk`` positive ints or None; ``lr > 0``; ``lrd`` in (0, 1];
-    ``nan_policy`` in :data:`NAN_POLICIES`; ``resume``/``checkpoint_every`` need ``out_dir``;
-    ``resume`` and ``overwrite`` exclude each other. ``fit(model, guide, data, **cfg.kwargs())`` runs it.
+    ``batch_size``, ``checkpoint_every``, ``eval_chunk``, ``particles``, ``kl_particles`` positive ints or
+    None; ``elbo`` a known name or None; ``lr > 0``; ``lrd`` in (0, 1]; ``nan_policy`` in
+    :data:`NAN_POLICIES`; ``resume``/``checkpoint_every`` need ``out_dir``; ``resume`` and ``overwrite``
+    exclude each other.
     """
 
     steps: int
+    elbo: str | None = None
+    particles: int | None = None
+    vectorize: bool | None = None
+    kl_particles: int | None = None
     lr: float = 1e-3
     clip_norm: float = 10.0
     lrd: float = 1.0
@@ -77,6 +89,11 @@ class FitConfig:
                             eval_size=self.eval_size)
         check_positive_ints(batch_size=self.batch_size, checkpoint_every=self.checkpoint_every,
                             eval_chunk=self.eval_chunk, allow_none=True)
+        check_positive_ints(particles=self.particles, kl_particles=self.kl_particles, allow_none=True)
+        if self.elbo is not None and self.elbo not in ELBOS:
+            raise ValueError(f"elbo must be one of {tuple(ELBOS)} or None, got {self.elbo!r}")
+        if self.vectorize is not None and not isinstance(self.vectorize, bool):
+            raise ValueError(f"vectorize must be a bool or None, got {self.vectorize!r}")
         if not isinstance(self.seed, numbers.Integral) or isinstance(self.seed, bool):
             raise ValueError(f"seed must be an int, got {self.seed!r}")
         for name in ("lr", "clip_norm", "lrd"):
@@ -116,10 +133,6 @@ class FitConfig:
     def from_file(cls, path: str | os.PathLike) -> FitConfig:
         """From a TOML (``.toml``) or JSON (``.json``) table of settings."""
         return cls.from_mapping(load_config_file(path), f"config file {path}")
-
-    def kwargs(self) -> dict[str, Any]:
-        """The fields as :func:`~pyro_vits.train.fit` keywords."""
-        return asdict(self)
 
     # --- the run's record -----------------------------------------------------------------------------
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import time
 import warnings
 from collections.abc import Mapping
@@ -21,15 +20,14 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .._device import cuda_devices, resolve_device
-from .._validate import check_positive_ints
+from .._rundir import CHECKPOINT, append_record, check_out_dir, prepare_run_dir
 from ..data.batch import FitData
 from ..infer.elbo import make_elbo
 from ..infer.evaluate import evaluate
 from .checkpoint import Named, Progress, load_checkpoint, restore, resumed_config, save_checkpoint
-from .config import FitConfig
+from .config import ELBO_FIELDS, FitConfig
 from .guard import NonFiniteGuard, defers_checks, torch_rng
 from .parallel import DataParallel, parallel_device
-from .._rundir import CHECKPOINT, append_record, check_out_dir, prepare_run_dir
 
 __all__ = ["METRIC_KEYS", "FitResult", "fit"]
 
@@ -65,50 +63,33 @@ def fit(
     model: nn.Module,
     guide: nn.Module,
     data: FitData,
+    config: FitConfig,
     *,
-    steps: int,
-    particles: int | None = None,
-    kl_particles: int | None = None,
-    vectorize: bool | None = None,
-    lr: float = 1e-3,
-    clip_norm: float = 10.0,
-    lrd: float = 1.0,
-    batch_size: int | None = None,
-    device: str | torch.device = "auto",
-    seed: int = 0,
-    out_dir: str | os.PathLike | None = None,
-    log_every: int = 50,
-    progress: bool = True,
-    heldout: FitData | None = None,
     elbo: ELBO | None = None,
-    eval_samples: int = 8,
-    eval_size: int = 64,
-    eval_chunk: int | None = None,
-    extra_config: Mapping[str, Any] | None = None,
-    checkpoint_every: int | None = None,
-    nan_policy: str = "stop",
-    resume: bool = False,
-    overwrite: bool = False,
+    heldout: FitData | None = None,
     distributed: DataParallel | None = None,
+    device: str | torch.device = "auto",
+    extra_config: Mapping[str, Any] | None = None,
 ) -> FitResult:
-    """Fit ``model`` and ``guide`` (both called as ``f(batch, subsample_size=...)``) to ``data`` by SVI.
+    """Fit ``model`` and ``guide`` (both called as ``f(batch, subsample_size=...)``) to ``data`` by SVI with
+the settings ``config`` (a :class:`~pyro_vits.train.config.FitConfig`, checked when it is built).
 
     ``data``/``heldout``: :class:`~pyro_vits.data.batch.Batch` or any :class:`~pyro_vits.data.batch.FitData`.
-    ``elbo`` defaults to ``Trace_ELBO(num_particles=particles or 1, vectorize_particles=vectorize (True),
-    max_plate_nesting=1)`` (with ``kl_particles``: :func:`~pyro_vits.infer.elbo.make_elbo`'s ``MC_ELBO``); when an
-    ``elbo`` is passed, ``particles``/``vectorize``/``kl_particles`` must be left None. ``eval_chunk`` bounds
-    the logged evaluations' memory (see :func:`~pyro_vits.infer.evaluate.evaluate`).
-    ``ClippedAdam`` multiplies the learning rate by ``lrd`` after every step and clamps gradient entries to
-    ``[-clip_norm, clip_norm]``. ``batch_size`` utterances are subsampled per step (None: all). The parameter
-    store is cleared and ``pyro.set_rng_seed(seed)`` called first; model, guide and data are moved to
-    ``device``; on CPU the run is bit-for-bit reproducible. Every ``log_every`` steps (and at the last) a
-    record is logged: ``step``, ``loss_nats`` (mean finite loss over the window), ``*_per_frame`` from
-    :func:`~pyro_vits.infer.evaluate.evaluate` with ``eval_samples`` particles on the first ``eval_size`` training
-    utterances (``heldout_*`` on ``heldout``), ``skipped_steps`` (so far), ``wall_s`` (since the start) and
-    ``it_per_s`` (SVI steps only). ``extra_config`` is stored under ``"extra"`` in the config. The settings
-    are checked as a :class:`~pyro_vits.train.config.FitConfig` (``fit(model, guide, data, **cfg.kwargs())``).
+    ``elbo`` defaults to the ELBO ``config`` names: :func:`~pyro_vits.infer.elbo.make_elbo`'s
+    ``config.elbo`` (``"trace"``: ``Trace_ELBO``) with ``config.particles`` (1), ``config.vectorize`` (True) and
+    ``config.kl_particles`` (1); when an ``elbo`` is passed, those four must be left None in ``config``.
+    ``config.eval_chunk`` bounds the logged evaluations' memory (see :func:`~pyro_vits.infer.evaluate.evaluate`).
+    ``ClippedAdam`` multiplies the learning rate by ``config.lrd`` after every step and clamps gradient
+    entries to ``[-clip_norm, clip_norm]``. ``config.batch_size`` utterances are subsampled per step (None:
+    all). The parameter store is cleared and ``pyro.set_rng_seed(config.seed)`` called first; model, guide
+    and data are moved to ``device``; on CPU the run is bit-for-bit reproducible. Every ``config.log_every``
+    steps (and at the last) a record is logged: ``step``, ``loss_nats`` (mean finite loss over the window),
+    ``*_per_frame`` from :func:`~pyro_vits.infer.evaluate.evaluate` with ``eval_samples`` particles on the
+    first ``eval_size`` training utterances (``heldout_*`` on ``heldout``), ``skipped_steps`` (so far),
+    ``wall_s`` (since the start) and ``it_per_s`` (SVI steps only). ``extra_config`` is stored under
+    ``"extra"`` in ``config.json``.
 
-    Run folder ``out_dir`` (:mod:`pyro_vits._rundir`): refused when it exists and is not empty, unless
+    Run folder ``config.out_dir`` (:mod:`pyro_vits._rundir`): refused when it exists and is not empty, unless
     ``overwrite`` (its run files are deleted first) or ``resume`` (the run continues from its
     ``checkpoint.pt`` with the same model, guide, data and ELBO, up to ``steps``; the optimiser, its
     learning-rate schedule and the random states continue as saved). ``checkpoint_every`` steps (and at the
@@ -127,12 +108,10 @@ def fit(
         if not (isinstance(value, FitData) or (name == "heldout" and value is None)):
             raise TypeError(f"{name} must be a pyro_vits Batch (or implement pyro_vits.data.batch.FitData), "
                             f"got {type(value).__name__}")
-    cfg = FitConfig(steps=steps, lr=lr, clip_norm=clip_norm, lrd=lrd, batch_size=batch_size, seed=seed,
-                    log_every=log_every, eval_samples=eval_samples, eval_size=eval_size,
-                    eval_chunk=eval_chunk,
-                    checkpoint_every=checkpoint_every, nan_policy=nan_policy, out_dir=out_dir, resume=resume,
-                    overwrite=overwrite, progress=progress)
-    elbo = _default_elbo(elbo, particles, vectorize, kl_particles)
+    if not isinstance(config, FitConfig):
+        raise TypeError(f"config must be a pyro_vits.train.FitConfig, got {type(config).__name__}")
+    cfg = config
+    elbo = _default_elbo(elbo, cfg)
     if distributed is not None and not isinstance(distributed, DataParallel):
         raise TypeError(f"distributed must be a DataParallel strategy, got {type(distributed).__name__}")
     dev = resolve_device(device) if distributed is None else parallel_device(device, distributed)
@@ -165,14 +144,15 @@ def fit(
     return run.result()
 
 
-def _default_elbo(elbo: ELBO | None, particles: int | None, vectorize: bool | None,
-                  kl_particles: int | None = None) -> ELBO:
-    check_positive_ints(particles=particles, kl_particles=kl_particles, allow_none=True)
+def _default_elbo(elbo: ELBO | None, cfg: FitConfig) -> ELBO:
+    chosen = {name: getattr(cfg, name) for name in ELBO_FIELDS}
     if elbo is None:
-        return make_elbo("trace", particles or 1, True if vectorize is None else vectorize, kl_particles or 1)
+        return make_elbo(cfg.elbo or "trace", cfg.particles or 1, True if cfg.vectorize is None else cfg.vectorize,
+                         cfg.kl_particles or 1)
     if not isinstance(elbo, ELBO):
-        raise TypeError(f"elbo must be a pyro.infer.ELBO, got {type(elbo).__name__}")
-    if particles is not None or vectorize is not None or kl_particles is not None:
+        raise TypeError(f"elbo must be a pyro.infer.ELBO, got {type(elbo).__name__} (an ELBO by name: "
+                        "FitConfig(elbo=...))")
+    if any(value is not None for value in chosen.values()):
         raise ValueError("particles/vectorize/kl_particles configure the default Trace_ELBO; set them on the "
                          "elbo you pass")
     return elbo

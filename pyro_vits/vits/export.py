@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .._rundir import atomic_write
+from .._io import atomic_write
 from ..data.speech_batches import SpeechConfig
 from ..models.guides import PosteriorEncoder
 from ..models.speech import SpeechModel

@@ -99,12 +99,12 @@ def test_fit_refuses_a_used_folder_then_resumes_and_overwrites(tmp_path, capsys)
 def test_config_file_values_are_defaults_and_flags_win(tmp_path, example):
     toml = tmp_path / "fit.toml"
     toml.write_text('steps = 7\nbatch-size = 3\nn_train = 9\nmean_only = false\nprogress = false\n'
-                    'device = "cpu"\nlr = 0.5\nestimator = "vits"\n')
+                    'device = "cpu"\nlr = 0.5\nelbo = "vits"\n')
     argv = ["--config", str(toml), "--steps", "2", "--mean-only"]
     args = cli.parse_with_config(example.build_parser(), argv)
     assert (args.steps, args.batch_size, args.n_train) == (2, 3, 9)
     assert (args.mean_only, args.progress) == (True, False)
-    assert (args.device, args.lr, args.estimator, args.config) == ("cpu", 0.5, "vits", str(toml))
+    assert (args.device, args.lr, args.elbo, args.config) == ("cpu", 0.5, "vits", str(toml))
     js = tmp_path / "fit.json"
     js.write_text(json.dumps({"affine": True, "speakers": 2, "out": "-odd-name"}))
     args = cli.parse_with_config(example.build_parser(), ["--config", str(js)])
@@ -117,7 +117,7 @@ def test_config_file_values_are_defaults_and_flags_win(tmp_path, example):
     ("a.toml", 'steps = "many"\n', "config file {path}: steps must be a positive int, got 'many'"),
     ("a.toml", "channels = 5\n", "config file {path}: channels must be an even positive int"),
     ("a.toml", "vectorize = 1\n", "config file {path}: vectorize must be true or false, got 1"),
-    ("a.toml", 'estimator = "foo"\n', "config file {path}: estimator must be one of ['trace', 'vits', 'stl', "
+    ("a.toml", 'elbo = "foo"\n', "config file {path}: elbo must be one of ['trace', 'vits', 'stl', "
                                      "'iwae_dreg'], got 'foo'"),
     ("a.toml", 'resume = "runs/x"\n', "'resume' cannot be set in a config file; pass --resume"),
     ("a.toml", "steps = \n", "config file {path} is not valid TOML"),

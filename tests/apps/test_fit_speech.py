@@ -15,8 +15,7 @@ from speech_helpers import SPEECH, TINY, make_pair
 from pyro_vits.apps import run_main
 from pyro_vits.apps.fit_speech import main as fit_speech_main
 from pyro_vits.data.speech_data import SpeechData, read_corpus
-from pyro_vits.infer import make_elbo
-from pyro_vits.train import fit
+from pyro_vits.train import FitConfig, fit
 from pyro_vits.vits import load_vits_generator
 
 SMALL_ARGS = ["--n-fft", "256", "--hop-length", "128", "--inter-channels", "4", "--hidden-channels", "8",
@@ -36,8 +35,9 @@ def test_fit_takes_one_step_on_the_tiny_corpus(corpus, mean_only, speakers):
     model, guide = make_pair(mean_only, speakers)
     d = corpus.train
     data = d if speakers else SpeechData(d.spec, d.lengths, d.text, d.text_lengths, None)
-    result = fit(model, guide, data, steps=1, elbo=make_elbo("vits", 2), batch_size=3, device="cpu", seed=0,
-                 progress=False, eval_samples=2, eval_size=2)
+    config = FitConfig(steps=1, elbo="vits", particles=2, batch_size=3, seed=0, progress=False, eval_samples=2,
+                       eval_size=2)
+    result = fit(model, guide, data, config, device="cpu")
     assert len(result.losses) == 1 and math.isfinite(result.losses[0])
     assert math.isfinite(result.metrics[-1]["kl_per_frame"])
 

@@ -41,8 +41,8 @@ def test_negative_steps_cli(capsys):
 
 
 def test_unknown_estimator_nan_policy_and_device_cli(capsys):
-    assert ("argument --estimator: invalid choice: 'foo' (choose from 'trace', 'vits', 'stl', 'iwae_dreg')"
-            in cli_error(capsys, "--estimator", "foo"))
+    assert ("argument --elbo: invalid choice: 'foo' (choose from 'trace', 'vits', 'stl', 'iwae_dreg')"
+            in cli_error(capsys, "--elbo", "foo"))
     assert "argument --nan-policy: invalid choice: 'ignore'" in cli_error(capsys, "--nan-policy", "ignore")
     assert ("argument --device: device must be 'auto', 'cpu', 'cuda' or 'cuda:<i>', got 'tpu'"
             in cli_error(capsys, "--device", "tpu"))

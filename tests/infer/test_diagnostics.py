@@ -208,13 +208,13 @@ def test_markdown_table_formats_floats():
 
 def test_write_run_inference_data_from_a_fit_run(tmp_path):
     from pyro_vits.models import PosteriorEncoder, VITSPriorModel, make_teacher, sample_dataset
-    from pyro_vits.train import fit
+    from pyro_vits.train import FitConfig, fit
 
     teacher = make_teacher(2, 4, kernel_size=3, n_layers=1, n_flows=1, seed=0)
     data = sample_dataset(teacher, 6, 8, seed=1)
     model, guide = VITSPriorModel(2, 4, 3, 1, 1, 1), PosteriorEncoder(2, 2, 4, 3, n_layers=1)
-    fit(model, guide, data, steps=8, log_every=1, device="cpu", out_dir=tmp_path, progress=False,
-        eval_samples=2)
+    fit(model, guide, data, FitConfig(steps=8, log_every=1, out_dir=tmp_path, progress=False, eval_samples=2),
+        device="cpu")
     path = write_run_inference_data(tmp_path, model, guide, data, num_samples=20, max_utterances=3)
     idata = _arviz_compat.load(path)
     assert set(_arviz_compat.group_names(idata)) == {"posterior", "sample_stats", "observed_data"}

@@ -34,7 +34,7 @@ from pyro_vits.infer import (
 )
 from pyro_vits.infer.distributed import _device
 from pyro_vits.models import PosteriorEncoder, VITSPriorModel, make_teacher, sample_dataset
-from pyro_vits.train import fit, load_checkpoint
+from pyro_vits.train import FitConfig, fit, load_checkpoint
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -83,10 +83,11 @@ def elbo():
     return Trace_ELBO(num_particles=1, max_plate_nesting=1)
 
 
-def quiet_fit(model, guide, data, **kwargs):
-    settings = dict(steps=STEPS, lr=LR, lrd=LRD, batch_size=B, device="cpu", seed=SEED, progress=False,
-                    log_every=2, eval_samples=2, elbo=elbo())
-    return fit(model, guide, data, **dict(settings, **kwargs))
+def quiet_fit(model, guide, data, distributed=None, **kwargs):
+    settings = dict(steps=STEPS, lr=LR, lrd=LRD, batch_size=B, seed=SEED, progress=False, log_every=2,
+                    eval_samples=2)
+    return fit(model, guide, data, FitConfig(**dict(settings, **kwargs)), elbo=elbo(), device="cpu",
+               distributed=distributed)
 
 
 def state(model, guide):

@@ -312,18 +312,19 @@ def test_make_elbo_builds_kl_particle_elbos_and_refuses_iwae():
 
 def test_fit_takes_kl_particles_and_eval_chunk(tmp_path):
     from pyro_vits.models import PosteriorEncoder, VITSPriorModel, make_teacher, sample_dataset
-    from pyro_vits.train import fit
+    from pyro_vits.train import FitConfig, fit
 
     teacher = make_teacher(4, 8, kernel_size=3, n_layers=1, n_flows=2, seed=0)
     data = sample_dataset(teacher, 6, 8, seed=1)
     model = VITSPriorModel(4, 8, kernel_size=3, n_layers=1, n_flows=2)
     guide = PosteriorEncoder(4, 4, 8, kernel_size=3, n_layers=1)
-    result = fit(model, guide, data, steps=3, log_every=3, kl_particles=3, eval_chunk=16, eval_samples=20,
-                 progress=False, out_dir=tmp_path / "run", device="cpu")
+    config = FitConfig(steps=3, log_every=3, kl_particles=3, eval_chunk=16, eval_samples=20, progress=False,
+                       out_dir=tmp_path / "run")
+    result = fit(model, guide, data, config, device="cpu")
     assert result.config["elbo"]["type"] == "MC_ELBO" and result.config["elbo"]["kl_particles"] == 3
     assert result.config["eval_chunk"] == 16 and all(math.isfinite(v) for v in result.losses)
     with pytest.raises(ValueError, match="kl_particles"):
-        fit(model, guide, data, steps=1, elbo=Trace_ELBO(), kl_particles=2, progress=False, device="cpu")
+        fit(model, guide, data, FitConfig(steps=1, kl_particles=2, progress=False), elbo=Trace_ELBO(), device="cpu")
 
 
 def test_fit_command_line_has_kl_particles_and_eval_chunk():

@@ -12,7 +12,7 @@ import torch
 from pyro import poutine
 
 from pyro_vits.apps import run_main
-from pyro_vits.apps.speech_study import _settings, _stored, build_parser
+from pyro_vits.apps.speech_study import build_parser
 from pyro_vits.apps.speech_study import main as study_main
 from pyro_vits.data.speech_batches import SpeechConfig
 from pyro_vits.data.speech_data import read_corpus
@@ -20,6 +20,7 @@ from pyro_vits.data.text import VITS_SYMBOLS
 from pyro_vits.infer import HybridEntropyELBO
 from pyro_vits.models import speech_model_and_guide
 from pyro_vits.studies.speech.report import comparisons, render
+from pyro_vits.studies.speech.run import stored_run, study_settings
 from pyro_vits.studies.speech.variants import (
     KLVariantELBO,
     cost_ratios,
@@ -212,13 +213,13 @@ def test_stored_runs_are_reused_only_with_the_same_settings(tmp_path):
     args = build_parser().parse_args(["--corpus", "c", "--out", str(tmp_path), "--steps", "5"])
     folder = tmp_path / "vits_k4-s1-compute"
     folder.mkdir()
-    record = dict(variant="vits_k4", seed=1, steps=4, settings=_settings(args))
+    record = dict(variant="vits_k4", seed=1, steps=4, settings=study_settings(args))
     (folder / "study_run.json").write_text(json.dumps(record))
-    assert _stored(args, "vits_k4", 1, 4, "compute") == record
-    assert _stored(args, "vits_k4", 1, 5, "compute") is None  # other steps
-    assert _stored(args, "vits_k4", 1, 4, "steps") is None  # another folder
+    assert stored_run(args, "vits_k4", 1, 4, "compute") == record
+    assert stored_run(args, "vits_k4", 1, 5, "compute") is None  # other steps
+    assert stored_run(args, "vits_k4", 1, 4, "steps") is None  # another folder
     args.eval_samples += 1
-    assert _stored(args, "vits_k4", 1, 4, "compute") is None  # other settings
+    assert stored_run(args, "vits_k4", 1, 4, "compute") is None  # other settings
     args.eval_samples -= 1
     args.overwrite = True
-    assert _stored(args, "vits_k4", 1, 4, "compute") is None
+    assert stored_run(args, "vits_k4", 1, 4, "compute") is None

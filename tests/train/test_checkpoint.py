@@ -13,6 +13,7 @@ from pathlib import Path
 import pyro
 import pytest
 import torch
+from fit_helpers import fit_with
 from pyro.distributions import constraints
 from pyro.infer import Trace_ELBO
 from torch import nn
@@ -20,7 +21,7 @@ from torch import nn
 from pyro_vits.data.batch import utterance_plate
 from pyro_vits.distributions import MaskedNormal
 from pyro_vits.models import PosteriorEncoder, VITSPriorModel, make_teacher, sample_dataset
-from pyro_vits.train import NonFiniteError, fit, load_checkpoint
+from pyro_vits.train import NonFiniteError, load_checkpoint
 from pyro_vits.train.guard import grads_finite as _grads_finite
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -97,18 +98,18 @@ def poison_grad(monkeypatch, steps: set[int], model) -> None:
 
 @pytest.mark.parametrize("guide_kind", ["encoder", "param_store"])
 def test_interrupted_and_resumed_run_is_bit_identical(data, tmp_path, monkeypatch, guide_kind):
-    full = fit(*build(guide_kind), data, heldout=data, out_dir=tmp_path / "full", **RUN)
+    full = fit_with(*build(guide_kind), data, heldout=data, out_dir=tmp_path / "full", **RUN)
 
     interrupt_at(monkeypatch, 7)
     with pytest.raises(KeyboardInterrupt):
-        fit(*build(guide_kind), data, heldout=data, out_dir=tmp_path / "cut", **RUN)
+        fit_with(*build(guide_kind), data, heldout=data, out_dir=tmp_path / "cut", **RUN)
     monkeypatch.undo()
     checkpoint = load_checkpoint(tmp_path / "cut")
     assert checkpoint["step"] == 4 and [r["step"] for r in checkpoint["metrics"]] == [3]
     assert {"torch", "numpy", "python", "cuda"} <= set(checkpoint["rng"])
     assert bool(checkpoint["param_store"]) == (guide_kind == "param_store")
 
-    resumed = fit(*build(guide_kind), data, heldout=data, out_dir=tmp_path / "cut", resume=True, **RUN)
+    resumed = fit_with(*build(guide_kind), data, heldout=data, out_dir=tmp_path / "cut", resume=True, **RUN)
     assert resumed.resumed_from == 4 and resumed.config["resumed"][0]["step"] == 4
     assert resumed.losses == full.losses and len(full.losses) == 12
     assert untimed(resumed.metrics) == untimed(full.metrics)
@@ -133,19 +134,19 @@ def test_interrupted_and_resumed_run_is_bit_identical(data, tmp_path, monkeypatc
 
 def test_resume_extends_a_finished_run_and_refuses_another_problem(data, tmp_path):
     out = tmp_path / "run"
-    fit(*build(), data, out_dir=out, **dict(RUN, steps=6))
-    longer = fit(*build(), data, out_dir=out, resume=True, **dict(RUN, steps=9))
+    fit_with(*build(), data, out_dir=out, **dict(RUN, steps=6))
+    longer = fit_with(*build(), data, out_dir=out, resume=True, **dict(RUN, steps=9))
     assert longer.resumed_from == 6 and len(longer.losses) == 9 and longer.metrics[-1]["step"] == 9
     with pytest.raises(ValueError, match="beyond steps=5"):
-        fit(*build(), data, out_dir=out, resume=True, **dict(RUN, steps=5))
+        fit_with(*build(), data, out_dir=out, resume=True, **dict(RUN, steps=5))
     torch.manual_seed(0)
     other = VITSPriorModel(C, HIDDEN, 3, n_layers=2, n_flows=2)
     with pytest.raises(ValueError, match="differs from the checkpoint's in model"):
-        fit(other, build()[1], data, out_dir=out, resume=True, **RUN)
+        fit_with(other, build()[1], data, out_dir=out, resume=True, **RUN)
     with pytest.raises(ValueError, match="batch_size"):
-        fit(*build(), data, out_dir=out, resume=True, **dict(RUN, batch_size=3))
+        fit_with(*build(), data, out_dir=out, resume=True, **dict(RUN, batch_size=3))
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
-        fit(*build(), data, out_dir=tmp_path / "empty", resume=True, **RUN)
+        fit_with(*build(), data, out_dir=tmp_path / "empty", resume=True, **RUN)
 
 
 KILL_SCRIPT = textwrap.dedent("""
@@ -153,7 +154,7 @@ KILL_SCRIPT = textwrap.dedent("""
     from pyro_vits.models import PosteriorEncoder
     from pyro_vits.models import VITSPriorModel
     from pyro_vits.models import make_teacher, sample_dataset
-    from pyro_vits.train import fit
+    from pyro_vits.train import FitConfig, fit
     torch.set_num_threads(1)
     saves, real_save = [], torch.save
     def dying_save(obj, f, *args, **kwargs):  # the 2nd checkpoint: write half of it, then die
@@ -170,8 +171,8 @@ KILL_SCRIPT = textwrap.dedent("""
     data = sample_dataset(make_teacher(4, 8, 3, n_layers=1, n_flows=2, seed=0), 12, 8, seed=1)
     torch.manual_seed(0)
     model, guide = VITSPriorModel(4, 8, 3, n_layers=1, n_flows=2), PosteriorEncoder(4, 4, 8, 3, n_layers=2)
-    fit(model, guide, data, steps=6, device="cpu", progress=False, log_every=2, eval_samples=2,
-        checkpoint_every=2, out_dir=sys.argv[1])
+    fit(model, guide, data, FitConfig(steps=6, progress=False, log_every=2, eval_samples=2,
+                                      checkpoint_every=2, out_dir=sys.argv[1]), device="cpu")
 """)
 
 
@@ -187,7 +188,7 @@ def test_killed_during_a_checkpoint_write_keeps_the_previous_checkpoint(data, tm
     assert checkpoint["step"] == 2 and len(checkpoint["losses"]) == 2
     torch.manual_seed(0)
     model, guide = build()
-    resumed = fit(model, guide, data, steps=6, device="cpu", progress=False, log_every=2, eval_samples=2,
+    resumed = fit_with(model, guide, data, steps=6, device="cpu", progress=False, log_every=2, eval_samples=2,
                   checkpoint_every=2, out_dir=out, resume=True)
     assert resumed.resumed_from == 2 and load_checkpoint(out)["step"] == 6
     assert not list(out.glob(".checkpoint.pt.*.tmp"))
@@ -199,7 +200,7 @@ def test_nonfinite_gradient_stops_naming_step_and_parameter_keeping_the_checkpoi
     poison_grad(monkeypatch, {6}, model)
     out = tmp_path / "run"
     with pytest.raises(NonFiniteError) as info:
-        fit(model, guide, data, out_dir=out, **RUN)
+        fit_with(model, guide, data, out_dir=out, **RUN)
     message = str(info.value)
     assert info.value.step == 6 and message.startswith("step 6: loss = ")
     assert "non-finite gradient of model.flow.flows.0.pre.bias" in message
@@ -217,7 +218,7 @@ def test_nonfinite_loss_names_the_parameter_and_the_site(data, monkeypatch):
                 model.dec.bias[0] = math.inf
     before_each_step(monkeypatch, poison)
     with pytest.raises(NonFiniteError, match=r"step 3: loss = (nan|inf)") as info:
-        fit(model, guide, data, **dict(RUN, checkpoint_every=None))
+        fit_with(model, guide, data, **dict(RUN, checkpoint_every=None))
     assert "non-finite values in model.dec.bias" in str(info.value)
     assert "model site 'x' (its log-density)" in str(info.value)
 
@@ -225,7 +226,7 @@ def test_nonfinite_loss_names_the_parameter_and_the_site(data, monkeypatch):
 def test_nan_policy_skip_drops_the_update_and_counts_it(data, monkeypatch, caplog):
     model, guide = build()
     poison_grad(monkeypatch, {2, 5}, model)
-    result = fit(model, guide, data, nan_policy="skip", **dict(RUN, checkpoint_every=None))
+    result = fit_with(model, guide, data, nan_policy="skip", **dict(RUN, checkpoint_every=None))
     assert result.skipped_steps == 2 and [r["skipped_steps"] for r in result.metrics] == [1, 2, 2, 2]
     assert len(result.losses) == 12 and all(math.isfinite(x) for x in result.losses)
     assert all(torch.isfinite(p).all() for p in model.parameters())
@@ -248,23 +249,23 @@ def test_non_empty_run_folder_is_refused_unless_overwrite(data, tmp_path):
     (out / "notes.txt").write_text("keep me")
     kwargs = dict(RUN, steps=3, checkpoint_every=None)
     with pytest.raises(FileExistsError, match=r"is not empty \(notes.txt\).*--overwrite.*--resume"):
-        fit(*build(), data, out_dir=out, **kwargs)
+        fit_with(*build(), data, out_dir=out, **kwargs)
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
-    fit(*build(), data, out_dir=out, overwrite=True, **kwargs)
+    fit_with(*build(), data, out_dir=out, overwrite=True, **kwargs)
     (out / "metrics.jsonl").write_text('{"step": 999}\n')
-    fit(*build(), data, out_dir=out, overwrite=True, **kwargs)
+    fit_with(*build(), data, out_dir=out, overwrite=True, **kwargs)
     assert (out / "notes.txt").read_text() == "keep me"
     assert [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [3]
     with pytest.raises(ValueError, match="pass one"):
-        fit(*build(), data, out_dir=out, overwrite=True, resume=True, **kwargs)
+        fit_with(*build(), data, out_dir=out, overwrite=True, resume=True, **kwargs)
     (tmp_path / "file").write_text("")
     with pytest.raises(NotADirectoryError):
-        fit(*build(), data, out_dir=tmp_path / "file", **kwargs)
+        fit_with(*build(), data, out_dir=tmp_path / "file", **kwargs)
 
 
 def test_checkpoint_loads_weights_only_and_rejects_garbage(data, tmp_path):
     out = tmp_path / "run"
-    fit(*build(), data, out_dir=out, **dict(RUN, steps=2, checkpoint_every=None))
+    fit_with(*build(), data, out_dir=out, **dict(RUN, steps=2, checkpoint_every=None))
     raw = torch.load(out / "checkpoint.pt", weights_only=True)
     assert raw["format"] == 1 and isinstance(raw["rng"]["numpy"][1], list) and raw["config"]["steps"] == 2
     (tmp_path / "half.pt").write_bytes((out / "checkpoint.pt").read_bytes()[:1000])

@@ -40,7 +40,7 @@ def test_from_mapping_and_files(tmp_path):
     (tmp_path / "fit.toml").write_text("steps = 7\nlr = 0.01\nnan_policy = 'skip'\n")
     assert FitConfig.from_file(tmp_path / "fit.toml") == FitConfig(steps=7, lr=0.01, nan_policy="skip")
     (tmp_path / "fit.json").write_text(json.dumps({"steps": 2, "checkpoint_every": 1, "out_dir": "r"}))
-    assert FitConfig.from_file(tmp_path / "fit.json").kwargs()["out_dir"] == Path("r")
+    assert FitConfig.from_file(tmp_path / "fit.json").out_dir == Path("r")
     with pytest.raises(ValueError, match="must end in .toml or .json"):
         FitConfig.from_file(tmp_path / "fit.yaml")
 
@@ -52,7 +52,7 @@ def test_fit_runs_a_config_and_records_it(tmp_path):
     cfg = FitConfig(steps=2, batch_size=4, out_dir=tmp_path / "run", log_every=1, eval_samples=2,
                     progress=False)
     model, guide = VITSPriorModel(4, 8, 3, n_layers=1, n_flows=2), PosteriorEncoder(4, 4, 8, 3, n_layers=1)
-    result = fit(model, guide, data, device="cpu", **cfg.kwargs())
+    result = fit(model, guide, data, cfg, device="cpu")
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == sorted(RUN_FILES)
     saved = json.loads((tmp_path / "run" / CONFIG).read_text())
     assert saved == json.loads(json.dumps(result.config)) and saved["batch_size"] == 4
@@ -69,4 +69,4 @@ def test_fit_runs_a_config_and_records_it(tmp_path):
 def test_fit_names_what_it_needs_of_data():
     model, guide = VITSPriorModel(4, 8, 3, n_layers=1, n_flows=2), PosteriorEncoder(4, 4, 8, 3, n_layers=1)
     with pytest.raises(TypeError, match="data must be a pyro_vits Batch .*FitData.*got list"):
-        fit(model, guide, [1, 2], steps=1)
+        fit(model, guide, [1, 2], FitConfig(steps=1))

@@ -7,10 +7,11 @@ import math
 
 import pytest
 import torch
+from fit_helpers import fit_with
 
 import pyro_vits.train.loop as loop
 from pyro_vits.models import PosteriorEncoder, VITSPriorModel, make_teacher, sample_dataset
-from pyro_vits.train import NonFiniteError, fit, load_checkpoint
+from pyro_vits.train import NonFiniteError, load_checkpoint
 from pyro_vits.train.guard import defers_checks
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -37,7 +38,7 @@ def test_deferred_run_has_the_per_step_losses(data, monkeypatch):
     runs = []
     for deferred in (False, True):
         monkeypatch.setattr(loop, "defers_checks", lambda dev, policy, on=deferred: on)
-        runs.append(fit(*build(), data, **RUN))
+        runs.append(fit_with(*build(), data, **RUN))
     assert len(runs[1].losses) == 6 and all(isinstance(x, float) for x in runs[1].losses)
     assert runs[1].losses == pytest.approx(runs[0].losses, rel=1e-5)
     for a, b in zip(runs[1].metrics, runs[0].metrics):
@@ -56,7 +57,7 @@ def test_deferred_nonfinite_step_is_named_and_the_checkpoint_kept(data, monkeypa
     model.flow.flows[0].pre.bias.register_hook(poison)
     out = tmp_path / "run"
     with pytest.raises(NonFiniteError) as info:
-        fit(model, guide, data, out_dir=out, checkpoint_every=2, **dict(RUN, log_every=6))
+        fit_with(model, guide, data, out_dir=out, checkpoint_every=2, **dict(RUN, log_every=6))
     message = str(info.value)
     assert info.value.step == 4 and message.startswith("step 4: loss = ")
     assert "training stopped at step 4" in message

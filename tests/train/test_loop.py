@@ -7,11 +7,12 @@ import math
 
 import pytest
 import torch
+from fit_helpers import fit_with
 from pyro.infer import Trace_ELBO
 
 from pyro_vits.models import LocalGuide, PosteriorEncoder, VITSPriorModel, make_teacher, sample_dataset
 from pyro_vits.plots import plot_training_curves
-from pyro_vits.train import fit, resolve_device
+from pyro_vits.train import resolve_device
 from pyro_vits.vits import load_vits_flow
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -34,7 +35,7 @@ def build(seed: int = 0, local: bool = False):
 def quiet_fit(model, guide, data, **kwargs):
     defaults = dict(steps=10, lr=1e-2, device="cpu", progress=False, log_every=1000, eval_samples=2)
     kwargs = dict(defaults, **kwargs)
-    return fit(model, guide, data, **kwargs)
+    return fit_with(model, guide, data, **kwargs)
 
 
 def test_loss_decreases(data):

@@ -33,7 +33,7 @@ def test_negative_steps_and_other_counts(small_data):
 
 
 def test_unknown_estimator_nan_policy_and_device(small_data):
-    message = "estimator must be one of ('trace', 'vits', 'stl', 'iwae_dreg'), got 'foo'"
+    message = "elbo must be one of ('trace', 'vits', 'stl', 'iwae_dreg'), got 'foo'"
     with pytest.raises(ValueError, match=re.escape(message)):
         make_elbo("foo")
     with pytest.raises(ValueError, match="name must be one of"):

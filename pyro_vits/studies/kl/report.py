@@ -15,8 +15,8 @@ import pyro
 import torch
 
 from ... import _arviz_compat, plots
+from ..._io import atomic_write
 from ...infer import diagnostics
-from ..._rundir import atomic_write
 from .common import Sweep
 from .config import COS_A, StudyConfig, check_config
 from .fixes import fix_gradient_study, gradient_identity, sigma_optimum_study

@@ -18,7 +18,7 @@ from ...infer.evaluate import evaluate
 from ...models.guides import ObservationGuide, PosteriorEncoder
 from ...models.prior_model import VITSPriorModel
 from ...models.teacher import make_teacher, sample_dataset
-from ...train import fit
+from ...train import FitConfig, fit
 from .common import Sweep, mean_ci
 from .config import TEACHER_SEED, StudyConfig, check_config
 
@@ -98,10 +98,10 @@ def _fit(config: StudyConfig, data: tuple[VITSPriorModel, Batch, Batch], particl
     pyro.set_rng_seed(seed)
     model, guide = student(config, teacher, mean_only)
     elbo = HybridEntropyELBO(num_particles=particles, vectorize_particles=vectorize, max_plate_nesting=1)
-    return fit(model, guide, train, steps=steps, elbo=elbo, lr=config.lr,
-               lrd=config.final_lr_ratio ** (1 / steps), batch_size=config.batch_size,
-               device=device, seed=seed, log_every=steps // (logs or config.train_logs), progress=False,
-               heldout=heldout, eval_samples=8, eval_size=config.train_utterances[1])
+    settings = FitConfig(steps=steps, lr=config.lr, lrd=config.final_lr_ratio ** (1 / steps),
+                         batch_size=config.batch_size, seed=seed, log_every=steps // (logs or config.train_logs),
+                         progress=False, eval_samples=8, eval_size=config.train_utterances[1])
+    return fit(model, guide, train, settings, elbo=elbo, heldout=heldout, device=device)
 
 
 def _seed_record(

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from .report import KEYS, LABELS, comparisons, render
 from .variants import (
-    KLVariantELBO,
     VARIANTS,
+    KLVariantELBO,
     cost_ratios,
     equal_compute_steps,
     negative_kl_fraction,
