@@ -4,10 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-from torch import Tensor
-
-__all__ = ["check_mask", "check_nonnegative_ints", "check_positive_ints", "first_line"]
+__all__ = ["check_nonnegative_ints", "check_positive_ints", "first_line"]
 
 
 def check_positive_ints(*, allow_none: bool = False, **values: Any) -> None:
@@ -33,15 +30,3 @@ def first_line(err: BaseException, limit: int | None = None) -> str:
     lines = [line.strip() for line in str(err).strip().splitlines()]
     line = next((x for x in lines if x.startswith("WeightsUnpickler error:")), lines[0] if lines else "")
     return f"{type(err).__name__}: {line[:limit]}"
-
-
-def check_mask(mask: Tensor, like: Tensor, name: str = "mask") -> Tensor:
-    """Validate a 0/1 mask of shape ``(..., 1, T)`` against ``like (..., C, T)``; returns it as float."""
-    if not isinstance(mask, Tensor):
-        raise TypeError(f"{name} must be a Tensor, got {type(mask).__name__}")
-    if mask.dim() < 2 or mask.shape[-2] != 1 or mask.shape[-1] != like.shape[-1]:
-        raise ValueError(f"{name} must have shape (..., 1, T={like.shape[-1]}), got {tuple(mask.shape)}")
-    mask = mask.to(like.dtype)
-    if not torch.jit.is_tracing() and not bool(((mask == 0) | (mask == 1)).all()):
-        raise ValueError(f"{name} must contain only 0 and 1")
-    return mask

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..data.batch import sequence_mask
+from .._masks import sequence_mask
 from ..data.speech_batches import SpeechBatch
 from ..distributions.flow_prior import FlowPrior
 from ..flows import ResidualCouplingBlock

@@ -12,9 +12,9 @@ import pyro
 import torch
 from torch import Tensor
 
-from .._validate import check_mask, check_nonnegative_ints
+from .._masks import check_mask, sequence_mask
 
-__all__ = ["Batch", "FitData", "sequence_mask", "utterance_plate"]
+__all__ = ["Batch", "FitData", "utterance_plate"]
 
 
 @runtime_checkable
@@ -147,15 +147,6 @@ class Batch:
     def subset(self, idx: Tensor) -> Batch:
         """Utterances ``idx`` (``(B,)`` long, positions in this batch); ``index`` keeps the dataset ids."""
         return self._derive(lambda t: t[idx])
-
-
-def sequence_mask(lengths: Tensor, frames: int) -> Tensor:
-    """``(N,)`` lengths (frames) -> ``(N, 1, frames)`` float mask, 1 where ``t < length``."""
-    if not isinstance(lengths, Tensor) or lengths.dim() != 1:
-        got = tuple(lengths.shape) if isinstance(lengths, Tensor) else type(lengths).__name__
-        raise ValueError(f"lengths must be a 1-D Tensor (N,), got {got}")
-    check_nonnegative_ints(frames=frames)
-    return (torch.arange(frames, device=lengths.device) < lengths[:, None]).unsqueeze(1).float()
 
 
 def utterance_plate(

@@ -23,8 +23,8 @@ from collections.abc import Callable
 
 from torch import Tensor
 
+from .._masks import sequence_mask
 from .._validate import check_positive_ints
-from .batch import sequence_mask
 from .filelists import open_corpus
 from .speech_batches import SpeechBatch, speech_batches
 

@@ -9,7 +9,7 @@ from pyro.distributions import TorchDistribution, constraints
 from torch import Tensor
 from torch.distributions import Distribution
 
-from .._validate import check_mask
+from .._masks import check_mask
 
 _HALF_LOG_2PI_E = 0.5 * math.log(2 * math.pi * math.e)
 

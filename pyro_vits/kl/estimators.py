@@ -29,7 +29,8 @@ import torch
 from torch import Tensor
 from torch.distributions import Distribution
 
-from .._validate import check_mask, check_positive_ints
+from .._masks import check_mask
+from .._validate import check_positive_ints
 from ..distributions.masked_normal import MaskedNormal
 from ._common import LogProb, _differs, _masked_sum, _same_event, _tensor
 

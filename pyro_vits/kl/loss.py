@@ -18,7 +18,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .._validate import check_mask, check_positive_ints
+from .._masks import check_mask
+from .._validate import check_positive_ints
 from ..distributions.flow_prior import FlowPrior
 from ..distributions.transforms import VITSFlow
 from ..flows import ResidualCouplingBlock

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .._validate import check_mask
+from .._masks import check_mask
 from ._common import _masked_sum, _same_event, _tensor
 from .estimators import ESTIMATORS, QUADRATIC_ESTIMATORS
 

@@ -7,8 +7,9 @@ import math
 
 import torch
 
+from .._masks import sequence_mask
 from .._validate import check_positive_ints
-from ..data.batch import Batch, sequence_mask
+from ..data.batch import Batch
 from .prior_model import VITSPriorModel
 
 __all__ = ["make_teacher", "sample_dataset"]

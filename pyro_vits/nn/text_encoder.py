@@ -12,8 +12,8 @@ import math
 import torch
 from torch import Tensor, nn
 
+from .._masks import sequence_mask
 from .._validate import check_positive_ints
-from ..data.batch import sequence_mask
 from .attention import Encoder
 
 __all__ = ["TextEncoder"]

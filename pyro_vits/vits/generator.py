@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..data.batch import sequence_mask
+from .._masks import sequence_mask
 from ..flows import ResidualCouplingBlock
 from ..models.guides import PosteriorEncoder
 from ..nn.text_encoder import WINDOW_SIZE, TextEncoder

@@ -46,7 +46,7 @@ def test_nan_or_inf_in_data(small_data, field, bad):
 def test_small_public_helpers_name_the_bad_argument():
     import pandas as pd
 
-    from pyro_vits.data.batch import sequence_mask
+    from pyro_vits._masks import sequence_mask
     from pyro_vits.distributions import CosFlow
     from pyro_vits.infer import markdown_table, minibatch_indices
 
