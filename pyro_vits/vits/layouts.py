@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
+from .hf_names import HF_VITS_CONFIG_NAMES, hf_vits_to_vits
 from .reader import fail
 
 __all__ = ["Layout", "LAYOUTS", "get_layout", "layout_for_keys", "canonical", "CANONICAL_PARTS"]
@@ -77,6 +78,15 @@ LAYOUTS: dict[str, Layout] = {
 }
 """Every supported family, in detection order."""
 
+LAYOUTS["hf-vits"] = Layout(
+    "hf-vits", "HuggingFace transformers VitsModel", _VITS_NAMES, ("wn",),
+    markers=("text_encoder.embed_tokens.", "posterior_encoder.wavenet."), config="config.json",
+    convert=hf_vits_to_vits, config_names=HF_VITS_CONFIG_NAMES,
+    files=("model.safetensors", "pytorch_model.bin"), requires=("safetensors",),
+)
+"""HuggingFace ``VitsModel.save_pretrained`` folders (``model.safetensors`` or ``pytorch_model.bin`` and a
+flat ``config.json``); its markers are longer than coqui's (``text_encoder.``), so they win detection."""
+
 
 def get_layout(name: str) -> Layout:
     if name not in LAYOUTS:
@@ -85,14 +95,16 @@ def get_layout(name: str) -> Layout:
 
 
 def layout_for_keys(tensors: Mapping[str, Tensor], name: str | None = None) -> Layout:
-    """The layout named, else the first whose markers the keys show, else VITS's names (the flow then tells
+    """The layout named, else the one whose markers the keys show (the longest marker wins), else VITS's names (the flow then tells
     VITS, VITS2 and Bert-VITS2 apart: :func:`resolve`)."""
     if name is not None:
         return get_layout(name)
-    for layout in LAYOUTS.values():
-        if layout.markers and any(k.startswith(layout.markers) for k in tensors):
-            return layout
-    return LAYOUTS["vits"]
+    best, length = LAYOUTS["vits"], 0
+    for layout in LAYOUTS.values():  # the layout with the longest marker the keys show (first on ties)
+        shown = [len(m) for m in layout.markers if any(k.startswith(m) for k in tensors)]
+        if shown and max(shown) > length:
+            best, length = layout, max(shown)
+    return best
 
 
 def resolve(found: Layout, flow_family: str, named: bool, kind: str) -> Layout:
