@@ -8,11 +8,12 @@ Canonical names are VITS's ``SynthesizerTrn`` ones: ``enc_p.``, ``enc_q.``, ``fl
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from torch import Tensor
 
+from .hf_names import HF_VITS_CONFIG_NAMES, hf_vits_to_vits
 from .reader import fail
 
 __all__ = ["Layout", "LAYOUTS", "get_layout", "layout_for_keys", "canonical", "CANONICAL_PARTS"]
@@ -32,6 +33,15 @@ class Layout:
     ``config``: where the values the weights do not store come from (``"config.json"`` beside the file, or
     the checkpoint's own ``"config"`` entry) and ``config_values`` which they are (sizes always come from the
     tensor shapes). ``parts``: which canonical parts :func:`~pyro_vits.vits.load_vits_generator` loads from it.
+
+    ``decoder_prefix``: the stored prefix of the HiFi-GAN decoder (canonical ``dec.``; None: not read).
+    ``convert``: a function from the stored tensors to tensors under VITS's names (renamed, reshaped), applied
+    before ``prefixes``, for families whose modules differ from VITS's only in names and shapes.
+    ``config_names``: ``(stored config name, "section.vits_name")`` pairs translating the family's config
+    into a VITS ``config.json`` (``model``/``data`` sections); a stored name is looked up at the top level, under
+    ``model`` and under ``model_args``. ``files``: the weights file names in a model folder (a folder path
+    loads the first present). ``requires``: the modules the family needs (else one line naming
+    ``pip install pyro_vits[layouts]``).
     """
 
     name: str
@@ -43,6 +53,11 @@ class Layout:
     config: str = "config.json"
     config_values: tuple[str, ...] = ("dilation_rate_flow",)
     parts: tuple[str, ...] = CANONICAL_PARTS
+    decoder_prefix: str | None = "dec."
+    convert: Callable[[Mapping[str, Tensor]], dict[str, Tensor]] | None = None
+    config_names: tuple[tuple[str, str], ...] = ()
+    files: tuple[str, ...] = ()
+    requires: tuple[str, ...] = ()
 
 
 LAYOUTS: dict[str, Layout] = {
@@ -63,6 +78,15 @@ LAYOUTS: dict[str, Layout] = {
 }
 """Every supported family, in detection order."""
 
+LAYOUTS["hf-vits"] = Layout(
+    "hf-vits", "HuggingFace transformers VitsModel", _VITS_NAMES, ("wn",),
+    markers=("text_encoder.embed_tokens.", "posterior_encoder.wavenet."), config="config.json",
+    convert=hf_vits_to_vits, config_names=HF_VITS_CONFIG_NAMES,
+    files=("model.safetensors", "pytorch_model.bin"), requires=("safetensors",),
+)
+"""HuggingFace ``VitsModel.save_pretrained`` folders (``model.safetensors`` or ``pytorch_model.bin`` and a
+flat ``config.json``); its markers are longer than coqui's (``text_encoder.``), so they win detection."""
+
 
 def get_layout(name: str) -> Layout:
     if name not in LAYOUTS:
@@ -71,14 +95,16 @@ def get_layout(name: str) -> Layout:
 
 
 def layout_for_keys(tensors: Mapping[str, Tensor], name: str | None = None) -> Layout:
-    """The layout named, else the first whose markers the keys show, else VITS's names (the flow then tells
+    """The layout named, else the one whose markers the keys show (the longest marker wins), else VITS's names (the flow then tells
     VITS, VITS2 and Bert-VITS2 apart: :func:`resolve`)."""
     if name is not None:
         return get_layout(name)
-    for layout in LAYOUTS.values():
-        if layout.markers and any(k.startswith(layout.markers) for k in tensors):
-            return layout
-    return LAYOUTS["vits"]
+    best, length = LAYOUTS["vits"], 0
+    for layout in LAYOUTS.values():  # the layout with the longest marker the keys show (first on ties)
+        shown = [len(m) for m in layout.markers if any(k.startswith(m) for k in tensors)]
+        if shown and max(shown) > length:
+            best, length = layout, max(shown)
+    return best
 
 
 def resolve(found: Layout, flow_family: str, named: bool, kind: str) -> Layout:
@@ -99,8 +125,11 @@ def canonical(tensors: Mapping[str, Tensor], layout: Layout) -> tuple[dict[str, 
     """``(the tensors under canonical names, the top-level names of the keys outside the layout)``."""
     out: dict[str, Tensor] = {}
     other: set[str] = set()
+    if layout.convert is not None:
+        tensors = layout.convert(tensors)
+    prefixes = layout.prefixes + ((layout.decoder_prefix, "dec."),) * (layout.decoder_prefix is not None)
     for key, value in tensors.items():
-        stored = next((pair for pair in layout.prefixes if key.startswith(pair[0])), None)
+        stored = next((pair for pair in prefixes if key.startswith(pair[0])), None)
         if stored is None:
             other.add(key.split(".")[0])
         else:

@@ -84,12 +84,56 @@ def _coqui_name(key):
     return key
 
 
+def _hf_case():
+    """A small randomised transformers VitsModel saved with save_pretrained, loaded by folder path and compared
+    with the transformers modules (tests/vits/test_hf_layout.py holds the full comparison)."""
+    transformers = pytest.importorskip("transformers", reason="needs transformers (pip install pyro_vits[layouts])")
+    pytest.importorskip("safetensors", reason="needs safetensors (pip install pyro_vits[layouts])")
+    import tempfile
+    from pathlib import Path
+
+    from test_hf_layout import CONFIG
+
+    torch.manual_seed(0)
+    model = randomized(transformers.VitsModel(transformers.VitsConfig(**CONFIG)), seed=11, scale=0.15).eval()
+    folder = Path(tempfile.mkdtemp(prefix="hf-vits-"))
+    model.save_pretrained(folder)
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    def check(layout):
+        gen = load_vits_generator(folder, layout=layout)
+        g = torch.Generator().manual_seed(3)
+        x = torch.randint(0, 20, (2, 7), generator=g) * (torch.arange(7) < LENGTHS_TEXT[:, None])
+        text_mask = (torch.arange(7) < LENGTHS_TEXT[:, None]).float()
+        mask = (torch.arange(11) < LENGTHS_SPEC[:, None]).float().unsqueeze(1)
+        y = torch.randn(2, 17, 11, generator=g) * mask
+        sid = torch.tensor([2, 0])
+        with torch.no_grad():
+            out = model.text_encoder(x, text_mask.unsqueeze(-1), attention_mask=text_mask)
+            _, m_p, logs_p, _ = gen.enc_p(x, LENGTHS_TEXT)
+            torch.testing.assert_close(m_p, out.prior_means.transpose(1, 2), **TOL)
+            torch.testing.assert_close(logs_p, out.prior_log_variances.transpose(1, 2), **TOL)
+            g_hf = model.embed_speaker(sid).unsqueeze(-1)
+            _, m_q, logs_q, _ = gen.enc_q(y, LENGTHS_SPEC, g=gen.speaker_embedding(sid))
+            _, m_ref, logs_ref = model.posterior_encoder(y, mask, g_hf)
+            torch.testing.assert_close(m_q, m_ref, **TOL)
+            torch.testing.assert_close(logs_q, logs_ref, **TOL)
+            z = torch.randn(m_ref.shape, generator=g) * mask
+            for reverse in (False, True):
+                torch.testing.assert_close(gen.flow(z, mask, g=g_hf, reverse=reverse),
+                                           model.flow(z, mask, g_hf, reverse=reverse), **TOL)
+            torch.testing.assert_close(gen.dec(z, g_hf), model.decoder(z, g_hf), **TOL)
+
+    return [(state, check, lambda s, **kw: load_vits_generator(s, **kw))]
+
+
 CASES = {
     "vits": lambda: _generator_case(lambda k: k),
     "coqui": lambda: _generator_case(_coqui_name),
     "vits2": lambda: _flow_cases(("pre_conv", "pre_conv2", "fft", "mono_layer_inter_residual",
                                   "mono_layer_post_residual")),
     "bert-vits2": lambda: _flow_cases(("bert",)),
+    "hf-vits": _hf_case,
 }
 
 
@@ -113,4 +157,6 @@ def test_truncated_checkpoint_is_refused_in_one_line(name):
             load(truncated, layout=name)
         message = str(err.value)
         assert "\n" not in message and len(message) <= MAX_MESSAGE
-        assert "missing" in message and last.rsplit(".", 1)[0].split(".", 3)[-1] in message, message
+        convert = LAYOUTS[name].convert  # a renaming layout's errors name VITS's key
+        names = {last, *(convert({last: state[last]}) if convert else ())}
+        assert "missing" in message and any(n.rsplit(".", 1)[0].split(".", 3)[-1] in message for n in names), message
