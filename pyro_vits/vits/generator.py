@@ -23,6 +23,7 @@ from ..models.guides import PosteriorEncoder
 from ..nn.text_encoder import WINDOW_SIZE, TextEncoder
 from .flow_checkpoint import flow_from_tensors
 from .layouts import CANONICAL_PARTS, Layout, canonical, layout_for_keys
+from .piper import LAYOUT_KEY
 from .reader import Checkpoint, fail, module_state, read_checkpoint, weight_shape
 
 logger = logging.getLogger(__name__)
@@ -62,13 +63,14 @@ class VITSGenerator(nn.Module):
     def __init__(
         self,
         enc_p: TextEncoder,
-        enc_q: VITSPosteriorEncoder,
+        enc_q: VITSPosteriorEncoder | None,
         flow: ResidualCouplingBlock,
         config: dict[str, Any],
+        emb_g: nn.Embedding | None = None,
     ) -> None:
         super().__init__()
         self.enc_p, self.enc_q, self.flow = enc_p, enc_q, flow
-        self.emb_g: nn.Embedding | None = getattr(enc_q.guide, "emb_g", None)
+        self.emb_g: nn.Embedding | None = emb_g if enc_q is None else getattr(enc_q.guide, "emb_g", None)
         self.config = config
 
     @property
@@ -112,7 +114,8 @@ def _split_parts(checkpoint: Checkpoint, layout: Layout) -> tuple[dict[str, dict
     for key, value in tensors.items():
         part, sub_key = key.split(".", 1)
         parts[part][sub_key] = value
-    missing = [name for name in ("enc_p", "enc_q", "flow") if not parts[name]]
+    required = [name for name in ("enc_p", "enc_q", "flow") if name in layout.parts or name != "enc_q"]
+    missing = [name for name in required if not parts[name]]
     if missing:
         stored = next(s for s, c in layout.prefixes if c == missing[0] + ".")
         raise ValueError(
@@ -188,8 +191,12 @@ _REPORTED_SIZES = (
 
 def _generator_sizes(parts: Mapping[str, Mapping[str, Tensor]], label: str) -> dict[str, int]:
     """Every size of the latent path read from the weights; ``enc_p``, ``enc_q`` and ``emb_g`` must agree."""
-    sizes = {**_text_encoder_sizes(parts["enc_p"], label), **_posterior_sizes(parts["enc_q"], label)}
     emb_g = parts["emb_g"].get("weight")
+    if not parts["enc_q"]:  # a file without the posterior encoder (a released Piper voice): the prior path only
+        no_enc_q = dict(spec_channels=None, enc_q_layers=None, gin_channels=0 if emb_g is None else emb_g.shape[1])
+        return {**_text_encoder_sizes(parts["enc_p"], label), **no_enc_q,
+                "n_speakers": 0 if emb_g is None else emb_g.shape[0]}
+    sizes = {**_text_encoder_sizes(parts["enc_p"], label), **_posterior_sizes(parts["enc_q"], label)}
     sizes["n_speakers"] = 0 if emb_g is None else emb_g.shape[0]
     if (emb_g is None) != (sizes["gin_channels"] == 0) or (
         emb_g is not None and emb_g.shape[1] != sizes["gin_channels"]
@@ -262,7 +269,7 @@ def load_vits_generator(
     """
     found = read_checkpoint(checkpoint)
     label = found.label
-    keys_layout = layout_for_keys(found.tensors, layout)
+    keys_layout = layout_for_keys(found.tensors, layout or (found.config or {}).get(LAYOUT_KEY))
     parts, tensors = _split_parts(found, keys_layout)
     sizes = _generator_sizes(parts, label)
     p_dropout = 0.0
@@ -288,6 +295,15 @@ def load_vits_generator(
         p_dropout,
     )
     _load(enc_p, parts["enc_p"], "enc_p", label)
+    config_out = {key: sizes[key] for key in _REPORTED_SIZES}
+    config_out.update(p_dropout=p_dropout, n_flows=flow.config["n_flows"])
+    config_out.update(_piper_config(found, keys_layout))
+    if not parts["enc_q"]:
+        emb_g = None
+        if parts["emb_g"]:
+            emb_g = nn.Embedding(sizes["n_speakers"], sizes["gin_channels"])
+            _load(emb_g, parts["emb_g"], "emb_g", label)
+        return VITSGenerator(enc_p, None, flow, config_out, emb_g=emb_g).eval()
     guide = PosteriorEncoder(
         *(sizes[k] for k in ("spec_channels", "inter_channels", "hidden_channels", "enc_q_kernel")),
         ENC_Q_DILATION,
@@ -297,6 +313,17 @@ def load_vits_generator(
         name="enc_q",
     )
     _load(guide, {**parts["enc_q"], **{"emb_g." + k: v for k, v in parts["emb_g"].items()}}, "enc_q", label)
-    config_out = {key: sizes[key] for key in _REPORTED_SIZES}
-    config_out.update(p_dropout=p_dropout, n_flows=flow.config["n_flows"])
     return VITSGenerator(enc_p, VITSPosteriorEncoder(guide), flow, config_out).eval()
+
+
+def _piper_config(found: Checkpoint, layout: Layout) -> dict[str, Any]:
+    """What a Piper file states beyond the sizes: ``sample_rate``, and for a released voice its ``inference``
+    scales and ``phoneme_id_map`` (the voice's symbol table: phoneme -> ids)."""
+    config = found.config or {}
+    if layout.name == "piper-onnx":
+        return {k: config.get(k) for k in ("sample_rate", "inference", "phoneme_id_map")}
+    if layout.name == "piper-ckpt":
+        if any(k.startswith("model_d.") for k in found.tensors):
+            logger.info("%s: ignoring model_d (Piper's discriminator)", found.label)
+        return {"sample_rate": config.get("sample_rate")}
+    return {}
