@@ -66,7 +66,7 @@ def onnx_names(graph: Any) -> dict[str, str]:
     for node in graph.node:
         roles = _WEIGHT_INPUTS.get(node.op_type)
         scope = _scope(node.name)
-        if roles is None or scope is None or not scope.startswith(PIPER_PARTS):
+        if roles is None or scope is None or not (scope + ".").startswith(PIPER_PARTS):
             continue
         for index, role in roles.items():
             if index < len(node.input) and node.input[index] in initializers:
