@@ -26,8 +26,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .reader import fail
-
 logger = logging.getLogger(__name__)
 
 __all__ = ["LAYOUT_KEY", "read_piper_onnx", "onnx_names", "lightning_generator_config", "PIPER_PARTS"]
@@ -38,6 +36,13 @@ PIPER_PARTS = ("enc_p.", "enc_q.", "flow.", "emb_g.", "dec.", "dp.")
 _WEIGHT_INPUTS = {"Conv": {1: "weight", 2: "bias"}, "ConvTranspose": {1: "weight", 2: "bias"},
                   "Gather": {0: "weight"}}
 INSTALL = "pip install pyro_vits[layouts]"
+
+
+def fail(message: str, limit: int = 300) -> ValueError:
+    """A one-line ``ValueError`` of at most ``limit`` (the reader's ``MAX_MESSAGE``) characters; not the
+    reader's own ``fail``, which imports this module lazily."""
+    message = " ".join(message.split())
+    return ValueError(message if len(message) <= limit else message[: limit - 1] + "…")
 
 
 def _onnx():
