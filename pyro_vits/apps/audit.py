@@ -89,6 +89,8 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
             args.config,
         )
     generator = load_vits_generator(args.checkpoint, config)
+    if generator.enc_q is None:
+        raise ValueError(f"{args.checkpoint}: no enc_q weights (the audit draws z from the posterior encoder)")
     batch_size = args.batch_size or int(config.get("train", {}).get("batch_size", 16))
     logger.info(
         "auditing %s (%s) on %s, batch size %d, %d draws per utterance",

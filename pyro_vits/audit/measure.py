@@ -160,6 +160,8 @@ def audit(
         raise TypeError(
             f"generator must be a VITSGenerator (load_vits_generator), got {type(generator).__name__}"
         )
+    if generator.enc_q is None:
+        raise ValueError("the generator has no enc_q (posterior encoder): the audit draws z from it")
     if not isinstance(speech_config, SpeechConfig):
         raise ValueError("speech_config is required (SpeechConfig.from_vits_config(config))")
     check_positive_ints(batch_size=batch_size, chunk_size=chunk_size)

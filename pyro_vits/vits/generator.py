@@ -8,6 +8,7 @@ not part of the latent path and are skipped. Sizes come from the weights; a VITS
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 from collections.abc import Mapping
@@ -20,11 +21,12 @@ from torch import Tensor, nn
 from ..data.batch import sequence_mask
 from ..flows import ResidualCouplingBlock
 from ..models.guides import PosteriorEncoder
+from ..nn.hifigan import Generator
 from ..nn.text_encoder import WINDOW_SIZE, TextEncoder
 from .flow_checkpoint import flow_from_tensors
-from .layouts import CANONICAL_PARTS, Layout, canonical, layout_for_keys
+from .layouts import CANONICAL_PARTS, LAYOUTS, Layout, canonical, layout_for_keys
 from .piper import LAYOUT_KEY
-from .reader import Checkpoint, fail, module_state, read_checkpoint, weight_shape
+from .reader import Checkpoint, fail, fold_weight_norm, module_state, read_checkpoint, weight_shape
 
 logger = logging.getLogger(__name__)
 
@@ -55,8 +57,10 @@ class VITSPosteriorEncoder(nn.Module):
 
 class VITSGenerator(nn.Module):
     """The latent path of a VITS ``SynthesizerTrn``: ``enc_p`` (:class:`~pyro_vits.nn.text_encoder.TextEncoder`),
-    ``enc_q`` (:class:`VITSPosteriorEncoder`), ``flow`` (:class:`~pyro_vits.flows.ResidualCouplingBlock`,
-    ``z -> z_p``) and ``emb_g`` (speaker ``nn.Embedding`` or None, shared with ``enc_q.guide``).
+    ``enc_q`` (:class:`VITSPosteriorEncoder`, or None for a file without one), ``flow``
+    (:class:`~pyro_vits.flows.ResidualCouplingBlock`, ``z -> z_p``), ``emb_g`` (speaker ``nn.Embedding`` or
+    None, shared with ``enc_q.guide``) and ``dec`` (the HiFi-GAN decoder
+    :class:`~pyro_vits.nn.hifigan.Generator`, or None when not loaded).
     ``config``: the sizes (``n_vocab``, ``spec_channels``, ``inter_channels``, ``hidden_channels``, ...).
     """
 
@@ -66,10 +70,11 @@ class VITSGenerator(nn.Module):
         enc_q: VITSPosteriorEncoder | None,
         flow: ResidualCouplingBlock,
         config: dict[str, Any],
+        dec: Generator | None = None,
         emb_g: nn.Embedding | None = None,
     ) -> None:
         super().__init__()
-        self.enc_p, self.enc_q, self.flow = enc_p, enc_q, flow
+        self.enc_p, self.enc_q, self.flow, self.dec = enc_p, enc_q, flow, dec
         self.emb_g: nn.Embedding | None = emb_g if enc_q is None else getattr(enc_q.guide, "emb_g", None)
         self.config = config
 
@@ -110,12 +115,14 @@ def _split_parts(checkpoint: Checkpoint, layout: Layout) -> tuple[dict[str, dict
     tensors, other = canonical(checkpoint.tensors, layout)
     if "emb_l" in other:
         raise ValueError(f"{label}: multilingual generators (emb_l) are not supported")
-    parts: dict[str, dict[str, Tensor]] = {name: {} for name in CANONICAL_PARTS}
+    parts: dict[str, dict[str, Tensor]] = {name: {} for name in (*CANONICAL_PARTS, "dec")}
     for key, value in tensors.items():
         part, sub_key = key.split(".", 1)
         parts[part][sub_key] = value
-    required = [name for name in ("enc_p", "enc_q", "flow") if name in layout.parts or name != "enc_q"]
-    missing = [name for name in required if not parts[name]]
+    if parts["dec"] and not any(k.startswith("conv_pre.") for k in parts["dec"]):  # not a HiFi-GAN
+        other.add(str(layout.decoder_prefix).split(".")[0])
+        parts["dec"] = {}
+    missing = [name for name in ("enc_p", "flow") if not parts[name]]
     if missing:
         stored = next(s for s, c in layout.prefixes if c == missing[0] + ".")
         raise ValueError(
@@ -189,14 +196,16 @@ _REPORTED_SIZES = (
 )
 
 
-def _generator_sizes(parts: Mapping[str, Mapping[str, Tensor]], label: str) -> dict[str, int]:
-    """Every size of the latent path read from the weights; ``enc_p``, ``enc_q`` and ``emb_g`` must agree."""
+def _generator_sizes(parts: Mapping[str, Mapping[str, Tensor]], label: str, gin: int) -> dict[str, int]:
+    """Every size of the latent path read from the weights; ``enc_p``, ``enc_q`` and ``emb_g`` must agree.
+    ``gin``: the flow's speaker width, used when there is no ``enc_q``."""
+    sizes = _text_encoder_sizes(parts["enc_p"], label)
+    if parts["enc_q"]:
+        sizes.update(_posterior_sizes(parts["enc_q"], label))
+    else:
+        sizes.update(spec_channels=0, enc_q_layers=0, gin_channels=gin,
+                     enc_q_inter=sizes["inter_channels"], enc_q_hidden=sizes["hidden_channels"])
     emb_g = parts["emb_g"].get("weight")
-    if not parts["enc_q"]:  # a file without the posterior encoder (a released Piper voice): the prior path only
-        no_enc_q = dict(spec_channels=None, enc_q_layers=None, gin_channels=0 if emb_g is None else emb_g.shape[1])
-        return {**_text_encoder_sizes(parts["enc_p"], label), **no_enc_q,
-                "n_speakers": 0 if emb_g is None else emb_g.shape[0]}
-    sizes = {**_text_encoder_sizes(parts["enc_p"], label), **_posterior_sizes(parts["enc_q"], label)}
     sizes["n_speakers"] = 0 if emb_g is None else emb_g.shape[0]
     if (emb_g is None) != (sizes["gin_channels"] == 0) or (
         emb_g is not None and emb_g.shape[1] != sizes["gin_channels"]
@@ -231,7 +240,7 @@ def _check_config(sizes: Mapping[str, int], config: Mapping[str, Any], label: st
         )
         if key in model
     }
-    if "filter_length" in data:
+    if "filter_length" in data and sizes.get("spec_channels"):  # 0: no enc_q
         stated["spec_channels"] = data["filter_length"] // 2 + 1
     if data.get("n_speakers", 0) > 1:
         stated["n_speakers"] = data["n_speakers"]
@@ -256,6 +265,7 @@ def load_vits_generator(
     config: str | Path | Mapping[str, Any] | None = None,
     *,
     layout: str | None = None,
+    decoder: bool | None = None,
 ) -> VITSGenerator:
     """Load a VITS generator's latent path from a checkpoint path, a checkpoint dict (``{"model": ...}``,
     as VITS's ``utils.save_checkpoint`` writes) or a state dict; returns a :class:`VITSGenerator` in eval
@@ -266,21 +276,33 @@ def load_vits_generator(
     ``model.p_dropout`` is kept (and the flow's settings, e.g. ``dilation_rate_flow``, are read from it by
     :func:`~pyro_vits.flows.load_vits_flow`). ``layout``: a name in :data:`~pyro_vits.vits.layouts.LAYOUTS`
     (None: detected from the keys). Raises ``ValueError`` for missing parts or disagreeing sizes.
+
+    A model folder (e.g. a HuggingFace ``save_pretrained`` one) loads the weights file its layout names.
+    Without ``enc_q`` weights, ``enc_q`` is None. ``decoder``: load the HiFi-GAN decoder ``dec`` (True: required;
+    None: when the file has one and the config, given or kept with the weights, states its
+    ``upsample_rates``; False: never).
     """
-    found = read_checkpoint(checkpoint)
+    found = read_checkpoint(_weights_path(checkpoint))
     label = found.label
     keys_layout = layout_for_keys(found.tensors, layout or (found.config or {}).get(LAYOUT_KEY))
+    _check_requires(keys_layout, label)
     parts, tensors = _split_parts(found, keys_layout)
-    sizes = _generator_sizes(parts, label)
     p_dropout = 0.0
+    implicit = _layout_config(_implicit_config(found, keys_layout), keys_layout)
+    if keys_layout.name.startswith("piper") and (found.config or {}).get("dec"):  # HiFi-GAN arguments
+        implicit = {**(implicit or {}), "model": {**(implicit or {}).get("model", {}), **found.config["dec"]}}
     if config is not None:
-        config = read_vits_config(config)
-        _check_config(sizes, config, label)
-        p_dropout = float(config["model"].get("p_dropout", 0.0))
+        config = _layout_config(read_vits_config(config), keys_layout)
+        model = config.get("model")
+        p_dropout = float(model.get("p_dropout", 0.0)) if isinstance(model, Mapping) else 0.0
     try:
-        flow, holder = flow_from_tensors(tensors, keys_layout, named=layout is not None, config=config)
+        flow, holder = flow_from_tensors(tensors, keys_layout, named=layout is not None,
+                                         config=config if config is not None else implicit)
     except ValueError as err:
         raise ValueError(f"{label}: {err}") from err
+    sizes = _generator_sizes(parts, label, flow.gin_channels)
+    if config is not None:
+        _check_config(sizes, config, label)
     if "enc_p" not in holder.parts:
         raise ValueError(f"{label}: the {holder.label} layout's enc_p/enc_q are not VITS's: load its flow "
                          "with load_vits_flow")
@@ -295,25 +317,146 @@ def load_vits_generator(
         p_dropout,
     )
     _load(enc_p, parts["enc_p"], "enc_p", label)
+    enc_q, emb_g = None, None
+    if parts["enc_q"]:
+        guide = PosteriorEncoder(
+            *(sizes[k] for k in ("spec_channels", "inter_channels", "hidden_channels", "enc_q_kernel")),
+            ENC_Q_DILATION,
+            sizes["enc_q_layers"],
+            n_speakers=sizes["n_speakers"],
+            gin_channels=sizes["gin_channels"],
+            name="enc_q",
+        )
+        _load(guide, {**parts["enc_q"], **{"emb_g." + k: v for k, v in parts["emb_g"].items()}}, "enc_q",
+              label)
+        enc_q = VITSPosteriorEncoder(guide)
+    elif parts["emb_g"]:
+        emb_g = nn.Embedding(sizes["n_speakers"], sizes["gin_channels"])
+        _load(emb_g, parts["emb_g"], "emb_g", label)
+    dec = _decoder(parts["dec"], config if config is not None else implicit, sizes, decoder, label)
     config_out = {key: sizes[key] for key in _REPORTED_SIZES}
     config_out.update(p_dropout=p_dropout, n_flows=flow.config["n_flows"])
     config_out.update(_piper_config(found, keys_layout))
-    if not parts["enc_q"]:
-        emb_g = None
-        if parts["emb_g"]:
-            emb_g = nn.Embedding(sizes["n_speakers"], sizes["gin_channels"])
-            _load(emb_g, parts["emb_g"], "emb_g", label)
-        return VITSGenerator(enc_p, None, flow, config_out, emb_g=emb_g).eval()
-    guide = PosteriorEncoder(
-        *(sizes[k] for k in ("spec_channels", "inter_channels", "hidden_channels", "enc_q_kernel")),
-        ENC_Q_DILATION,
-        sizes["enc_q_layers"],
-        n_speakers=sizes["n_speakers"],
-        gin_channels=sizes["gin_channels"],
-        name="enc_q",
+    return VITSGenerator(enc_p, enc_q, flow, config_out, dec=dec, emb_g=emb_g).eval()
+
+
+# --------------------------------------------------------------------------------------------- decoder, config
+
+_DECODER_SETTINGS = ("resblock", "resblock_dilation_sizes", "upsample_rates")
+
+
+def _weights_path(checkpoint: Any) -> Any:
+    """A model folder -> the first weights file a layout names in it (``files``); anything else unchanged."""
+    if not isinstance(checkpoint, (str, Path)) or not Path(checkpoint).is_dir():
+        return checkpoint
+    names = [name for layout in LAYOUTS.values() for name in layout.files]
+    for name in names:
+        if (Path(checkpoint) / name).is_file():
+            return Path(checkpoint) / name
+    raise FileNotFoundError(f"checkpoint not found: {checkpoint} is a folder without any of {names} "
+                            "(no VITS checkpoint at that path)")
+
+
+def _check_requires(layout: Layout, label: str) -> None:
+    missing = [name for name in layout.requires if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ImportError(f"{label}: the {layout.label} layout needs {', '.join(missing)}: "
+                          "pip install pyro_vits[layouts]")
+
+
+def _implicit_config(found: Checkpoint, layout: Layout) -> dict[str, Any] | None:
+    """The config the layout keeps with its weights: the checkpoint's ``config`` entry, or a ``config.json``
+    beside the file."""
+    if layout.config == "checkpoint" or found.config is not None:
+        return None if found.config is None else dict(found.config)
+    beside = None if found.path is None else found.path.parent / "config.json"
+    if beside is None or not beside.is_file():
+        return None
+    try:
+        return read_vits_config(beside)
+    except ValueError as err:
+        raise fail(f"{found.label}: cannot read {beside} beside the checkpoint: {err}") from err
+
+
+def _layout_config(config: Mapping[str, Any] | None, layout: Layout) -> dict[str, Any] | None:
+    """``config`` with the layout's ``config_names`` copied into VITS's ``model``/``data`` sections (values
+    already there win)."""
+    if config is None:
+        return None
+    out = {key: dict(value) if isinstance(value, Mapping) else value for key, value in config.items()}
+    for stored, target in layout.config_names:
+        value = _config_value(config, stored)
+        section, name = target.split(".", 1)
+        if value is not None and isinstance(out.setdefault(section, {}), dict):
+            out[section].setdefault(name, value)
+    return out
+
+
+def _config_value(config: Mapping[str, Any] | None, name: str) -> Any:
+    if not isinstance(config, Mapping):
+        return None
+    for section in (config, config.get("model"), config.get("model_args")):
+        if isinstance(section, Mapping) and section.get(name) is not None:
+            return section[name]
+    return None
+
+
+def decoder_sizes(dec: Mapping[str, Tensor], config: Mapping[str, Any] | None, label: str) -> dict[str, Any]:
+    """The :class:`~pyro_vits.nn.hifigan.Generator` arguments of a ``dec.*`` state: sizes from the shapes, the
+    resblock kind from the key names; upsample strides and dilations are not stored, so they come from the
+    config (``model.upsample_rates``, ``model.resblock_dilation_sizes``)."""
+    where = f"{label} dec"
+    pre = _weight(dec, "conv_pre.weight", where)
+    n_ups = _count(dec, "ups.")
+    kind = "1" if any(".convs1." in k for k in dec) else "2"
+    n_blocks = _count(dec, "resblocks.")
+    if not n_ups or n_blocks % n_ups:
+        raise fail(f"{where}: {n_blocks} resblocks for {n_ups} upsampling layers (expected a multiple)")
+    n_kernels = n_blocks // n_ups
+    conv = "convs1" if kind == "1" else "convs"
+    kernels = [_weight(dec, f"resblocks.{j}.{conv}.0.weight", where)[-1] for j in range(n_kernels)]
+    n_dilations = [_count(dec, f"resblocks.{j}.{conv}.") for j in range(n_kernels)]
+    rates = _config_value(config, "upsample_rates")
+    dilations = _config_value(config, "resblock_dilation_sizes")
+    if rates is None or dilations is None:
+        raise fail(f"{where}: the decoder's upsample_rates and resblock_dilation_sizes are not stored in the "
+                   "weights (ConvTranspose strides, dilations): pass config= with model.upsample_rates and "
+                   "model.resblock_dilation_sizes, or decoder=False")
+    stated = _config_value(config, "resblock")
+    if stated is not None and str(stated) != kind:
+        raise fail(f"{where}: config says resblock={stated!r} but the weights hold ResBlock{kind}")
+    if len(rates) != n_ups or [len(d) for d in dilations] != n_dilations:
+        raise fail(f"{where}: config upsample_rates {list(rates)} / resblock_dilation_sizes "
+                   f"{[list(d) for d in dilations]} do not fit {n_ups} upsampling layers and "
+                   f"{n_dilations} convolutions per resblock")
+    cond = weight_shape(dec, "cond")
+    return dict(
+        initial_channel=pre[1], resblock=kind, resblock_kernel_sizes=kernels,
+        resblock_dilation_sizes=[list(d) for d in dilations], upsample_rates=list(rates),
+        upsample_initial_channel=pre[0],
+        upsample_kernel_sizes=[_weight(dec, f"ups.{i}.weight", where)[-1] for i in range(n_ups)],
+        gin_channels=0 if cond is None else cond[1],
     )
-    _load(guide, {**parts["enc_q"], **{"emb_g." + k: v for k, v in parts["emb_g"].items()}}, "enc_q", label)
-    return VITSGenerator(enc_p, VITSPosteriorEncoder(guide), flow, config_out).eval()
+
+
+def _decoder(dec: Mapping[str, Tensor], config: Mapping[str, Any] | None, sizes: Mapping[str, int],
+             decoder: bool | None, label: str) -> Generator | None:
+    """The loaded HiFi-GAN ``dec`` (None: no ``dec.conv_pre`` in the file, ``decoder=False``, or
+    ``decoder=None`` and no config giving its upsample rates)."""
+    if decoder is False or not any(k.startswith("conv_pre.") for k in dec):
+        if decoder:
+            raise fail(f"{label}: decoder=True but the file has no HiFi-GAN decoder (dec.conv_pre)")
+        return None
+    if decoder is None and _config_value(config, "upsample_rates") is None:
+        logger.info("%s: decoder not loaded (its upsample_rates are not stored: pass config=)", label)
+        return None
+    args = decoder_sizes(dec, config, label)
+    if args["initial_channel"] != sizes["inter_channels"] or args["gin_channels"] not in (0, sizes["gin_channels"]):
+        raise fail(f"{label}: dec takes {args['initial_channel']} channels and gin {args['gin_channels']}, "
+                   f"the flow {sizes['inter_channels']} and gin {sizes['gin_channels']}")
+    module = Generator(**args)
+    _load(module, fold_weight_norm(dec), "dec", label)
+    return module
 
 
 def _piper_config(found: Checkpoint, layout: Layout) -> dict[str, Any]:

@@ -8,7 +8,7 @@ Canonical names are VITS's ``SynthesizerTrn`` ones: ``enc_p.``, ``enc_q.``, ``fl
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from torch import Tensor
@@ -32,6 +32,15 @@ class Layout:
     ``config``: where the values the weights do not store come from (``"config.json"`` beside the file, or
     the checkpoint's own ``"config"`` entry) and ``config_values`` which they are (sizes always come from the
     tensor shapes). ``parts``: which canonical parts :func:`~pyro_vits.vits.load_vits_generator` loads from it.
+
+    ``decoder_prefix``: the stored prefix of the HiFi-GAN decoder (canonical ``dec.``; None: not read).
+    ``convert``: a function from the stored tensors to tensors under VITS's names (renamed, reshaped), applied
+    before ``prefixes``, for families whose modules differ from VITS's only in names and shapes.
+    ``config_names``: ``(stored config name, "section.vits_name")`` pairs translating the family's config
+    into a VITS ``config.json`` (``model``/``data`` sections); a stored name is looked up at the top level, under
+    ``model`` and under ``model_args``. ``files``: the weights file names in a model folder (a folder path
+    loads the first present). ``requires``: the modules the family needs (else one line naming
+    ``pip install pyro_vits[layouts]``).
     """
 
     name: str
@@ -43,6 +52,11 @@ class Layout:
     config: str = "config.json"
     config_values: tuple[str, ...] = ("dilation_rate_flow",)
     parts: tuple[str, ...] = CANONICAL_PARTS
+    decoder_prefix: str | None = "dec."
+    convert: Callable[[Mapping[str, Tensor]], dict[str, Tensor]] | None = None
+    config_names: tuple[tuple[str, str], ...] = ()
+    files: tuple[str, ...] = ()
+    requires: tuple[str, ...] = ()
 
 
 LAYOUTS: dict[str, Layout] = {
@@ -72,7 +86,8 @@ for _layout in (
            config="voice.onnx.json", config_values=(), parts=("enc_p", "flow", "emb_g")),
     Layout("piper-ckpt", "Piper Lightning checkpoint",
            tuple(("model_g." + stored, name) for stored, name in _VITS_NAMES), ("wn",),
-           markers=("model_g.", "model_d."), weight_norm=("weight_g",), config="checkpoint", config_values=()),
+           markers=("model_g.", "model_d."), weight_norm=("weight_g",), config="checkpoint", config_values=(),
+           decoder_prefix="model_g.dec."),
 ):
     LAYOUTS[_layout.name] = _layout
 
@@ -112,8 +127,11 @@ def canonical(tensors: Mapping[str, Tensor], layout: Layout) -> tuple[dict[str, 
     """``(the tensors under canonical names, the top-level names of the keys outside the layout)``."""
     out: dict[str, Tensor] = {}
     other: set[str] = set()
+    if layout.convert is not None:
+        tensors = layout.convert(tensors)
+    prefixes = layout.prefixes + ((layout.decoder_prefix, "dec."),) * (layout.decoder_prefix is not None)
     for key, value in tensors.items():
-        stored = next((pair for pair in layout.prefixes if key.startswith(pair[0])), None)
+        stored = next((pair for pair in prefixes if key.startswith(pair[0])), None)
         if stored is None:
             other.add(key.split(".")[0])
         else:

@@ -164,3 +164,21 @@ def module_state(module: nn.Module, entries: Mapping[str, Tensor]) -> dict[str, 
             state[key] = value
     state.update({k: v for k, v in entries.items() if k not in used})
     return state
+
+
+def fold_weight_norm(entries: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """``entries`` with every weight-normed weight (``weight_g``/``weight_v`` or
+    ``parametrizations.weight.original0/1``; norm over all dimensions but 0, as torch's weight norm) folded into
+    a plain ``weight``; other entries unchanged. For modules built without weight norm (the HiFi-GAN decoder)."""
+    out: dict[str, Tensor] = {}
+    for key, value in entries.items():
+        for g_suffix, v_suffix in WEIGHT_NORM_FORMS.values():
+            base = key[: -len(v_suffix)] if key.endswith(v_suffix) else key[: -len(g_suffix)]
+            if key.endswith(v_suffix) and base + g_suffix in entries:
+                out[base + ".weight"] = torch._weight_norm(value, entries[base + g_suffix], 0)
+                break
+            if key.endswith(g_suffix) and base + v_suffix in entries:
+                break
+        else:
+            out[key] = value
+    return out

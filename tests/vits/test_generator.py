@@ -88,9 +88,14 @@ def test_state_dict_coqui_names_and_module_prefix(saved):
 def test_bad_checkpoints_and_configs(saved, tmp_path):
     ref, kwargs, path, _ = saved
     state = ref.state_dict()
-    for part in ("enc_p", "enc_q", "flow"):
+    for part in ("enc_p", "flow"):
         with pytest.raises(ValueError, match=f"no {part} weights"):
             load_vits_generator({k: v for k, v in state.items() if not k.startswith(part + ".")})
+    without_q = load_vits_generator({k: v for k, v in state.items() if not k.startswith("enc_q.")})
+    assert without_q.enc_q is None and without_q.n_speakers == (ref.emb_g.num_embeddings if hasattr(ref, "emb_g")
+                                                                else 0)
+    if hasattr(ref, "emb_g"):
+        torch.testing.assert_close(without_q.emb_g.weight, ref.emb_g.weight)
     bad = vits_config({**kwargs, "hidden": 16})
     with pytest.raises(
         ValueError, match="config says hidden_channels=16 but the weights in .* have hidden_channels=8"
