@@ -25,6 +25,7 @@ from ..nn.hifigan import Generator
 from ..nn.text_encoder import WINDOW_SIZE, TextEncoder
 from .flow_checkpoint import flow_from_tensors
 from .layouts import CANONICAL_PARTS, LAYOUTS, Layout, canonical, layout_for_keys
+from .piper import LAYOUT_KEY
 from .reader import Checkpoint, fail, fold_weight_norm, module_state, read_checkpoint, weight_shape
 
 logger = logging.getLogger(__name__)
@@ -283,11 +284,13 @@ def load_vits_generator(
     """
     found = read_checkpoint(_weights_path(checkpoint))
     label = found.label
-    keys_layout = layout_for_keys(found.tensors, layout)
+    keys_layout = layout_for_keys(found.tensors, layout or (found.config or {}).get(LAYOUT_KEY))
     _check_requires(keys_layout, label)
     parts, tensors = _split_parts(found, keys_layout)
     p_dropout = 0.0
     implicit = _layout_config(_implicit_config(found, keys_layout), keys_layout)
+    if keys_layout.name.startswith("piper") and (found.config or {}).get("dec"):  # HiFi-GAN arguments
+        implicit = {**(implicit or {}), "model": {**(implicit or {}).get("model", {}), **found.config["dec"]}}
     if config is not None:
         config = _layout_config(read_vits_config(config), keys_layout)
         model = config.get("model")
@@ -333,6 +336,7 @@ def load_vits_generator(
     dec = _decoder(parts["dec"], config if config is not None else implicit, sizes, decoder, label)
     config_out = {key: sizes[key] for key in _REPORTED_SIZES}
     config_out.update(p_dropout=p_dropout, n_flows=flow.config["n_flows"])
+    config_out.update(_piper_config(found, keys_layout))
     return VITSGenerator(enc_p, enc_q, flow, config_out, dec=dec, emb_g=emb_g).eval()
 
 
@@ -453,3 +457,16 @@ def _decoder(dec: Mapping[str, Tensor], config: Mapping[str, Any] | None, sizes:
     module = Generator(**args)
     _load(module, fold_weight_norm(dec), "dec", label)
     return module
+
+
+def _piper_config(found: Checkpoint, layout: Layout) -> dict[str, Any]:
+    """What a Piper file states beyond the sizes: ``sample_rate``, and for a released voice its ``inference``
+    scales and ``phoneme_id_map`` (the voice's symbol table: phoneme -> ids)."""
+    config = found.config or {}
+    if layout.name == "piper-onnx":
+        return {k: config.get(k) for k in ("sample_rate", "inference", "phoneme_id_map")}
+    if layout.name == "piper-ckpt":
+        if any(k.startswith("model_d.") for k in found.tensors):
+            logger.info("%s: ignoring model_d (Piper's discriminator)", found.label)
+        return {"sample_rate": config.get("sample_rate")}
+    return {}

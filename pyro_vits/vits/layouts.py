@@ -87,6 +87,20 @@ LAYOUTS["hf-vits"] = Layout(
 """HuggingFace ``VitsModel.save_pretrained`` folders (``model.safetensors`` or ``pytorch_model.bin`` and a
 flat ``config.json``); its markers are longer than coqui's (``text_encoder.``), so they win detection."""
 
+# Piper (rhasspy/piper): a released voice (``voice.onnx`` + ``voice.onnx.json``, read by
+# :func:`~pyro_vits.vits.piper.read_piper_onnx` into VITS's names; no enc_q; named by the reader's config) and a
+# Lightning training checkpoint (``model_g.`` generator / ``model_d.`` discriminator, sizes in
+# ``hyper_parameters``).
+for _layout in (
+    Layout("piper-onnx", "Piper ONNX voice", _VITS_NAMES, ("wn",), weight_norm=("plain",),
+           config="voice.onnx.json", config_values=(), parts=("enc_p", "flow", "emb_g")),
+    Layout("piper-ckpt", "Piper Lightning checkpoint",
+           tuple(("model_g." + stored, name) for stored, name in _VITS_NAMES), ("wn",),
+           markers=("model_g.", "model_d."), weight_norm=("weight_g",), config="checkpoint", config_values=(),
+           decoder_prefix="model_g.dec."),
+):
+    LAYOUTS[_layout.name] = _layout
+
 
 def get_layout(name: str) -> Layout:
     if name not in LAYOUTS:

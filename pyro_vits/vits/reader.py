@@ -60,6 +60,10 @@ class Checkpoint:
 def _load_file(path: Path) -> Any:
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path} (no VITS checkpoint at that path)")
+    if path.suffix == ".onnx":  # a Piper voice: {"model": tensors in VITS's names, "config": ...}
+        from .piper import read_piper_onnx
+
+        return read_piper_onnx(path)
     if path.suffix == ".safetensors":
         try:
             from safetensors.torch import load_file
@@ -94,7 +98,7 @@ def read_checkpoint(checkpoint: str | os.PathLike | Mapping[str, Any]) -> Checkp
         raise fail(f"{label}: {key!r} is a {type(state).__name__}, not a state dict")
     tensors = {k.removeprefix("module."): v for k, v in state.items()
                if isinstance(k, str) and isinstance(v, Tensor)}
-    config = obj.get("config") if isinstance(obj.get("config"), Mapping) else None
+    config = next((obj[k] for k in ("config", "hyper_parameters") if isinstance(obj.get(k), Mapping)), None)
     return Checkpoint(tensors, config, label, path)
 
 

@@ -160,3 +160,112 @@ def test_truncated_checkpoint_is_refused_in_one_line(name):
         convert = LAYOUTS[name].convert  # a renaming layout's errors name VITS's key
         names = {last, *(convert({last: state[last]}) if convert else ())}
         assert "missing" in message and any(n.rsplit(".", 1)[0].split(".", 3)[-1] in message for n in names), message
+
+
+def _folded(state):
+    """``state`` with weight norm folded into plain ``weight`` s, as Piper's ONNX export stores them."""
+    out = {}
+    for key, value in state.items():
+        if key.endswith(".weight_g"):
+            base = key[: -len(".weight_g")]
+            out[base + ".weight"] = torch._weight_norm(state[base + ".weight_v"], value, 0)
+        elif not key.endswith(".weight_v"):
+            out[key] = value
+    return out
+
+
+def write_piper_onnx(state, path):
+    """A Piper-voice-shaped ONNX file (a graph of unconnected nodes: only names and initializers are read):
+    embeddings as ``/…/emb/Gather`` input 0, convolutions as ``/…/Conv`` inputs 1 (anonymous
+    ``onnx::Conv_<n>`` under ``flow.…enc``, as folded weight norm leaves them) and 2, the rest as named
+    initializers."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    nodes, inits = [], []
+    for n, (key, value) in enumerate(sorted(state.items())):
+        base, leaf = key.rsplit(".", 1)
+        scope = "/" + base.replace(".", "/")
+        name = key
+        if leaf == "weight" and base.endswith(("emb", "emb_g")):
+            name = f"onnx::Gather_{n}"
+            nodes.append(helper.make_node("Gather", [name, "ids"], [f"{scope}/out"], name=f"{scope}/Gather"))
+        elif leaf == "weight" and value.dim() == 3:
+            name = f"onnx::Conv_{n}" if ".enc." in key and key.startswith("flow.") else key
+            bias = [base + ".bias"] if base + ".bias" in state else []
+            nodes.append(helper.make_node("Conv", ["x", name, *bias], [f"{scope}/out"], name=f"{scope}/Conv"))
+        inits.append(numpy_helper.from_array(value.detach().numpy(), name))
+    graph = helper.make_graph(nodes, "piper", [helper.make_tensor_value_info("x", 1, None)],
+                              [helper.make_tensor_value_info("y", 1, None)], initializer=inits)
+    onnx.save(helper.make_model(graph), str(path))
+
+
+def _piper_onnx_case():
+    """A released Piper voice: the prior path (enc_p, flow, emb_g) of a RefGenerator, folded, in ONNX."""
+    pytest.importorskip("onnx")
+    ref = randomized(RefGenerator(n_speakers=3, gin=5), seed=17).eval()
+    state = {k: v for k, v in _folded(ref.state_dict()).items() if k.startswith(("enc_p.", "flow.", "emb_g."))}
+
+    def load(s, **kw):
+        import tempfile
+        from pathlib import Path
+
+        with tempfile.TemporaryDirectory() as folder:
+            write_piper_onnx(s, Path(folder) / "voice.onnx")
+            return load_vits_generator(Path(folder) / "voice.onnx", **kw)
+
+    def check(layout):
+        gen = load(state, layout=layout)
+        assert gen.enc_q is None
+        g = torch.Generator().manual_seed(5)
+        x = torch.randint(0, 20, (2, 7), generator=g) * (torch.arange(7) < LENGTHS_TEXT[:, None])
+        sid = torch.tensor([2, 0])
+        with torch.no_grad():
+            for got, want in zip(gen.enc_p(x, LENGTHS_TEXT), ref.enc_p(x, LENGTHS_TEXT)):
+                torch.testing.assert_close(got, want, **TOL)
+            g_ref = ref.emb_g(sid).unsqueeze(-1)
+            torch.testing.assert_close(gen.speaker_embedding(sid), g_ref, **TOL)
+            mask = (torch.arange(11) < LENGTHS_SPEC[:, None]).float().unsqueeze(1)
+            z = torch.randn(2, 6, 11, generator=g) * mask
+            torch.testing.assert_close(gen.flow(z, mask, g=g_ref), ref.flow(z, mask, g_ref), **TOL)
+
+    return [(state, check, load)]
+
+
+def _piper_ckpt_case():
+    """A Piper Lightning checkpoint: ``state_dict`` under ``model_g.`` (and ``model_d.``), sizes in
+    ``hyper_parameters``."""
+    def lightning(s):
+        return {"state_dict": {**{"model_g." + k: v for k, v in s.items()},
+                               "model_d.discriminators.0.conv_post.weight": torch.ones(1, 4, 3)},
+                "hyper_parameters": {"sample_rate": 8000, "resblock": "2"}, "epoch": 1}
+
+    ref = randomized(RefGenerator(n_speakers=3, gin=5), seed=11).eval()
+    state = ref.state_dict()  # weight_g / weight_v, as Piper trains
+
+    def load(s, **kw):
+        return load_vits_generator(lightning(s), **kw)
+
+    def check_ckpt(layout):
+        gen = load(state, layout=layout)
+        assert gen.config["sample_rate"] == 8000
+        g = torch.Generator().manual_seed(3)
+        x = torch.randint(0, 20, (2, 7), generator=g) * (torch.arange(7) < LENGTHS_TEXT[:, None])
+        y = torch.randn(2, 17, 11, generator=g) * (torch.arange(11) < LENGTHS_SPEC[:, None]).unsqueeze(1)
+        sid = torch.tensor([2, 0])
+        with torch.no_grad():
+            for got, want in zip(gen.enc_p(x, LENGTHS_TEXT), ref.enc_p(x, LENGTHS_TEXT)):
+                torch.testing.assert_close(got, want, **TOL)
+            g_ref = ref.emb_g(sid).unsqueeze(-1)
+            m_ref, logs_ref, mask = ref.enc_q(y, LENGTHS_SPEC, g_ref)
+            _, m_q, logs_q, _ = gen.enc_q(y, LENGTHS_SPEC, g=gen.speaker_embedding(sid))
+            torch.testing.assert_close(m_q, m_ref, **TOL)
+            torch.testing.assert_close(logs_q, logs_ref, **TOL)
+            z = torch.randn(m_ref.shape, generator=g) * mask
+            torch.testing.assert_close(gen.flow(z, mask, g=g_ref), ref.flow(z, mask, g_ref), **TOL)
+
+    return [(state, check_ckpt, load)]
+
+
+CASES["piper-onnx"] = _piper_onnx_case
+CASES["piper-ckpt"] = _piper_ckpt_case
