@@ -20,7 +20,9 @@ from torch import Tensor, nn
 from ..data.batch import sequence_mask
 from ..flows import ResidualCouplingBlock
 from ..models.guides import PosteriorEncoder
+from ..nn.conformer import ConformerTextEncoder
 from ..nn.text_encoder import WINDOW_SIZE, TextEncoder
+from .espnet import build_conformer, conformer_sizes, espnet_config
 from .flow_checkpoint import flow_from_tensors
 from .layouts import CANONICAL_PARTS, Layout, canonical, layout_for_keys
 from .reader import Checkpoint, fail, module_state, read_checkpoint, weight_shape
@@ -53,7 +55,8 @@ class VITSPosteriorEncoder(nn.Module):
 
 
 class VITSGenerator(nn.Module):
-    """The latent path of a VITS ``SynthesizerTrn``: ``enc_p`` (:class:`~pyro_vits.nn.text_encoder.TextEncoder`),
+    """The latent path of a VITS ``SynthesizerTrn``: ``enc_p`` (:class:`~pyro_vits.nn.text_encoder.TextEncoder`,
+    or ESPnet's :class:`~pyro_vits.nn.conformer.ConformerTextEncoder`: same call contract),
     ``enc_q`` (:class:`VITSPosteriorEncoder`), ``flow`` (:class:`~pyro_vits.flows.ResidualCouplingBlock`,
     ``z -> z_p``) and ``emb_g`` (speaker ``nn.Embedding`` or None, shared with ``enc_q.guide``).
     ``config``: the sizes (``n_vocab``, ``spec_channels``, ``inter_channels``, ``hidden_channels``, ...).
@@ -61,7 +64,7 @@ class VITSGenerator(nn.Module):
 
     def __init__(
         self,
-        enc_p: TextEncoder,
+        enc_p: TextEncoder | ConformerTextEncoder,
         enc_q: VITSPosteriorEncoder,
         flow: ResidualCouplingBlock,
         config: dict[str, Any],
@@ -186,9 +189,11 @@ _REPORTED_SIZES = (
 )
 
 
-def _generator_sizes(parts: Mapping[str, Mapping[str, Tensor]], label: str) -> dict[str, int]:
-    """Every size of the latent path read from the weights; ``enc_p``, ``enc_q`` and ``emb_g`` must agree."""
-    sizes = {**_text_encoder_sizes(parts["enc_p"], label), **_posterior_sizes(parts["enc_q"], label)}
+def _generator_sizes(parts: Mapping[str, Mapping[str, Tensor]], label: str, text_sizes=None) -> dict[str, int]:
+    """Every size of the latent path read from the weights; ``enc_p``, ``enc_q`` and ``emb_g`` must agree.
+    ``text_sizes``: the reader of ``enc_p``'s sizes (VITS's transformer when None)."""
+    text_sizes = _text_encoder_sizes if text_sizes is None else text_sizes
+    sizes = {**text_sizes(parts["enc_p"], label), **_posterior_sizes(parts["enc_q"], label)}
     emb_g = parts["emb_g"].get("weight")
     sizes["n_speakers"] = 0 if emb_g is None else emb_g.shape[0]
     if (emb_g is None) != (sizes["gin_channels"] == 0) or (
@@ -264,10 +269,11 @@ def load_vits_generator(
     label = found.label
     keys_layout = layout_for_keys(found.tensors, layout)
     parts, tensors = _split_parts(found, keys_layout)
-    sizes = _generator_sizes(parts, label)
+    conformer = keys_layout.text_encoder == "conformer"
+    sizes = _generator_sizes(parts, label, conformer_sizes if conformer else None)
     p_dropout = 0.0
     if config is not None:
-        config = read_vits_config(config)
+        config = espnet_config(config) if keys_layout.config == "config.yaml" else read_vits_config(config)
         _check_config(sizes, config, label)
         p_dropout = float(config["model"].get("p_dropout", 0.0))
     try:
@@ -282,15 +288,19 @@ def load_vits_generator(
             f"{label}: flow has {flow.channels} channels and gin {flow.gin_channels}, enc_p "
             f"{sizes['inter_channels']} and gin {sizes['gin_channels']}"
         )
-    enc_p = TextEncoder(
-        *(sizes[k] for k in ("n_vocab", "inter_channels", "hidden_channels", "filter_channels", "n_heads")),
-        *(sizes[k] for k in ("n_layers", "kernel_size")),
-        p_dropout,
-    )
+    espnet = (config or {}).get("espnet", {})
+    if conformer:
+        enc_p = build_conformer(sizes, espnet.get("activation", "swish"))
+    else:
+        enc_p = TextEncoder(
+            *(sizes[k] for k in ("n_vocab", "inter_channels", "hidden_channels", "filter_channels", "n_heads")),
+            *(sizes[k] for k in ("n_layers", "kernel_size")),
+            p_dropout,
+        )
     _load(enc_p, parts["enc_p"], "enc_p", label)
     guide = PosteriorEncoder(
         *(sizes[k] for k in ("spec_channels", "inter_channels", "hidden_channels", "enc_q_kernel")),
-        ENC_Q_DILATION,
+        espnet.get("enc_q_dilation", ENC_Q_DILATION),
         sizes["enc_q_layers"],
         n_speakers=sizes["n_speakers"],
         gin_channels=sizes["gin_channels"],

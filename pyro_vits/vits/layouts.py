@@ -8,11 +8,12 @@ Canonical names are VITS's ``SynthesizerTrn`` ones: ``enc_p.``, ``enc_q.``, ``fl
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from torch import Tensor
 
+from .espnet import ESPNET_PREFIX, espnet_to_vits
 from .reader import fail
 
 __all__ = ["Layout", "LAYOUTS", "get_layout", "layout_for_keys", "canonical", "CANONICAL_PARTS"]
@@ -32,6 +33,8 @@ class Layout:
     ``config``: where the values the weights do not store come from (``"config.json"`` beside the file, or
     the checkpoint's own ``"config"`` entry) and ``config_values`` which they are (sizes always come from the
     tensor shapes). ``parts``: which canonical parts :func:`~pyro_vits.vits.load_vits_generator` loads from it.
+    ``convert``: a weight transform applied at load to the canonically prefixed tensors (to VITS's module
+    names), or None. ``text_encoder``: ``"vits"`` (VITS's transformer) or ``"conformer"`` (ESPnet's).
     """
 
     name: str
@@ -43,6 +46,8 @@ class Layout:
     config: str = "config.json"
     config_values: tuple[str, ...] = ("dilation_rate_flow",)
     parts: tuple[str, ...] = CANONICAL_PARTS
+    convert: Callable[[Mapping[str, Tensor]], dict[str, Tensor]] | None = None
+    text_encoder: str = "vits"
 
 
 LAYOUTS: dict[str, Layout] = {
@@ -59,6 +64,14 @@ LAYOUTS: dict[str, Layout] = {
                config_values=("dilation_rate_flow", "transformer_flow_type", "use_transformer_flows")),
         Layout("bert-vits2", "Bert-VITS2", _VITS_NAMES, ("bert",),
                config_values=("dilation_rate_flow", "n_heads"), parts=("flow", "emb_g")),
+        Layout(
+            "espnet2", "ESPnet2 VITS",
+            tuple((ESPNET_PREFIX + stored, canonical) for stored, canonical in (
+                ("text_encoder.", "enc_p."), ("posterior_encoder.", "enc_q."), ("flow.", "flow."),
+                ("global_emb.", "emb_g."))),
+            ("wn",), markers=(ESPNET_PREFIX,), weight_norm=("weight_g", "plain"), config="config.yaml",
+            config_values=("dilation_rate_flow",), convert=espnet_to_vits, text_encoder="conformer",
+        ),
     )
 }
 """Every supported family, in detection order."""
@@ -105,4 +118,4 @@ def canonical(tensors: Mapping[str, Tensor], layout: Layout) -> tuple[dict[str, 
             other.add(key.split(".")[0])
         else:
             out[stored[1] + key[len(stored[0]):]] = value
-    return out, other
+    return (out if layout.convert is None else layout.convert(out)), other
