@@ -45,8 +45,13 @@ def _conv_weight(entries: Mapping[str, Tensor], base: str, where: str) -> Tensor
     raise fail(f"missing {where}{base}.weight (plain or weight_g/weight_v) in the ESPnet checkpoint")
 
 
-def _bias(entries: Mapping[str, Tensor], base: str, rows: int, like: Tensor) -> Tensor:
-    return entries.get(base + ".bias", like.new_zeros(rows))
+def _bias(entries: Mapping[str, Tensor], base: str, like: Tensor, where: str, required: bool) -> Tensor:
+    """``base``'s bias; 0 for a bias-free WaveNet (``bias=False``), else it must be there."""
+    if base + ".bias" in entries:
+        return entries[base + ".bias"]
+    if required:
+        raise fail(f"missing {where}{base}.bias in the ESPnet checkpoint")
+    return like.new_zeros(like.shape[0])
 
 
 def fold_wavenet(entries: Mapping[str, Tensor], where: str) -> dict[str, Tensor]:
@@ -68,7 +73,7 @@ def fold_wavenet(entries: Mapping[str, Tensor], where: str) -> dict[str, Tensor]
                 out[f"in_layers.{i}." + key[len(layer + "conv."):]] = value
         w = _conv_weight(entries, layer + "conv1x1_out", where)
         hidden = w.shape[0] // 2
-        b = _bias(entries, layer + "conv1x1_out", w.shape[0], w)
+        b = _bias(entries, layer + "conv1x1_out", w, where, required=layer + "conv.bias" in entries)
         skip_w, skip_b = w[hidden:] * scale, b[hidden:] * scale
         if i < n_layers - 1:
             skip_w, skip_b = torch.cat([w[:hidden], skip_w]), torch.cat([b[:hidden], skip_b])
