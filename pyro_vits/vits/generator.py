@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +21,10 @@ from torch import Tensor, nn
 from .._masks import sequence_mask
 from ..flows import ResidualCouplingBlock
 from ..models.guides import PosteriorEncoder
+from ..nn.conformer import ConformerTextEncoder
 from ..nn.hifigan import Generator
 from ..nn.text_encoder import WINDOW_SIZE, TextEncoder
+from .espnet import build_conformer, conformer_sizes, espnet_config
 from .flow_checkpoint import flow_from_tensors
 from .layouts import CANONICAL_PARTS, LAYOUTS, Layout, canonical, layout_for_keys
 from .piper import LAYOUT_KEY
@@ -56,8 +58,9 @@ class VITSPosteriorEncoder(nn.Module):
 
 
 class VITSGenerator(nn.Module):
-    """The latent path of a VITS ``SynthesizerTrn``: ``enc_p`` (:class:`~pyro_vits.nn.text_encoder.TextEncoder`),
-    ``enc_q`` (:class:`VITSPosteriorEncoder`, or None for a file without one), ``flow``
+    """The latent path of a VITS ``SynthesizerTrn``: ``enc_p`` (:class:`~pyro_vits.nn.text_encoder.TextEncoder`,
+    or ESPnet's :class:`~pyro_vits.nn.conformer.ConformerTextEncoder`: same call contract), ``enc_q``
+    (:class:`VITSPosteriorEncoder`, or None for a file without one), ``flow``
     (:class:`~pyro_vits.flows.ResidualCouplingBlock`, ``z -> z_p``), ``emb_g`` (speaker ``nn.Embedding`` or
     None, shared with ``enc_q.guide``) and ``dec`` (the HiFi-GAN decoder
     :class:`~pyro_vits.nn.hifigan.Generator`, or None when not loaded).
@@ -66,7 +69,7 @@ class VITSGenerator(nn.Module):
 
     def __init__(
         self,
-        enc_p: TextEncoder,
+        enc_p: TextEncoder | ConformerTextEncoder,
         enc_q: VITSPosteriorEncoder | None,
         flow: ResidualCouplingBlock,
         config: dict[str, Any],
@@ -196,10 +199,12 @@ _REPORTED_SIZES = (
 )
 
 
-def _generator_sizes(parts: Mapping[str, Mapping[str, Tensor]], label: str, gin: int) -> dict[str, int]:
+def _generator_sizes(parts: Mapping[str, Mapping[str, Tensor]], label: str, gin: int,
+                     text_sizes: Callable[..., dict[str, int]] | None = None) -> dict[str, int]:
     """Every size of the latent path read from the weights; ``enc_p``, ``enc_q`` and ``emb_g`` must agree.
-    ``gin``: the flow's speaker width, used when there is no ``enc_q``."""
-    sizes = _text_encoder_sizes(parts["enc_p"], label)
+    ``gin``: the flow's speaker width, used when there is no ``enc_q``; ``text_sizes``: the reader of
+    ``enc_p``'s sizes (VITS's transformer when None)."""
+    sizes = (_text_encoder_sizes if text_sizes is None else text_sizes)(parts["enc_p"], label)
     if parts["enc_q"]:
         sizes.update(_posterior_sizes(parts["enc_q"], label))
     else:
@@ -287,12 +292,14 @@ def load_vits_generator(
     keys_layout = layout_for_keys(found.tensors, layout or (found.config or {}).get(LAYOUT_KEY))
     _check_requires(keys_layout, label)
     parts, tensors = _split_parts(found, keys_layout)
+    conformer = keys_layout.text_encoder == "conformer"
     p_dropout = 0.0
     implicit = _layout_config(_implicit_config(found, keys_layout), keys_layout)
     if keys_layout.name.startswith("piper") and (found.config or {}).get("dec"):  # HiFi-GAN arguments
         implicit = {**(implicit or {}), "model": {**(implicit or {}).get("model", {}), **found.config["dec"]}}
     if config is not None:
-        config = _layout_config(read_vits_config(config), keys_layout)
+        config = espnet_config(config) if keys_layout.config == "config.yaml" else read_vits_config(config)
+        config = _layout_config(config, keys_layout)
         model = config.get("model")
         p_dropout = float(model.get("p_dropout", 0.0)) if isinstance(model, Mapping) else 0.0
     try:
@@ -300,7 +307,7 @@ def load_vits_generator(
                                          config=config if config is not None else implicit)
     except ValueError as err:
         raise ValueError(f"{label}: {err}") from err
-    sizes = _generator_sizes(parts, label, flow.gin_channels)
+    sizes = _generator_sizes(parts, label, flow.gin_channels, conformer_sizes if conformer else None)
     if config is not None:
         _check_config(sizes, config, label)
     if "enc_p" not in holder.parts:
@@ -311,17 +318,21 @@ def load_vits_generator(
             f"{label}: flow has {flow.channels} channels and gin {flow.gin_channels}, enc_p "
             f"{sizes['inter_channels']} and gin {sizes['gin_channels']}"
         )
-    enc_p = TextEncoder(
-        *(sizes[k] for k in ("n_vocab", "inter_channels", "hidden_channels", "filter_channels", "n_heads")),
-        *(sizes[k] for k in ("n_layers", "kernel_size")),
-        p_dropout,
-    )
+    espnet = (config or {}).get("espnet", {})
+    if conformer:
+        enc_p = build_conformer(sizes, espnet.get("activation", "swish"))
+    else:
+        enc_p = TextEncoder(
+            *(sizes[k] for k in ("n_vocab", "inter_channels", "hidden_channels", "filter_channels", "n_heads")),
+            *(sizes[k] for k in ("n_layers", "kernel_size")),
+            p_dropout,
+        )
     _load(enc_p, parts["enc_p"], "enc_p", label)
     enc_q, emb_g = None, None
     if parts["enc_q"]:
         guide = PosteriorEncoder(
             *(sizes[k] for k in ("spec_channels", "inter_channels", "hidden_channels", "enc_q_kernel")),
-            ENC_Q_DILATION,
+            espnet.get("enc_q_dilation", ENC_Q_DILATION),
             sizes["enc_q_layers"],
             n_speakers=sizes["n_speakers"],
             gin_channels=sizes["gin_channels"],

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
+from .espnet import ESPNET_PREFIX, espnet_to_vits
 from .hf_names import HF_VITS_CONFIG_NAMES, hf_vits_to_vits
 from .reader import fail
 
@@ -42,6 +43,9 @@ class Layout:
     ``model`` and under ``model_args``. ``files``: the weights file names in a model folder (a folder path
     loads the first present). ``requires``: the modules the family needs (else one line naming
     ``pip install pyro_vits[layouts]``).
+    ``fold``: a weight transform applied after ``prefixes`` to the canonically named tensors (ESPnet's WaveNet
+    folded into VITS's WN), or None. ``text_encoder``: ``"vits"`` (VITS's transformer) or ``"conformer"``
+    (ESPnet's).
     """
 
     name: str
@@ -58,6 +62,8 @@ class Layout:
     config_names: tuple[tuple[str, str], ...] = ()
     files: tuple[str, ...] = ()
     requires: tuple[str, ...] = ()
+    fold: Callable[[Mapping[str, Tensor]], dict[str, Tensor]] | None = None
+    text_encoder: str = "vits"
 
 
 LAYOUTS: dict[str, Layout] = {
@@ -74,6 +80,14 @@ LAYOUTS: dict[str, Layout] = {
                config_values=("dilation_rate_flow", "transformer_flow_type", "use_transformer_flows")),
         Layout("bert-vits2", "Bert-VITS2", _VITS_NAMES, ("bert",),
                config_values=("dilation_rate_flow", "n_heads"), parts=("flow", "emb_g")),
+        Layout(
+            "espnet2", "ESPnet2 VITS",
+            tuple((ESPNET_PREFIX + stored, canonical) for stored, canonical in (
+                ("text_encoder.", "enc_p."), ("posterior_encoder.", "enc_q."), ("flow.", "flow."),
+                ("global_emb.", "emb_g."))),
+            ("wn",), markers=(ESPNET_PREFIX,), weight_norm=("weight_g", "plain"), config="config.yaml",
+            config_values=("dilation_rate_flow",), fold=espnet_to_vits, text_encoder="conformer",
+        ),
     )
 }
 """Every supported family, in detection order."""
@@ -148,4 +162,4 @@ def canonical(tensors: Mapping[str, Tensor], layout: Layout) -> tuple[dict[str, 
             other.add(key.split(".")[0])
         else:
             out[stored[1] + key[len(stored[0]):]] = value
-    return out, other
+    return (out if layout.fold is None else layout.fold(out)), other
