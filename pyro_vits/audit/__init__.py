@@ -9,12 +9,14 @@ from .draws import (
     AlignedPrior,
     AuditDraws,
     LatentDraws,
+    NonFiniteResult,
+    check_finite,
     collect,
     draw_latents,
     estimator_names,
     utterance_noise,
 )
-from .measure import audit, summarize
+from .measure import audit, first_non_finite, summarize
 from .report import REPORT_FILES, SIGNED, write_report
 
-__all__ = ["COLLAPSE_THRESHOLD", "BATCH_SIZES", "REFERENCE", "estimator_names", "LatentDraws", "utterance_noise", "draw_latents", "AlignedPrior", "AuditDraws", "collect", "summarize", "audit", "REPORT_FILES", "SIGNED", "write_report"]
+__all__ = ["COLLAPSE_THRESHOLD", "BATCH_SIZES", "REFERENCE", "estimator_names", "LatentDraws", "NonFiniteResult", "check_finite", "utterance_noise", "draw_latents", "AlignedPrior", "AuditDraws", "collect", "summarize", "first_non_finite", "audit", "REPORT_FILES", "SIGNED", "write_report"]

@@ -27,6 +27,33 @@ BATCH_SIZES = (1, 4, 16, 64)
 REFERENCE = "mc"
 """The unbiased estimator taken as the truth for the Gaussian closed form's error."""
 
+
+class NonFiniteResult(FloatingPointError):
+    """A quantity of the audit is NaN or inf (or a posterior scale underflows to 0): nothing is reported.
+    A ``FloatingPointError``, like :class:`pyro_vits.train.NonFiniteError`, so that the applications' error
+    boundary (:func:`pyro_vits.apps.run_main`) prints its one line and exits with 1. ``part`` is the
+    generator part (``enc_p``, ``enc_q``, ``flow``) or ``"estimator <name>"`` / ``"summary"``, ``source`` the
+    utterance (``file:line``) or None."""
+
+    def __init__(self, message: str, part: str = "", source: str | None = None) -> None:
+        super().__init__(message)
+        self.part, self.source = part, source
+
+
+def check_finite(x: Tensor, quantity: str, part: str, sources: tuple[str, ...], batch_dim: int = 0) -> None:
+    """Raise :class:`NonFiniteResult` naming ``quantity``, ``part`` and the first utterance of ``sources``
+    (indexed along ``batch_dim`` of ``x``) where ``x`` is not finite."""
+    finite = torch.isfinite(x)
+    if bool(finite.all()):
+        return
+    bad = (~finite).movedim(batch_dim, 0).reshape(x.shape[batch_dim], -1).any(1).nonzero()
+    source = sources[int(bad[0, 0])]
+    value = x.movedim(batch_dim, 0)[int(bad[0, 0])]
+    value = value[~torch.isfinite(value)][0].item()
+    raise NonFiniteResult(f"{source}: {part} gives a non-finite {quantity} ({value}); the audit stops, no "
+                          "report is written", part, source)
+
+
 def estimator_names() -> tuple[str, ...]:
     """Every name of the estimator registry :data:`~pyro_vits.kl.estimators.ESTIMATORS`, in its order (new
     estimators appear in the audit automatically)."""
@@ -111,13 +138,30 @@ def draw_latents(generator: VITSGenerator, batch: SpeechBatch, particles: int, s
     generator's device. The noise is drawn on the CPU per utterance (:func:`utterance_noise`), so the draws do
     not depend on the device, the batching or the position of an utterance in the corpus."""
     _check_batch(generator, batch)
+    src = batch.sources
     _, m_tok, logs_tok, x_mask = generator.enc_p(batch.text, batch.text_lengths)
+    check_finite(m_tok * x_mask, "prior mean m_p", "enc_p", src)
+    check_finite(logs_tok * x_mask, "prior log-scale logs_p", "enc_p", src)
     g = generator.speaker_embedding(batch.speakers)
     mask = sequence_mask(batch.spec_lengths, batch.spec.shape[-1]).to(batch.spec.dtype)
     m_q, logs_q = generator.enc_q.guide.encode(batch.spec, mask, g)
+    check_finite(m_q * mask, "posterior mean m_q", "enc_q", src)
+    check_finite(logs_q * mask, "posterior log-scale logs_q", "enc_q", src)
+    scale = torch.exp(logs_q)
+    check_finite(torch.where(mask > 0, scale, 1.0), "posterior scale exp(logs_q)", "enc_q", src)
+    underflow = ((scale == 0) & (mask > 0)).flatten(1).any(1).nonzero()
+    if underflow.numel():
+        b = int(underflow[0, 0])
+        low = float(logs_q[b][(mask[b] > 0).expand_as(logs_q[b])].min())
+        raise NonFiniteResult(f"{src[b]}: enc_q's posterior scale exp(logs_q) underflows to 0 (logs_q down to "
+                              f"{low:.4g}): log q(z) is infinite; the audit stops, no report is written",
+                              "enc_q", src[b])
     eps = utterance_noise(batch, particles, m_q.shape[1], seed).to(device=m_q.device, dtype=m_q.dtype)
-    z = (m_q + eps * torch.exp(logs_q)) * mask
+    z = (m_q + eps * scale) * mask
+    check_finite(z, "draw z", "enc_q", src, 1)
     z_p, logdet = generator.flow.forward_and_logdet(z, mask, g=g)
+    check_finite(z_p * mask, "z_p = flow(z)", "flow", src, 1)
+    check_finite(logdet, "log-determinant", "flow", src, 1)
     k, (b, c, t) = particles, m_q.shape
 
     def flat(x: Tensor) -> Tensor:
@@ -225,6 +269,8 @@ def collect(
             values = {
                 name: kl_estimate(name, latents.z, latents.m_q, latents.logs_q, prior) for name in names
             }
+        for name, value in values.items():
+            check_finite(value, "KL estimate", f"estimator {name}", batch.sources, 1)
         draws.add(batch, latents, values)
     if not draws.frames:
         raise ValueError("no utterances to audit")

@@ -29,7 +29,15 @@ from ..data.filelists import Utterance, open_corpus
 from ..data.speech_batches import SpeechConfig, speech_batches
 from ..kl import prob_negative, prob_negative_normal_approx
 from ..vits.generator import VITSGenerator
-from .draws import BATCH_SIZES, COLLAPSE_THRESHOLD, REFERENCE, AuditDraws, _check_particles, collect
+from .draws import (
+    BATCH_SIZES,
+    COLLAPSE_THRESHOLD,
+    REFERENCE,
+    AuditDraws,
+    NonFiniteResult,
+    _check_particles,
+    collect,
+)
 from .report import _check_out, _peak_memory_mb, write_report
 
 
@@ -128,6 +136,23 @@ def summarize(
     return report
 
 
+def first_non_finite(value: Any, path: str = "") -> str | None:
+    """The dotted key of the first NaN/inf float in a JSON-like ``value`` (dicts, lists, numbers), else None."""
+    if isinstance(value, float):
+        return None if math.isfinite(value) else path
+    if isinstance(value, Mapping):
+        items: Iterable[tuple[Any, Any]] = value.items()
+    elif isinstance(value, (list, tuple)):
+        items = enumerate(value)
+    else:
+        return None
+    for key, item in items:
+        found = first_non_finite(item, f"{path}.{key}" if path else str(key))
+        if found is not None:
+            return found
+    return None
+
+
 def audit(
     generator: VITSGenerator,
     data: str | os.PathLike | Iterable[Utterance],
@@ -154,7 +179,9 @@ def audit(
     ``chunk_size``: utterances processed at once (memory grows with ``chunk_size * particles`` and the longest
     utterance; results do not depend on it);
     ``out``: also write report.json, report.md, figures and audit.nc there (:func:`write_report`);
-    ``extra``: more JSON-able fields for the report (e.g. the inputs' paths).
+    ``extra``: more JSON-able fields for the report (e.g. the inputs' paths; its ``checkpoint`` names the
+    generator in errors). Raises :class:`~pyro_vits.audit.draws.NonFiniteResult` (nothing written) when a
+    quantity is NaN/inf or ``enc_q``'s scale underflows to 0, naming it, the part and the utterance.
     """
     if not isinstance(generator, VITSGenerator):
         raise TypeError(
@@ -196,9 +223,17 @@ def audit(
             seed=seed,
             device=device,
         )
+        report = summarize(draws, batch_sizes, seed)
+        bad = first_non_finite(report)
+        if bad is not None:
+            raise NonFiniteResult(f"the report's {bad} is not finite; the audit stops, no report is written",
+                                  "summary")
+    except NonFiniteResult as err:
+        if extra and "checkpoint" in extra:  # name the file the generator came from
+            raise NonFiniteResult(f"{extra['checkpoint']}: {err}", err.part, err.source) from err
+        raise
     finally:
         generator.train(training)
-    report = summarize(draws, batch_sizes, seed)
     report.update(
         seed=seed,
         device=str(device),

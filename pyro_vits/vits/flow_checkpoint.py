@@ -42,7 +42,15 @@ from ..flows.transformer import (
     TransformerCouplingBlock,
 )
 from .layouts import Layout, canonical, layout_for_keys, resolve
-from .reader import FLOAT_DTYPES, MAX_MESSAGE, Checkpoint, read_checkpoint, take_weight, weight_shape
+from .reader import (
+    FLOAT_DTYPES,
+    MAX_MESSAGE,
+    Checkpoint,
+    check_sizes,
+    read_checkpoint,
+    take_weight,
+    weight_shape,
+)
 from .reader import fail as _fail
 from .reader import short as _short
 
@@ -189,6 +197,7 @@ def _coupling_sizes(sub: Mapping[str, Tensor], where: str) -> dict[str, Any]:
         )
         if _has(sub, "enc.cond_layer."):
             sizes["gin_channels"] = _weight_shape(sub, "enc.cond_layer", where)[1]
+    check_sizes(sizes, where)
     return sizes
 
 
@@ -198,12 +207,14 @@ def _encoder_spec(
     """Sizes of an :class:`~pyro_vits.nn.Encoder` / ``FFT`` stored under ``prefix``."""
     conv_1 = _weight_shape(sub, f"{prefix}ffn_layers.0.conv_1", where)
     rel = sub.get(f"{prefix}{attn}.0.emb_rel_k")
-    return dict(
+    spec = dict(
         n_layers=_count(sub, f"{prefix}{attn}."),
         kernel_size=conv_1[-1],
         filter_channels=conv_1[0],
         window_size=None if rel is None else (rel.shape[1] - 1) // 2,
     )
+    check_sizes(spec, f"{where}.{prefix.rstrip('.')}")
+    return spec
 
 
 def _heads(sub: Mapping[str, Tensor], prefix: str, where: str, given: int | None, default: int) -> int:
@@ -265,6 +276,7 @@ def _build(family: str, modules: dict[int, dict[str, Tensor]], dilation: int, n_
     _check_flow_type(family, _kind(first), flow_type)
     s = _coupling_sizes(first, "flow.flows.0")
     n_flows = sum(_kind(sub) != "mono" for sub in modules.values())
+    check_sizes({"n_flows": n_flows, "n_heads": n_heads}, "flow")
     c, h, gin, mean_only = s["channels"], s["hidden_channels"], s["gin_channels"], s["mean_only"]
     if family in ("wn", "coqui"):
         return ResidualCouplingBlock(c, h, s["kernel_size"], dilation, s["n_layers"], n_flows, gin, mean_only)
@@ -273,6 +285,7 @@ def _build(family: str, modules: dict[int, dict[str, Tensor]], dilation: int, n_
         heads = _heads(first, "enc.", "flow.flows.0", n_heads, _DEFAULT_HEADS[family])
         if _has(first, "enc.spk_emb_linear."):
             gin = first["enc.spk_emb_linear.weight"].shape[1]
+            check_sizes({"gin_channels": gin}, "flow.flows.0.enc.spk_emb_linear")
         return TransformerCouplingBlock(c, h, spec["filter_channels"], heads, spec["n_layers"],
                                         spec["kernel_size"], n_flows, gin, mean_only=mean_only,
                                         window_size=spec["window_size"])
@@ -281,6 +294,7 @@ def _build(family: str, modules: dict[int, dict[str, Tensor]], dilation: int, n_
         spec["n_heads"] = n_heads or _DEFAULT_HEADS[family]
         if _has(first, "enc.cond_layer."):
             gin = _weight_shape(first, "enc.cond_layer", "flow.flows.0")[1]
+            check_sizes({"gin_channels": gin}, "flow.flows.0.enc.cond_layer")
         # upstream's positional wiring: the block's dilation_rate and n_layers are the FFT's layers and heads
         return ResidualCouplingTransformersBlock(c, h, spec["kernel_size"], spec["n_layers"], spec["n_heads"],
                                                  n_flows, gin, "fft", mean_only=mean_only, transformer=spec)

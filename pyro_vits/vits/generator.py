@@ -28,7 +28,15 @@ from .espnet import build_conformer, conformer_sizes, espnet_config
 from .flow_checkpoint import flow_from_tensors
 from .layouts import CANONICAL_PARTS, LAYOUTS, Layout, canonical, layout_for_keys
 from .piper import LAYOUT_KEY
-from .reader import Checkpoint, fail, fold_weight_norm, module_state, read_checkpoint, weight_shape
+from .reader import (
+    Checkpoint,
+    check_sizes,
+    fail,
+    fold_weight_norm,
+    module_state,
+    read_checkpoint,
+    weight_shape,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -96,19 +104,80 @@ class VITSGenerator(nn.Module):
         return self.emb_g(sid).unsqueeze(-1)
 
 
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+CONFIG_TYPES: dict[str, tuple[str, Callable[[Any], bool]]] = {
+    "object": ("a JSON object", lambda v: isinstance(v, Mapping)),
+    "bool": ("true or false", lambda v: isinstance(v, bool)),
+    "int>0": ("a positive integer", lambda v: _is_int(v) and v > 0),
+    "int>=0": ("a non-negative integer", lambda v: _is_int(v) and v >= 0),
+    "prob": ("a number in [0, 1)", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+             and 0 <= v < 1),
+    "str": ("a string", lambda v: isinstance(v, str)),
+    "str list": ("a list of strings", lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v)),
+}
+"""The value types of :data:`VITS_CONFIG_SCHEMA`: name -> (what the message says, the check)."""
+
+VITS_CONFIG_SCHEMA: dict[str, str] = {
+    "train": "object",
+    "train.batch_size": "int>0",
+    "data": "object",
+    **dict.fromkeys(("data.sampling_rate", "data.filter_length", "data.hop_length", "data.win_length"),
+                    "int>0"),
+    "data.n_speakers": "int>=0",
+    "data.add_blank": "bool",
+    "data.cleaned_text": "bool",
+    "data.text_cleaners": "str list",
+    "model": "object",
+    **dict.fromkeys(("model.inter_channels", "model.hidden_channels", "model.filter_channels", "model.n_heads",
+                     "model.n_layers", "model.kernel_size", "model.dilation_rate_flow"), "int>0"),
+    "model.gin_channels": "int>=0",
+    "model.p_dropout": "prob",
+    "model.use_transformer_flows": "bool",
+    "model.transformer_flow_type": "str",
+    "symbols": "str list",
+}
+"""The keys of a VITS ``config.json`` the library reads (``section.key``) and their types
+(:data:`CONFIG_TYPES`: JSON booleans only for flags, integers neither booleans nor strings); other keys are ignored. A key's section
+must be an object for the key to be checked (the section's own entry refuses anything else)."""
+
+
+def check_vits_config(config: Mapping[str, Any], label: str = "config") -> None:
+    """Refuse (one-line ``ValueError`` naming ``label`` and the key) a value of :data:`VITS_CONFIG_SCHEMA`'s
+    keys with the wrong type; absent keys are not checked."""
+    for dotted, type_name in VITS_CONFIG_SCHEMA.items():
+        section: Any = config
+        *parents, key = dotted.split(".")
+        for parent in parents:
+            section = section.get(parent) if isinstance(section, Mapping) else None
+        if not isinstance(section, Mapping) or key not in section:
+            continue
+        what, check = CONFIG_TYPES[type_name]
+        if not check(section[key]):
+            raise fail(f"{label}: {dotted} must be {what}, got {json.dumps(section[key], default=repr)[:60]}")
+
+
 def read_vits_config(config: str | Path | Mapping[str, Any]) -> dict[str, Any]:
-    """A VITS ``config.json`` as a dict (a path or an already-loaded mapping)."""
+    """A VITS ``config.json`` as a dict (a path or an already-loaded mapping), its keys' types checked
+    (:func:`check_vits_config`). Errors are one line naming the file and the key."""
     if isinstance(config, Mapping):
+        check_vits_config(config)
         return dict(config)
     path = Path(config)
     if not path.is_file():
         raise FileNotFoundError(f"config not found: {path}")
     try:
-        loaded = json.loads(path.read_text(encoding="utf-8"))
+        loaded = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not UTF-8 JSON (byte 0x{err.object[err.start]:02x} at offset "
+                         f"{err.start})") from err
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}: not valid JSON ({err})") from err
     if not isinstance(loaded, dict):
         raise ValueError(f"{path}: expected a JSON object")
+    check_vits_config(loaded, str(path))
     return loaded
 
 
@@ -155,7 +224,7 @@ def _text_encoder_sizes(enc_p: Mapping[str, Tensor], label: str) -> dict[str, in
     emb = _weight(enc_p, "emb.weight", f"{label} enc_p")
     rel = _weight(enc_p, "encoder.attn_layers.0.emb_rel_k", f"{label} enc_p")
     conv_1 = _weight(enc_p, "encoder.ffn_layers.0.conv_1.weight", f"{label} enc_p")
-    if rel[1] != 2 * WINDOW_SIZE + 1 or rel[0] != 1:
+    if rel[1] != 2 * WINDOW_SIZE + 1 or rel[0] != 1 or rel[-1] == 0:
         raise ValueError(
             f"{label}: enc_p relative-position table {tuple(rel)} is not VITS's "
             f"(1, {2 * WINDOW_SIZE + 1}, d_k)"
@@ -212,6 +281,7 @@ def _generator_sizes(parts: Mapping[str, Mapping[str, Tensor]], label: str, gin:
                      enc_q_inter=sizes["inter_channels"], enc_q_hidden=sizes["hidden_channels"])
     emb_g = parts["emb_g"].get("weight")
     sizes["n_speakers"] = 0 if emb_g is None else emb_g.shape[0]
+    check_sizes(sizes, label)
     if (emb_g is None) != (sizes["gin_channels"] == 0) or (
         emb_g is not None and emb_g.shape[1] != sizes["gin_channels"]
     ):
@@ -224,6 +294,7 @@ def _generator_sizes(parts: Mapping[str, Mapping[str, Tensor]], label: str, gin:
             f"{label}: enc_q has (inter, hidden) = ({sizes['enc_q_inter']}, {sizes['enc_q_hidden']}), "
             f"enc_p ({sizes['inter_channels']}, {sizes['hidden_channels']})"
         )
+    check_sizes(sizes, label)
     return sizes
 
 

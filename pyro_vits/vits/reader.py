@@ -6,6 +6,12 @@ Files: ``.pth`` / ``.pt`` / ``.ckpt`` (any other suffix too) with ``torch.load(w
 a module's ``parametrizations.weight.original0/1`` (or plain ``weight``) found in any stored form
 (``weight_g/weight_v``, torch parametrizations, or a plain ``weight`` after ``remove_weight_norm()``), and the
 inverse renaming for export. Errors are one line (at most :data:`MAX_MESSAGE` characters) naming the file.
+
+Hostile files: every tensor is checked against its own storage before anything reads its values (a tensor
+declaring more elements than its storage holds -- expanded, stride-0 or overlapping -- is refused: loading
+sizes from it would allocate what the file never stored), then every floating-point tensor must be finite
+(NaN/inf refused, naming the key and the file). Every size the loaders read from a shape is bounded by
+:data:`SIZE_BOUNDS` (:func:`check_sizes`).
 """
 
 from __future__ import annotations
@@ -21,7 +27,8 @@ from torch import Tensor, nn
 
 from .._validate import first_line
 
-__all__ = ["MAX_MESSAGE", "Checkpoint", "read_checkpoint", "take_weight", "weight_shape", "weight_norm_key",
+__all__ = ["MAX_MESSAGE", "SIZE_BOUNDS", "SIZE_KINDS", "check_sizes", "check_tensors", "Checkpoint",
+           "read_checkpoint", "take_weight", "weight_shape", "weight_norm_key",
            "module_state"]
 
 MAX_MESSAGE = 300
@@ -34,6 +41,22 @@ WEIGHT_NORM_FORMS = {
 (``.weight``, after ``remove_weight_norm()``) is the third."""
 _G, _V = WEIGHT_NORM_FORMS["parametrizations"]
 
+SIZE_BOUNDS = {"channels": 4096, "layers": 256, "vocab": 100_000, "speakers": 100_000, "kernel": 64}
+"""The declared maximum of every size read from a tensor shape (or a count of stored layers), by kind:
+``channels`` (widths, filter widths, heads, spectrogram bins: VITS uses 192-768, 513 bins), ``layers`` (layers
+per encoder, flows), ``vocab`` (symbols), ``speakers`` (``emb_g`` rows), ``kernel`` (convolution kernels and
+attention windows). A checkpoint beyond them is refused before any module is built."""
+
+SIZE_KINDS = {
+    **dict.fromkeys(("channels", "hidden_channels", "inter_channels", "filter_channels", "spec_channels",
+                     "gin_channels", "enc_q_hidden", "enc_q_inter", "n_heads"), "channels"),
+    **dict.fromkeys(("n_layers", "enc_q_layers", "n_flows"), "layers"),
+    **dict.fromkeys(("kernel_size", "enc_q_kernel", "window_size"), "kernel"),
+    "n_vocab": "vocab",
+    "n_speakers": "speakers",
+}
+"""Which bound of :data:`SIZE_BOUNDS` each size name the loaders read is held to."""
+
 
 def fail(message: str) -> ValueError:
     """A one-line ``ValueError`` of at most :data:`MAX_MESSAGE` characters."""
@@ -43,6 +66,54 @@ def fail(message: str) -> ValueError:
 
 def short(key: str) -> str:
     return key if len(key) <= 100 else f"{key[:45]}…{key[-50:]}"
+
+
+def check_sizes(sizes: Mapping[str, Any], where: str) -> None:
+    """Refuse (one-line ``ValueError`` naming ``where``) any int size in ``sizes`` beyond its
+    :data:`SIZE_BOUNDS` bound (names not in :data:`SIZE_KINDS` and non-int values are not sizes)."""
+    for name, value in sizes.items():
+        kind = SIZE_KINDS.get(name)
+        if kind is None or not isinstance(value, int) or isinstance(value, bool):
+            continue
+        if not 0 <= value <= SIZE_BOUNDS[kind]:
+            raise fail(f"{where}: {name}={value} read from the tensor shapes is outside [0, "
+                       f"{SIZE_BOUNDS[kind]}] (the declared maximum for {kind}); refusing to build it")
+
+
+def _storage_problem(t: Tensor) -> str | None:
+    """Why ``t`` is not backed by its own storage (None when it is): a stride-0 dimension of size > 1, more
+    elements than the storage holds, or an extent beyond the storage's end."""
+    if t.numel() == 0:
+        return None
+    if t.layout != torch.strided or t.is_sparse or t.is_quantized:
+        return f"a {t.layout} tensor (only dense tensors are read)"
+    if any(st == 0 and n > 1 for n, st in zip(t.shape, t.stride())):
+        return f"an expanded (stride-0) tensor of shape {tuple(t.shape)}"
+    if any(st < 0 for st in t.stride()):
+        return f"a tensor with negative strides {t.stride()}"
+    nbytes = t.untyped_storage().nbytes()
+    extent = t.storage_offset() + sum((n - 1) * st for n, st in zip(t.shape, t.stride())) + 1
+    if extent * t.element_size() > nbytes:
+        return f"shape {tuple(t.shape)} reaches beyond its storage ({nbytes} bytes)"
+    if t.numel() * t.element_size() > nbytes:
+        return f"shape {tuple(t.shape)} declares {t.numel()} elements, its storage holds {nbytes} bytes " \
+               "(overlapping strides)"
+    return None
+
+
+def check_tensors(tensors: Mapping[str, Tensor], label: str) -> None:
+    """Refuse (one-line ``ValueError`` naming ``label`` and the key) a tensor not backed by its own storage
+    (:func:`_storage_problem`, checked for every tensor before any value is read) or a floating-point tensor
+    holding NaN or inf."""
+    for key, t in tensors.items():
+        problem = _storage_problem(t)
+        if problem is not None:
+            raise fail(f"{label}: {short(key)} is {problem}; refusing a tensor its file does not store")
+    for key, t in tensors.items():
+        if (t.is_floating_point() or t.is_complex()) and t.numel() and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise fail(f"{label}: {short(key)} holds {bad} non-finite (NaN/inf) value(s) of {t.numel()}; "
+                       "the checkpoint is corrupt or diverged")
 
 
 @dataclass(frozen=True)
@@ -84,8 +155,8 @@ def _load_file(path: Path) -> Any:
 
 def read_checkpoint(checkpoint: str | os.PathLike | Mapping[str, Any]) -> Checkpoint:
     """Read a checkpoint file or unwrap an in-memory checkpoint / state dict (see the module docstring).
-    Raises ``FileNotFoundError``, ``ValueError`` (unreadable file, ``model`` not a state dict) or ``TypeError``
-    (not a mapping)."""
+    Raises ``FileNotFoundError``, ``ValueError`` (unreadable file, ``model`` not a state dict, a tensor not
+    backed by its storage or holding NaN/inf: :func:`check_tensors`) or ``TypeError`` (not a mapping)."""
     path = Path(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else None
     label = "checkpoint" if path is None else str(path)
     obj = checkpoint if path is None else _load_file(path)
@@ -98,6 +169,7 @@ def read_checkpoint(checkpoint: str | os.PathLike | Mapping[str, Any]) -> Checkp
         raise fail(f"{label}: {key!r} is a {type(state).__name__}, not a state dict")
     tensors = {k.removeprefix("module."): v for k, v in state.items()
                if isinstance(k, str) and isinstance(v, Tensor)}
+    check_tensors(tensors, label)
     config = next((obj[k] for k in ("config", "hyper_parameters") if isinstance(obj.get(k), Mapping)), None)
     return Checkpoint(tensors, config, label, path)
 
