@@ -180,7 +180,7 @@ def render(results: Mapping[str, Any]) -> str:
         lines += _tables(groups["compute"])
     lines += _findings(groups["steps"], groups.get("compute", ()))
     lines += [f"Held-out ELBO and KL: {setup['eval_samples']} guide draws per utterance "
-              "(`pyro_vits.infer.evaluate.evaluate`); reconstruction error: `dec(m_q)` against the log-magnitude "
+              "(`pyro_vits.infer.evaluate`); reconstruction error: `dec(m_q)` against the log-magnitude "
               "spectrogram; P(logged KL < 0): fraction of "
               f"{setup['negative_batches']} training minibatches of {setup['batch_size']} utterances whose "
               "one-draw VITS KL (`-H(q) - log p(z)`, per frame) is negative at the end of training; "
