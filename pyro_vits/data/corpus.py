@@ -19,14 +19,11 @@ voice's position. The folder is written under a temporary name and renamed when 
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import os
 import random
 import re
-import shutil
-import subprocess
 from collections.abc import Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -36,6 +33,7 @@ import numpy as np
 
 from .._io import publish_folder
 from .._validate import check_positive_ints
+from .engines import Engine, EspeakEngine, espeak_version, find_espeak, phonemize
 
 __all__ = [
     "SAMPLE_RATE",
@@ -56,14 +54,13 @@ DEBIAN_TEXTS = tuple(f"/usr/share/games/fortunes/{name}" for name in ("fortunes"
 """The plain-English texts of Debian's ``fortunes-min`` package (``apt-get install fortunes-min``)."""
 
 _SENTENCE = re.compile(r"^[A-Z][A-Za-z ,;:'\-]*[A-Za-z][.!?]$")
-_CLAUSE = re.compile(r"([,;:.!?]+)")
-_INSTALL_HINT = "apt-get install -y espeak-ng"
 
 
 @dataclass(frozen=True)
 class CorpusSummary:
     """What :func:`build_corpus` wrote: ``utterances`` (train + val), ``seconds`` of audio, ``voices``
-    (speaker id = position), counts of sentences ``dropped`` and why, the synthesiser and its version."""
+    (speaker id = position), counts of sentences ``dropped`` and why, the synthesiser (engine name), its
+    version and ``settings`` (e.g. espeak's speed, piper's model and scales)."""
 
     utterances: int
     train: int
@@ -76,26 +73,11 @@ class CorpusSummary:
     synthesiser_version: str
     source: str
     dropped: dict[str, int] = field(default_factory=dict)
+    settings: dict = field(default_factory=dict)
 
     @property
     def hours(self) -> float:
         return self.seconds / 3600.0
-
-
-def find_espeak(executable: str = "espeak-ng") -> str:
-    """The path of the ``espeak-ng`` executable; FileNotFoundError with the install command if absent."""
-    path = shutil.which(executable)
-    if path is None:
-        raise FileNotFoundError(f"speech synthesiser {executable!r} not found on PATH (install it: "
-                                f"{_INSTALL_HINT})")
-    return path
-
-
-def espeak_version(executable: str = "espeak-ng") -> str:
-    """The synthesiser's version, e.g. ``'1.51'`` from ``'eSpeak NG text-to-speech: 1.51  Data at: ...'``."""
-    out = subprocess.run([find_espeak(executable), "--version"], capture_output=True, text=True, check=True)
-    match = re.search(r"text-to-speech:\s*(\S+)", out.stdout)
-    return match.group(1) if match else out.stdout.strip()
 
 
 def _entries(text: str) -> list[str]:
@@ -135,41 +117,17 @@ def read_sentences(
     return list(seen)
 
 
-def _run(args: list[str]) -> subprocess.CompletedProcess:
-    try:
-        return subprocess.run(args, capture_output=True, check=True)
-    except subprocess.CalledProcessError as err:
-        message = err.stderr.decode(errors="replace").strip().splitlines()
-        raise ValueError(f"{' '.join(args[:3])} failed: {message[0] if message else err}") from err
-
-
-def phonemize(text: str, voice: str = "en-us", executable: str = "espeak-ng") -> str:
-    """IPA phonemes of ``text`` with stress marks, one ``espeak-ng -q --ipa`` call per clause, each
-    clause followed by its punctuation (``"A day, or not."`` -> ``"ɐ dˈeɪ, ɔːɹ nˈɑːt."``)."""
-    exe = find_espeak(executable)
-    parts = []
-    for chunk in _CLAUSE.split(text):
-        if _CLAUSE.fullmatch(chunk):
-            parts.append(chunk)
-        elif chunk.strip():
-            out = _run([exe, "-q", "--ipa", "-v", voice, chunk.strip()]).stdout.decode()
-            parts.append((" " if parts else "") + " ".join(out.split()))
-    return "".join(parts).strip()
-
-
 def synthesise(
     text: str, voice: str = "en-us", *, speed: int = 160, sample_rate: int = SAMPLE_RATE,
     executable: str = "espeak-ng",
 ) -> np.ndarray:
     """``text`` spoken by ``espeak-ng -v voice -s speed``: a float32 waveform ``(samples,)`` in [-1, 1] at
     ``sample_rate`` Hz (``scipy.signal.resample_poly`` when the synthesiser's rate differs)."""
-    import soundfile
-
     check_positive_ints(speed=speed, sample_rate=sample_rate)
-    out = _run([find_espeak(executable), "-v", voice, "-s", str(speed), "--stdout", text]).stdout
-    wav, rate = soundfile.read(io.BytesIO(out), dtype="float32")
-    if wav.ndim > 1:
-        wav = wav.mean(axis=1)
+    return _resample(*EspeakEngine(speed, executable).synthesise(text, voice), sample_rate)
+
+
+def _resample(wav: np.ndarray, rate: int, sample_rate: int) -> np.ndarray:
     if rate != sample_rate:
         from scipy.signal import resample_poly
 
@@ -186,7 +144,7 @@ def _normalize(sentence: str, voice: str, symbols: str, executable: str) -> str:
 
 def _check_args(voices: Sequence[str], symbols: str, heldout: float, max_seconds: float) -> None:
     if isinstance(voices, str) or not voices or not all(isinstance(v, str) and v for v in voices):
-        raise ValueError(f"voices must be a non-empty sequence of espeak-ng voice names, got {voices!r}")
+        raise ValueError(f"voices must be a non-empty sequence of voice names, got {voices!r}")
     if len(set(voices)) != len(voices):
         raise ValueError(f"voices must be distinct, got {list(voices)}")
     if symbols not in SYMBOL_MODES:
@@ -201,7 +159,7 @@ def build_corpus(
     out: str | os.PathLike,
     sentences: Sequence[str],
     *,
-    voices: Sequence[str] = ("en-us",),
+    voices: Sequence[str] | None = None,
     symbols: str = "phonemes",
     allowed: Collection[str] | None = None,
     max_utterances: int | None = None,
@@ -214,6 +172,7 @@ def build_corpus(
     overwrite: bool = False,
     executable: str = "espeak-ng",
     source: str = "",
+    engine: Engine | None = None,
 ) -> CorpusSummary:
     """Synthesise ``sentences`` into an LJSpeech-format folder ``out`` (layout in the module docstring).
 
@@ -222,25 +181,36 @@ def build_corpus(
     ``val.txt``. ``workers`` synthesiser processes run at once; ``source`` describes where the sentences
 came from (recorded in the summary). Returns the summary also written to
     ``corpus.json``. Refuses a non-empty ``out`` unless ``overwrite``.
+
+    ``engine`` (:mod:`pyro_vits.data.engines`) speaks the sentences; None: ``espeak-ng`` at ``speed``
+    words per minute (``executable``). ``voices`` None: the engine's ``default_voices``. The normalized
+    text always comes from ``espeak-ng`` (the engine's ``phoneme_voice``), whatever the engine; audio is
+    resampled to ``sample_rate``; a ``serial`` engine (piper) synthesises one utterance at a time, in
+    order, with ``seed``.
     """
+    check_positive_ints(speed=speed, sample_rate=sample_rate, workers=workers)
+    if engine is None:
+        engine = EspeakEngine(speed, executable)
+    if voices is None:
+        voices = engine.default_voices
     _check_args(voices, symbols, heldout, max_seconds)
     check_positive_ints(max_utterances=max_utterances, allow_none=True)
-    check_positive_ints(speed=speed, sample_rate=sample_rate, workers=workers)
     if isinstance(sentences, str) or not sentences:
         raise ValueError("sentences must be a non-empty sequence of strings")
-    version = espeak_version(executable)
+    version = engine.version()
     order = list(sentences)
     random.Random(seed).shuffle(order)
     with publish_folder(out, overwrite=overwrite) as tmp:
         summary = _write_corpus(tmp, order, voices, symbols, allowed, max_utterances, max_seconds, heldout,
-                                speed, sample_rate, seed, workers, executable, version, source)
+                                sample_rate, seed, 1 if engine.serial else workers, executable, version,
+                                source, engine)
     return summary
 
 
 def _write_corpus(
     tmp: Path, order: list[str], voices: Sequence[str], symbols: str, allowed: Collection[str] | None,
-    max_utterances: int | None, max_seconds: float, heldout: float, speed: int, sample_rate: int, seed: int,
-    workers: int, executable: str, version: str, source: str,
+    max_utterances: int | None, max_seconds: float, heldout: float, sample_rate: int, seed: int,
+    workers: int, executable: str, version: str, source: str, engine: Engine,
 ) -> CorpusSummary:
     import soundfile
 
@@ -253,8 +223,8 @@ def _write_corpus(
 
     def make(i: int) -> tuple[str, np.ndarray]:
         voice = voices[i % len(voices)]
-        return (_normalize(order[i], voice, symbols, executable),
-                synthesise(order[i], voice, speed=speed, sample_rate=sample_rate, executable=executable))
+        return (_normalize(order[i], engine.phoneme_voice(voice), symbols, executable),
+                _resample(*engine.synthesise(order[i], voice, seed), sample_rate))
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
         start = 0
@@ -282,8 +252,8 @@ def _write_corpus(
     _write_lists(tmp, rows, val_ids, multi=len(voices) > 1)
     summary = CorpusSummary(
         utterances=len(rows), train=len(rows) - n_val, val=n_val, seconds=round(seconds, 3),
-        sample_rate=sample_rate, voices=list(voices), symbols=symbols, synthesiser="espeak-ng",
-        synthesiser_version=version, source=source, dropped=dropped,
+        sample_rate=sample_rate, voices=list(voices), symbols=symbols, synthesiser=engine.name,
+        synthesiser_version=version, source=source, dropped=dropped, settings=dict(engine.settings),
     )
     with open(tmp / "corpus.json", "w", encoding="utf-8") as f:
         json.dump(asdict(summary) | {"hours": summary.hours}, f, indent=2)
