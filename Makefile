@@ -65,3 +65,19 @@ speech-corpus: install
 	command -v espeak-ng >/dev/null || (apt-get update && apt-get install -y espeak-ng)
 	test -f /usr/share/games/fortunes/fortunes || (apt-get update && apt-get install -y fortunes-min)
 	$(BIN)/python -m pyro_vits.apps.corpus --out $(SPEECH_CORPUS) $(SPEECH_ARGS)
+
+# The same corpus from the other engines (pyro_vits.data.engines): Piper's joe voice through onnxruntime, the
+# CMU ARCTIC voices of flite, festival's HTS slt voice; flite and festival come from apt (installed when
+# missing, needs root). ENGINES picks some, e.g. ENGINES="piper flite"; each writes $(SPEECH_CORPUS)-<engine>.
+ENGINES ?= piper flite festival
+.PHONY: corpus-engines
+corpus-engines: install
+	command -v espeak-ng >/dev/null || (apt-get update && apt-get install -y espeak-ng)
+	test -f /usr/share/games/fortunes/fortunes || (apt-get update && apt-get install -y fortunes-min)
+	command -v flite >/dev/null || (apt-get update && apt-get install -y flite)
+	command -v text2wave >/dev/null && test -d /usr/share/festival/voices/us/cmu_us_slt_arctic_hts \
+		|| (apt-get update && apt-get install -y festival festvox-us-slt-hts)
+	for engine in $(ENGINES); do \
+		$(BIN)/python -m pyro_vits.apps.corpus --engine $$engine --out $(SPEECH_CORPUS)-$$engine $(SPEECH_ARGS) \
+			|| exit 1; \
+	done

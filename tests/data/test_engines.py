@@ -25,9 +25,11 @@ from pyro_vits.data.filelists import read_filelist
 from pyro_vits.data.text import VITS_SYMBOLS
 
 needs_espeak = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng not installed")
-needs_flite = pytest.mark.skipif(shutil.which("flite") is None, reason="flite not installed (apt-get install flite)")
+needs_flite = pytest.mark.skipif(shutil.which("flite") is None,
+                                 reason="flite not installed (apt-get install flite)")
 needs_festival = pytest.mark.skipif(shutil.which("text2wave") is None,
-                                    reason="festival not installed (apt-get install festival festvox-us-slt-hts)")
+                                    reason="festival not installed "
+                                           "(apt-get install festival festvox-us-slt-hts)")
 
 
 def _piper_available() -> bool:
@@ -68,7 +70,7 @@ def test_piper_speaks_deterministically_for_a_seed():
         assert len(wav) > 0.3 * rate and np.abs(wav).max() > 0.05 and np.abs(wav).max() <= 1
         np.testing.assert_array_equal(wav, wav2)
     other, _ = PiperEngine().synthesise(SENTENCES[0], "en_US-joe-medium", seed=4)
-    assert len(other) != len(first[0][0]) or not np.array_equal(other, first[0][0])  # noise depends on the seed
+    assert len(other) != len(first[0][0]) or not np.array_equal(other, first[0][0])  # seed-dependent
 
 
 @needs_piper
@@ -77,7 +79,8 @@ def test_piper_corpus_records_engine_voice_and_settings(tmp_path):
     assert summary.synthesiser == "piper" and summary.voices == ["en_US-joe-medium"]
     saved = json.loads((tmp_path / "c" / "corpus.json").read_text())
     assert saved["settings"]["model"] == "en_US-joe-medium.onnx"
-    assert saved["settings"]["noise_scale"] == pytest.approx(0.667) and "onnxruntime" in saved["synthesiser_version"]
+    assert saved["settings"]["noise_scale"] == pytest.approx(0.667)
+    assert "onnxruntime" in saved["synthesiser_version"]
     for u in read_filelist(tmp_path / "c" / "train.txt", data_root=tmp_path / "c"):
         assert soundfile.info(str(u.wav_path)).samplerate == 22050 and set(u.text) <= set(VITS_SYMBOLS)
 
