@@ -38,17 +38,14 @@ import numpy as np
 
 from .._io import publish_folder
 from .._validate import check_positive_ints
-from .engines import Engine, EspeakEngine, espeak_version, find_espeak, phonemize
+from .engines import Engine, EspeakEngine, phonemize
 
 __all__ = [
     "SAMPLE_RATE",
     "SYMBOL_MODES",
     "DEBIAN_TEXTS",
     "CorpusSummary",
-    "find_espeak",
-    "espeak_version",
     "read_sentences",
-    "phonemize",
     "synthesise",
     "build_corpus",
 ]

@@ -11,7 +11,8 @@ import soundfile
 
 from pyro_vits.apps import run_main
 from pyro_vits.apps.corpus import main as corpus_main
-from pyro_vits.data.corpus import build_corpus, phonemize, read_sentences, synthesise
+from pyro_vits.data.corpus import build_corpus, read_sentences, synthesise
+from pyro_vits.data.engines import phonemize
 from pyro_vits.data.filelists import read_filelist, read_ljspeech
 from pyro_vits.data.text import VITS_SYMBOLS
 
