@@ -77,7 +77,7 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     from .._device import resolve_device
     from ..audit.measure import audit
     from ..data.speech_batches import SpeechConfig
-    from ..vits.generator import load_vits_generator, read_vits_config
+    from ..vits import load_vits_generator, read_vits_config
 
     device = resolve_device(args.device)
     config = read_vits_config(args.config)

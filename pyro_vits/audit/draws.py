@@ -16,7 +16,7 @@ from ..distributions.flow_prior import FlowPrior
 from ..flows import ResidualCouplingBlock
 from ..kl import ESTIMATORS, kl_estimate
 from ..nn.alignment import attention_mask, expand_prior, maximum_path, neg_cent
-from ..vits.generator import VITSGenerator
+from ..vits import VITSGenerator
 
 COLLAPSE_THRESHOLD = 0.01
 """A channel whose KL is below this many nats per frame counts as collapsed (posterior = prior)."""

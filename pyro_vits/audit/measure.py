@@ -28,7 +28,7 @@ from .._validate import check_positive_ints
 from ..data.filelists import Utterance, open_corpus
 from ..data.speech_batches import SpeechConfig, speech_batches
 from ..kl import prob_negative, prob_negative_normal_approx
-from ..vits.generator import VITSGenerator
+from ..vits import VITSGenerator
 from .draws import (
     BATCH_SIZES,
     COLLAPSE_THRESHOLD,

@@ -9,7 +9,6 @@ not part of the latent path and are skipped. Sizes come from the weights; a VITS
 from __future__ import annotations
 
 import importlib.util
-import json
 import logging
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -24,6 +23,8 @@ from ..models.guides import PosteriorEncoder
 from ..nn.conformer import ConformerTextEncoder
 from ..nn.hifigan import Generator
 from ..nn.text_encoder import WINDOW_SIZE, TextEncoder
+from .config import check_config_sizes, config_beside, layout_config, read_vits_config
+from .decoder import load_decoder
 from .espnet import build_conformer, conformer_sizes, espnet_config
 from .flow_checkpoint import flow_from_tensors
 from .layouts import CANONICAL_PARTS, LAYOUTS, Layout, canonical, layout_for_keys
@@ -31,10 +32,10 @@ from .piper import LAYOUT_KEY
 from .reader import (
     Checkpoint,
     check_sizes,
-    fail,
-    fold_weight_norm,
-    module_state,
+    count_modules,
+    load_part,
     read_checkpoint,
+    required_shape,
     weight_shape,
 )
 
@@ -104,83 +105,6 @@ class VITSGenerator(nn.Module):
         return self.emb_g(sid).unsqueeze(-1)
 
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-CONFIG_TYPES: dict[str, tuple[str, Callable[[Any], bool]]] = {
-    "object": ("a JSON object", lambda v: isinstance(v, Mapping)),
-    "bool": ("true or false", lambda v: isinstance(v, bool)),
-    "int>0": ("a positive integer", lambda v: _is_int(v) and v > 0),
-    "int>=0": ("a non-negative integer", lambda v: _is_int(v) and v >= 0),
-    "prob": ("a number in [0, 1)", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
-             and 0 <= v < 1),
-    "str": ("a string", lambda v: isinstance(v, str)),
-    "str list": ("a list of strings", lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v)),
-}
-"""The value types of :data:`VITS_CONFIG_SCHEMA`: name -> (what the message says, the check)."""
-
-VITS_CONFIG_SCHEMA: dict[str, str] = {
-    "train": "object",
-    "train.batch_size": "int>0",
-    "data": "object",
-    **dict.fromkeys(("data.sampling_rate", "data.filter_length", "data.hop_length", "data.win_length"),
-                    "int>0"),
-    "data.n_speakers": "int>=0",
-    "data.add_blank": "bool",
-    "data.cleaned_text": "bool",
-    "data.text_cleaners": "str list",
-    "model": "object",
-    **dict.fromkeys(("model.inter_channels", "model.hidden_channels", "model.filter_channels", "model.n_heads",
-                     "model.n_layers", "model.kernel_size", "model.dilation_rate_flow"), "int>0"),
-    "model.gin_channels": "int>=0",
-    "model.p_dropout": "prob",
-    "model.use_transformer_flows": "bool",
-    "model.transformer_flow_type": "str",
-    "symbols": "str list",
-}
-"""The keys of a VITS ``config.json`` the library reads (``section.key``) and their types
-(:data:`CONFIG_TYPES`: JSON booleans only for flags, integers neither booleans nor strings); other keys are ignored. A key's section
-must be an object for the key to be checked (the section's own entry refuses anything else)."""
-
-
-def check_vits_config(config: Mapping[str, Any], label: str = "config") -> None:
-    """Refuse (one-line ``ValueError`` naming ``label`` and the key) a value of :data:`VITS_CONFIG_SCHEMA`'s
-    keys with the wrong type; absent keys are not checked."""
-    for dotted, type_name in VITS_CONFIG_SCHEMA.items():
-        section: Any = config
-        *parents, key = dotted.split(".")
-        for parent in parents:
-            section = section.get(parent) if isinstance(section, Mapping) else None
-        if not isinstance(section, Mapping) or key not in section:
-            continue
-        what, check = CONFIG_TYPES[type_name]
-        if not check(section[key]):
-            raise fail(f"{label}: {dotted} must be {what}, got {json.dumps(section[key], default=repr)[:60]}")
-
-
-def read_vits_config(config: str | Path | Mapping[str, Any]) -> dict[str, Any]:
-    """A VITS ``config.json`` as a dict (a path or an already-loaded mapping), its keys' types checked
-    (:func:`check_vits_config`). Errors are one line naming the file and the key."""
-    if isinstance(config, Mapping):
-        check_vits_config(config)
-        return dict(config)
-    path = Path(config)
-    if not path.is_file():
-        raise FileNotFoundError(f"config not found: {path}")
-    try:
-        loaded = json.loads(path.read_bytes().decode("utf-8"))
-    except UnicodeDecodeError as err:
-        raise ValueError(f"{path}: not UTF-8 JSON (byte 0x{err.object[err.start]:02x} at offset "
-                         f"{err.start})") from err
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from err
-    if not isinstance(loaded, dict):
-        raise ValueError(f"{path}: expected a JSON object")
-    check_vits_config(loaded, str(path))
-    return loaded
-
-
 def _split_parts(checkpoint: Checkpoint, layout: Layout) -> tuple[dict[str, dict[str, Tensor]], dict[str, Tensor]]:
     """``({part: {sub_key: tensor}}, the canonical tensors)`` of the latent path, through ``layout``."""
     label = checkpoint.label
@@ -206,24 +130,10 @@ def _split_parts(checkpoint: Checkpoint, layout: Layout) -> tuple[dict[str, dict
     return parts, tensors
 
 
-def _count(entries: Mapping[str, Tensor], prefix: str) -> int:
-    return len({k[len(prefix) :].split(".")[0] for k in entries if k.startswith(prefix)})
-
-
-def _weight(entries: Mapping[str, Tensor], key: str, label: str) -> torch.Size:
-    """The shape of ``key`` (a ``….weight`` in any weight-norm form, or any other tensor)."""
-    found = weight_shape(entries, key.removesuffix(".weight")) if key.endswith(".weight") else None
-    if found is None and key in entries:
-        found = entries[key].shape
-    if found is None:
-        raise ValueError(f"{label}: missing {key}")
-    return found
-
-
 def _text_encoder_sizes(enc_p: Mapping[str, Tensor], label: str) -> dict[str, int]:
-    emb = _weight(enc_p, "emb.weight", f"{label} enc_p")
-    rel = _weight(enc_p, "encoder.attn_layers.0.emb_rel_k", f"{label} enc_p")
-    conv_1 = _weight(enc_p, "encoder.ffn_layers.0.conv_1.weight", f"{label} enc_p")
+    emb = required_shape(enc_p, "emb.weight", f"{label} enc_p")
+    rel = required_shape(enc_p, "encoder.attn_layers.0.emb_rel_k", f"{label} enc_p")
+    conv_1 = required_shape(enc_p, "encoder.ffn_layers.0.conv_1.weight", f"{label} enc_p")
     if rel[1] != 2 * WINDOW_SIZE + 1 or rel[0] != 1 or rel[-1] == 0:
         raise ValueError(
             f"{label}: enc_p relative-position table {tuple(rel)} is not VITS's "
@@ -232,23 +142,23 @@ def _text_encoder_sizes(enc_p: Mapping[str, Tensor], label: str) -> dict[str, in
     return dict(
         n_vocab=emb[0],
         hidden_channels=emb[1],
-        inter_channels=_weight(enc_p, "proj.weight", f"{label} enc_p")[0] // 2,
+        inter_channels=required_shape(enc_p, "proj.weight", f"{label} enc_p")[0] // 2,
         n_heads=emb[1] // rel[-1],
-        n_layers=_count(enc_p, "encoder.attn_layers."),
+        n_layers=count_modules(enc_p, "encoder.attn_layers."),
         filter_channels=conv_1[0],
         kernel_size=conv_1[-1],
     )
 
 
 def _posterior_sizes(enc_q: Mapping[str, Tensor], label: str) -> dict[str, int]:
-    pre = _weight(enc_q, "pre.weight", f"{label} enc_q")
+    pre = required_shape(enc_q, "pre.weight", f"{label} enc_q")
     cond = weight_shape(enc_q, "enc.cond_layer")
     return dict(
         spec_channels=pre[1],
         enc_q_hidden=pre[0],
-        enc_q_inter=_weight(enc_q, "proj.weight", f"{label} enc_q")[0] // 2,
-        enc_q_layers=_count(enc_q, "enc.in_layers."),
-        enc_q_kernel=_weight(enc_q, "enc.in_layers.0.weight", f"{label} enc_q")[-1],
+        enc_q_inter=required_shape(enc_q, "proj.weight", f"{label} enc_q")[0] // 2,
+        enc_q_layers=count_modules(enc_q, "enc.in_layers."),
+        enc_q_kernel=required_shape(enc_q, "enc.in_layers.0.weight", f"{label} enc_q")[-1],
         gin_channels=0 if cond is None else cond[1],
     )
 
@@ -298,44 +208,6 @@ def _generator_sizes(parts: Mapping[str, Mapping[str, Tensor]], label: str, gin:
     return sizes
 
 
-def _check_config(sizes: Mapping[str, int], config: Mapping[str, Any], label: str) -> None:
-    """Every size the config states must equal the one read from the weights."""
-    model, data = config.get("model"), config.get("data", {})
-    if not isinstance(model, Mapping):
-        raise ValueError("config has no 'model' section (expected a VITS config.json)")
-    stated = {
-        key: model[key]
-        for key in (
-            "inter_channels",
-            "hidden_channels",
-            "filter_channels",
-            "n_heads",
-            "n_layers",
-            "kernel_size",
-            "gin_channels",
-        )
-        if key in model
-    }
-    if "filter_length" in data and sizes.get("spec_channels"):  # 0: no enc_q
-        stated["spec_channels"] = data["filter_length"] // 2 + 1
-    if data.get("n_speakers", 0) > 1:
-        stated["n_speakers"] = data["n_speakers"]
-    if "symbols" in config:
-        stated["n_vocab"] = len(config["symbols"])
-    for key, value in stated.items():
-        if sizes.get(key, 0) != value:
-            raise ValueError(
-                f"config says {key}={value} but the weights in {label} have {key}={sizes.get(key, 0)}"
-            )
-
-
-def _load(module: nn.Module, entries: Mapping[str, Tensor], part: str, label: str) -> None:
-    try:
-        module.load_state_dict(module_state(module, entries), strict=True)
-    except RuntimeError as err:
-        raise fail(f"{label}: {part} weights do not match VITS's layout: {err}") from err
-
-
 def load_vits_generator(
     checkpoint: str | Path | Mapping[str, Any],
     config: str | Path | Mapping[str, Any] | None = None,
@@ -365,12 +237,12 @@ def load_vits_generator(
     parts, tensors = _split_parts(found, keys_layout)
     conformer = keys_layout.text_encoder == "conformer"
     p_dropout = 0.0
-    implicit = _layout_config(_implicit_config(found, keys_layout), keys_layout)
+    implicit = layout_config(config_beside(found, keys_layout), keys_layout)
     if keys_layout.name.startswith("piper") and (found.config or {}).get("dec"):  # HiFi-GAN arguments
         implicit = {**(implicit or {}), "model": {**(implicit or {}).get("model", {}), **found.config["dec"]}}
     if config is not None:
         config = espnet_config(config) if keys_layout.config == "config.yaml" else read_vits_config(config)
-        config = _layout_config(config, keys_layout)
+        config = layout_config(config, keys_layout)
         model = config.get("model")
         p_dropout = float(model.get("p_dropout", 0.0)) if isinstance(model, Mapping) else 0.0
     try:
@@ -380,7 +252,7 @@ def load_vits_generator(
         raise ValueError(f"{label}: {err}") from err
     sizes = _generator_sizes(parts, label, flow.gin_channels, conformer_sizes if conformer else None)
     if config is not None:
-        _check_config(sizes, config, label)
+        check_config_sizes(sizes, config, label)
     if "enc_p" not in holder.parts:
         raise ValueError(f"{label}: the {holder.label} layout's enc_p/enc_q are not VITS's: load its flow "
                          "with load_vits_flow")
@@ -398,7 +270,7 @@ def load_vits_generator(
             *(sizes[k] for k in ("n_layers", "kernel_size")),
             p_dropout,
         )
-    _load(enc_p, parts["enc_p"], "enc_p", label)
+    load_part(enc_p, parts["enc_p"], "enc_p", label)
     enc_q, emb_g = None, None
     if parts["enc_q"]:
         guide = PosteriorEncoder(
@@ -409,22 +281,17 @@ def load_vits_generator(
             gin_channels=sizes["gin_channels"],
             name="enc_q",
         )
-        _load(guide, {**parts["enc_q"], **{"emb_g." + k: v for k, v in parts["emb_g"].items()}}, "enc_q",
+        load_part(guide, {**parts["enc_q"], **{"emb_g." + k: v for k, v in parts["emb_g"].items()}}, "enc_q",
               label)
         enc_q = VITSPosteriorEncoder(guide)
     elif parts["emb_g"]:
         emb_g = nn.Embedding(sizes["n_speakers"], sizes["gin_channels"])
-        _load(emb_g, parts["emb_g"], "emb_g", label)
-    dec = _decoder(parts["dec"], config if config is not None else implicit, sizes, decoder, label)
+        load_part(emb_g, parts["emb_g"], "emb_g", label)
+    dec = load_decoder(parts["dec"], config if config is not None else implicit, sizes, decoder, label)
     config_out = {key: sizes[key] for key in _REPORTED_SIZES}
     config_out.update(p_dropout=p_dropout, n_flows=flow.config["n_flows"])
     config_out.update(_piper_config(found, keys_layout))
     return VITSGenerator(enc_p, enc_q, flow, config_out, dec=dec, emb_g=emb_g).eval()
-
-
-# --------------------------------------------------------------------------------------------- decoder, config
-
-_DECODER_SETTINGS = ("resblock", "resblock_dilation_sizes", "upsample_rates")
 
 
 def _weights_path(checkpoint: Any) -> Any:
@@ -444,101 +311,6 @@ def _check_requires(layout: Layout, label: str) -> None:
     if missing:
         raise ImportError(f"{label}: the {layout.label} layout needs {', '.join(missing)}: "
                           "pip install pyro_vits[layouts]")
-
-
-def _implicit_config(found: Checkpoint, layout: Layout) -> dict[str, Any] | None:
-    """The config the layout keeps with its weights: the checkpoint's ``config`` entry, or a ``config.json``
-    beside the file."""
-    if layout.config == "checkpoint" or found.config is not None:
-        return None if found.config is None else dict(found.config)
-    beside = None if found.path is None else found.path.parent / "config.json"
-    if beside is None or not beside.is_file():
-        return None
-    try:
-        return read_vits_config(beside)
-    except ValueError as err:
-        raise fail(f"{found.label}: cannot read {beside} beside the checkpoint: {err}") from err
-
-
-def _layout_config(config: Mapping[str, Any] | None, layout: Layout) -> dict[str, Any] | None:
-    """``config`` with the layout's ``config_names`` copied into VITS's ``model``/``data`` sections (values
-    already there win)."""
-    if config is None:
-        return None
-    out = {key: dict(value) if isinstance(value, Mapping) else value for key, value in config.items()}
-    for stored, target in layout.config_names:
-        value = _config_value(config, stored)
-        section, name = target.split(".", 1)
-        if value is not None and isinstance(out.setdefault(section, {}), dict):
-            out[section].setdefault(name, value)
-    return out
-
-
-def _config_value(config: Mapping[str, Any] | None, name: str) -> Any:
-    if not isinstance(config, Mapping):
-        return None
-    for section in (config, config.get("model"), config.get("model_args")):
-        if isinstance(section, Mapping) and section.get(name) is not None:
-            return section[name]
-    return None
-
-
-def decoder_sizes(dec: Mapping[str, Tensor], config: Mapping[str, Any] | None, label: str) -> dict[str, Any]:
-    """The :class:`~pyro_vits.nn.hifigan.Generator` arguments of a ``dec.*`` state: sizes from the shapes, the
-    resblock kind from the key names; upsample strides and dilations are not stored, so they come from the
-    config (``model.upsample_rates``, ``model.resblock_dilation_sizes``)."""
-    where = f"{label} dec"
-    pre = _weight(dec, "conv_pre.weight", where)
-    n_ups = _count(dec, "ups.")
-    kind = "1" if any(".convs1." in k for k in dec) else "2"
-    n_blocks = _count(dec, "resblocks.")
-    if not n_ups or n_blocks % n_ups:
-        raise fail(f"{where}: {n_blocks} resblocks for {n_ups} upsampling layers (expected a multiple)")
-    n_kernels = n_blocks // n_ups
-    conv = "convs1" if kind == "1" else "convs"
-    kernels = [_weight(dec, f"resblocks.{j}.{conv}.0.weight", where)[-1] for j in range(n_kernels)]
-    n_dilations = [_count(dec, f"resblocks.{j}.{conv}.") for j in range(n_kernels)]
-    rates = _config_value(config, "upsample_rates")
-    dilations = _config_value(config, "resblock_dilation_sizes")
-    if rates is None or dilations is None:
-        raise fail(f"{where}: the decoder's upsample_rates and resblock_dilation_sizes are not stored in the "
-                   "weights (ConvTranspose strides, dilations): pass config= with model.upsample_rates and "
-                   "model.resblock_dilation_sizes, or decoder=False")
-    stated = _config_value(config, "resblock")
-    if stated is not None and str(stated) != kind:
-        raise fail(f"{where}: config says resblock={stated!r} but the weights hold ResBlock{kind}")
-    if len(rates) != n_ups or [len(d) for d in dilations] != n_dilations:
-        raise fail(f"{where}: config upsample_rates {list(rates)} / resblock_dilation_sizes "
-                   f"{[list(d) for d in dilations]} do not fit {n_ups} upsampling layers and "
-                   f"{n_dilations} convolutions per resblock")
-    cond = weight_shape(dec, "cond")
-    return dict(
-        initial_channel=pre[1], resblock=kind, resblock_kernel_sizes=kernels,
-        resblock_dilation_sizes=[list(d) for d in dilations], upsample_rates=list(rates),
-        upsample_initial_channel=pre[0],
-        upsample_kernel_sizes=[_weight(dec, f"ups.{i}.weight", where)[-1] for i in range(n_ups)],
-        gin_channels=0 if cond is None else cond[1],
-    )
-
-
-def _decoder(dec: Mapping[str, Tensor], config: Mapping[str, Any] | None, sizes: Mapping[str, int],
-             decoder: bool | None, label: str) -> Generator | None:
-    """The loaded HiFi-GAN ``dec`` (None: no ``dec.conv_pre`` in the file, ``decoder=False``, or
-    ``decoder=None`` and no config giving its upsample rates)."""
-    if decoder is False or not any(k.startswith("conv_pre.") for k in dec):
-        if decoder:
-            raise fail(f"{label}: decoder=True but the file has no HiFi-GAN decoder (dec.conv_pre)")
-        return None
-    if decoder is None and _config_value(config, "upsample_rates") is None:
-        logger.info("%s: decoder not loaded (its upsample_rates are not stored: pass config=)", label)
-        return None
-    args = decoder_sizes(dec, config, label)
-    if args["initial_channel"] != sizes["inter_channels"] or args["gin_channels"] not in (0, sizes["gin_channels"]):
-        raise fail(f"{label}: dec takes {args['initial_channel']} channels and gin {args['gin_channels']}, "
-                   f"the flow {sizes['inter_channels']} and gin {sizes['gin_channels']}")
-    module = Generator(**args)
-    _load(module, fold_weight_norm(dec), "dec", label)
-    return module
 
 
 def _piper_config(found: Checkpoint, layout: Layout) -> dict[str, Any]:

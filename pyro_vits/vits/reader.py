@@ -29,7 +29,7 @@ from .._validate import first_line
 
 __all__ = ["MAX_MESSAGE", "SIZE_BOUNDS", "SIZE_KINDS", "check_sizes", "check_tensors", "Checkpoint",
            "read_checkpoint", "take_weight", "weight_shape", "weight_norm_key",
-           "module_state"]
+           "module_state", "count_modules", "required_shape", "load_part"]
 
 MAX_MESSAGE = 300
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -254,3 +254,26 @@ def fold_weight_norm(entries: Mapping[str, Tensor]) -> dict[str, Tensor]:
         else:
             out[key] = value
     return out
+
+
+def count_modules(entries: Mapping[str, Tensor], prefix: str) -> int:
+    """How many numbered modules ``prefix<i>.`` the entries hold (``prefix`` ends in ``.``)."""
+    return len({k[len(prefix) :].split(".")[0] for k in entries if k.startswith(prefix)})
+
+
+def required_shape(entries: Mapping[str, Tensor], key: str, label: str) -> torch.Size:
+    """The shape of ``key`` (a ``….weight`` in any weight-norm form, or any other tensor)."""
+    found = weight_shape(entries, key.removesuffix(".weight")) if key.endswith(".weight") else None
+    if found is None and key in entries:
+        found = entries[key].shape
+    if found is None:
+        raise ValueError(f"{label}: missing {key}")
+    return found
+
+
+def load_part(module: nn.Module, entries: Mapping[str, Tensor], part: str, label: str) -> None:
+    """Strictly load ``entries`` (any weight-norm form) into ``module``; one line naming ``part`` if they differ."""
+    try:
+        module.load_state_dict(module_state(module, entries), strict=True)
+    except RuntimeError as err:
+        raise fail(f"{label}: {part} weights do not match VITS's layout: {err}") from err

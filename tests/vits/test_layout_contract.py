@@ -92,7 +92,7 @@ def _hf_case():
     import tempfile
     from pathlib import Path
 
-    from test_hf_layout import CONFIG
+    from hf_helpers import CONFIG
 
     torch.manual_seed(0)
     model = randomized(transformers.VitsModel(transformers.VitsConfig(**CONFIG)), seed=11, scale=0.15).eval()

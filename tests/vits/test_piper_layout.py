@@ -29,8 +29,6 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 VOICE_SHA256 = "58afce0321b8d9c46d7cdf9c16500cc55a793b4220212dba6b70fb788b3baf06"
 IPA = "həlˈoʊ wˈɜːld"  # "hello world", as espeak-ng's en-us phonemizes it
-HAS_DECODER = importlib.util.find_spec("pyro_vits.nn.hifigan") is not None
-needs_decoder = pytest.mark.skipif(not HAS_DECODER, reason="pyro_vits.nn.hifigan (the decoder) not merged yet")
 TOL = dict(rtol=1e-5, atol=1e-5)
 
 
@@ -98,7 +96,6 @@ def test_voice_text_encoder_and_flow_match_onnxruntime(voice):
     assert float((ort["z_p"] - ort["z"]).abs().max()) > 0.1  # the flow does something
 
 
-@needs_decoder
 def test_voice_decoder_matches_onnxruntime(voice):
     gen, _, _, ort = voice
     assert gen.dec is not None
@@ -191,9 +188,8 @@ def _check_lightning(ref, gen, n_speakers):
         torch.testing.assert_close(logs_q, logs_ref, **TOL)
         z = torch.randn(m_ref.shape, generator=g) * mask
         torch.testing.assert_close(gen.flow(z, mask, g=g_ref), ref.flow(z, mask, g_ref), **TOL)
-        if HAS_DECODER:
-            torch.testing.assert_close(gen.dec(z, g=g_ref), ref.dec(z, g_ref), **TOL)
-            assert float(ref.dec(z, g_ref).abs().max()) > 1e-2
+        torch.testing.assert_close(gen.dec(z, g=g_ref), ref.dec(z, g_ref), **TOL)
+        assert float(ref.dec(z, g_ref).abs().max()) > 1e-2
 
 
 @pytest.mark.parametrize("n_speakers, gin", [(0, 0), (3, 5)])
