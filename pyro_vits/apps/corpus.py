@@ -15,7 +15,9 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
+from .._io import check_folder, check_writable
 from ..data.corpus import DEBIAN_TEXTS, SYMBOL_MODES, build_corpus, read_sentences
 from ..data.text import VITS_SYMBOLS
 from . import run_main
@@ -51,6 +53,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     args = build_parser(prog).parse_args(argv)
+    check_folder(Path(args.out), args.overwrite)  # before any work: a used or unwritable --out fails now
+    check_writable(args.out, what="--out")
     sentences = read_sentences(args.text, min_chars=args.min_chars, max_chars=args.max_chars)
     voices = [v.strip() for v in args.voices.split(",") if v.strip()]
     summary = build_corpus(
