@@ -69,7 +69,7 @@ class _StopRequests:
         if self.signum is not None:
             raise KeyboardInterrupt(f"interrupted again by {signal.Signals(signum).name}: stopped at once")
         self.signum = signum
-        logger.warning("%s: stopping after the current step (send it again to stop at once)",
+        logger.info("%s: stopping after the current step (send it again to stop at once)",
                        signal.Signals(signum).name)
 
     @contextmanager
