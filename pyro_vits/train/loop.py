@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from .._device import cuda_devices, resolve_device
 from .._io import check_writable
-from .._rundir import CHECKPOINT, append_record, check_out_dir, prepare_run_dir
+from .._rundir import CHECKPOINT, RUN_FILES, append_record, check_out_dir, prepare_run_dir
 from ..data.batch import FitData
 from ..infer.elbo import make_elbo
 from ..infer.evaluate import evaluate
@@ -197,6 +197,9 @@ the settings ``config`` (a :class:`~pyro_vits.train.config.FitConfig`, checked w
                                          run.out if run.saved_step == run.state.step else None)
     except RunInterrupted:
         raise
+    except OSError:  # e.g. a full disk: a run that never saved a checkpoint leaves nothing behind
+        run.discard_unsaved()
+        raise
     except KeyboardInterrupt:
         run.interrupted()
         raise
@@ -285,6 +288,7 @@ class _Run:
             self.state = restore(checkpoint, model, guide, self.optim, self.extra, dev)
             logger.info("resuming %s at step %d of %d", self.out, self.state.step, cfg.steps)
         self.saved_step = self.state.step if checkpoint is not None else None
+        self.created = self.out is not None and not self.out.exists()
         if self.out is not None:
             prepare_run_dir(self.out, self.config, self.state.metrics, resume=cfg.resume,
                             overwrite=cfg.overwrite)
@@ -361,6 +365,16 @@ class _Run:
         save_checkpoint(self.out, self.state, self.model, self.guide, self.optim, self.extra, self.config,
                         self.dev)
         self.saved_step = self.state.step
+
+    def discard_unsaved(self) -> None:
+        """After a failed write: when no checkpoint of this run exists, remove its config and metrics (and
+        the folder, when this run created it and it is empty): there is nothing to resume."""
+        if self.out is None or self.saved_step is not None:
+            return
+        for name in RUN_FILES:
+            (self.out / name).unlink(missing_ok=True)
+        if self.created and self.out.is_dir() and not any(self.out.iterdir()):
+            self.out.rmdir()
 
     def interrupted(self) -> None:
         logger.warning("interrupted after step %d; %s", self.state.step,
