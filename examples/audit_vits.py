@@ -11,9 +11,12 @@ run the whole audit and print the per-estimator table (nats per frame).
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Sequence
 
+from pyro_vits.apps import run_main
 from pyro_vits.audit import audit, draw_latents
+from pyro_vits.cli import positive_int
 from pyro_vits.data.filelists import open_corpus
 from pyro_vits.data.speech_batches import SpeechConfig, speech_batches
 from pyro_vits.kl import vits_kl
@@ -26,9 +29,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("config")
     parser.add_argument("filelist", help="VITS filelist (cleaned text) or LJSpeech folder")
     parser.add_argument("--data-root", default=None)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--particles", type=int, default=8)
-    parser.add_argument("--max-utterances", type=int, default=100)
+    parser.add_argument("--batch-size", type=positive_int, default=16)
+    parser.add_argument("--particles", type=positive_int, default=8)
+    parser.add_argument("--max-utterances", type=positive_int, default=100)
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
 
@@ -68,5 +71,5 @@ def main(args: argparse.Namespace) -> dict:
     return report
 
 
-if __name__ == "__main__":
-    main(parse_args())
+if __name__ == "__main__":  # every user error: one line on stderr, exit code 2
+    sys.exit(run_main(lambda argv: main(parse_args(argv)) and 0, prog="audit_vits.py"))

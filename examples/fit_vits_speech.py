@@ -12,7 +12,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
+from collections.abc import Sequence
 
+from pyro_vits.apps import run_main
+from pyro_vits.cli import positive_int
 from pyro_vits.data.speech_batches import SpeechConfig
 from pyro_vits.data.speech_data import read_corpus
 from pyro_vits.infer import evaluate
@@ -21,17 +25,18 @@ from pyro_vits.train import FitConfig, fit
 from pyro_vits.vits import export_vits_generator
 
 
-def main() -> None:
+def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--corpus", required=True, help="LJSpeech-format folder (make speech-corpus)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (cuda: VITS's sizes)")
-    parser.add_argument("--steps", type=int, default=None, help="SVI steps (default: the preset's)")
-    parser.add_argument("--max-utterances", type=int, default=None, help="(default: the preset's)")
-    parser.add_argument("--out", default="runs/speech-example", help="run folder (replaced)")
+    parser.add_argument("--steps", type=positive_int, default=None, help="SVI steps (default: the preset's)")
+    parser.add_argument("--max-utterances", type=positive_int, default=None, help="(default: the preset's)")
+    parser.add_argument("--out", default="runs/speech-example", help="run folder (refused when not empty)")
+    parser.add_argument("--overwrite", action="store_true", help="replace the run files of a used --out")
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     preset = PRESETS["vits" if args.device.startswith("cuda") else "cpu"]
-    steps = args.steps or preset["steps"]
+    steps = preset["steps"] if args.steps is None else args.steps
 
     # 1. The corpus as VITS reads it: 22,050 Hz wavs -> linear spectrograms, phonemes -> ids (+ blanks).
     speech = SpeechConfig(filter_length=preset["n_fft"], hop_length=preset["hop_length"],
@@ -47,7 +52,7 @@ def main() -> None:
 
     # 3. SVI with VITS's estimator (analytic entropy of q, one draw for the flow prior).
     config = FitConfig(steps=steps, elbo="vits", lr=preset["lr"], batch_size=preset["batch_size"],
-                       seed=args.seed, out_dir=args.out, overwrite=True, eval_samples=preset["eval_samples"],
+                       seed=args.seed, out_dir=args.out, overwrite=args.overwrite, eval_samples=preset["eval_samples"],
                        log_every=max(1, steps // 6))
     result = fit(model, guide, corpus.train, config, heldout=corpus.heldout, device=args.device)
     print(f"{steps} steps in {result.wall_s:.1f} s")
@@ -59,7 +64,8 @@ def main() -> None:
 
     # 5. The trained latent parts as a VITS generator checkpoint: <out>/vits/G_<steps>.pth + config.json.
     print(export_vits_generator(result.model, result.guide, speech, args.out, steps))
+    return 0
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # every user error: one line on stderr, exit code 2
+    sys.exit(run_main(main, prog="fit_vits_speech.py"))

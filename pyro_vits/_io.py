@@ -5,6 +5,7 @@ A reader, or a crash, sees either the previous file or folder or the complete ne
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -14,13 +15,17 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-__all__ = ["append_record", "atomic_write", "check_folder", "publish_folder", "write_json"]
+__all__ = ["append_record", "atomic_write", "check_folder", "check_writable", "naming_path", "publish_folder",
+           "write_json"]
 
 
 def atomic_write(path: Path, write: Callable[[Any], None], mode: str = "w") -> None:
     """Write ``path`` via a temporary file in the same folder and ``os.replace``: a reader (or a crash)
     sees either the previous file or the complete new one."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as err:
+        raise naming_path(err, path) from err
     try:
         os.chmod(tmp, 0o644)
         with os.fdopen(fd, mode) as f:
@@ -28,9 +33,61 @@ def atomic_write(path: Path, write: Callable[[Any], None], mode: str = "w") -> N
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
+    except BaseException as err:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        if isinstance(err, OSError) or _wraps_os_error(err):
+            raise naming_path(err, path) from err
         raise
+
+
+def _wraps_os_error(err: BaseException) -> bool:
+    """Whether ``err`` is a ``RuntimeError`` reporting a failed write (``torch.save``'s stream writer wraps the
+    file's ``OSError``, e.g. a full disk, in one)."""
+    if not isinstance(err, RuntimeError):
+        return False
+    cause: BaseException | None = err
+    while cause is not None:
+        if isinstance(cause, OSError):
+            return True
+        cause = cause.__cause__ or cause.__context__
+    text = str(err)
+    return any(key in text for key in ("PytorchStreamWriter", "inline_container", "file write failed"))
+
+
+def naming_path(err: BaseException, path: str | os.PathLike) -> OSError:
+    """``err`` (an ``OSError``, or a ``RuntimeError`` wrapping one) as an ``OSError`` whose ``filename`` is
+    ``path`` when it names none: the error boundary prints ``cannot write <path>: <reason>``."""
+    if isinstance(err, OSError) and err.filename is not None:
+        return err
+    if isinstance(err, OSError):
+        code, reason = err.errno or errno.EIO, err.strerror or str(err) or type(err).__name__
+    else:
+        cause = err.__cause__ or err.__context__
+        code = getattr(cause, "errno", None) or errno.EIO
+        reason = getattr(cause, "strerror", None) or str(err).splitlines()[0] or "write failed"
+    return OSError(code, reason, str(path))
+
+
+def check_writable(out: str | os.PathLike, *, what: str = "out") -> None:
+    """Fail now (``PermissionError``/``OSError`` naming the folder) when ``out`` cannot be written: a probe file
+    is created and removed in ``out`` or, when it does not exist yet, in its nearest existing parent.
+    Commands call it before any work."""
+    out = Path(out)
+    folder = out
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise NotADirectoryError(f"{what} {out}: {folder} exists and is not a directory")
+    try:
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".pyro-vits-probe.", suffix=".tmp")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        reason = err.strerror or str(err)
+        raise type(err)(err.errno, f"{what} {out} is not writable ({reason})") from err
 
 
 def write_json(path: Path, obj: Any) -> None:

@@ -13,10 +13,12 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from ._io import atomic_write
+from ._rundir import FIGURES
 from .kl.estimators import ESTIMATORS
 from .kl.estimators import names as registry_names
 
 __all__ = [
+    "write_run_figures",
     "plot_training_curves",
     "plot_estimator_histograms",
     "plot_negative_vs_batch_size",
@@ -32,6 +34,16 @@ _PANELS = (
     ("elbo_per_frame", "ELBO (nats/frame)", "ELBO"),
     ("kl_per_frame", "KL(q || p) (nats/frame)", "KL"),
 )
+
+
+def write_run_figures(run_dir: str | os.PathLike, metrics: Sequence[Mapping[str, float]], *,
+                      reference_loglik: float | None = None) -> Path:
+    """The figures of a finished :func:`~pyro_vits.train.fit` run: ``run_dir/figures/training_curves.png``
+    (:func:`plot_training_curves` of its ``metrics``, e.g. ``FitResult.metrics``); returns the path."""
+    path = Path(run_dir) / FIGURES / "training_curves.png"
+    path.parent.mkdir(exist_ok=True)
+    plot_training_curves(metrics, path, reference_loglik=reference_loglik)
+    return path
 
 
 def plot_training_curves(

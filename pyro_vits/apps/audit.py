@@ -74,6 +74,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     args = build_parser(prog).parse_args(argv)
     configure_logging(args.quiet, args.verbose)
+    from .._io import check_writable
+
+    check_writable(args.out, what="--out")  # before any work (audit() refuses a used --out before any too)
     from .._device import resolve_device
     from ..audit.measure import audit
     from ..data.speech_batches import SpeechConfig

@@ -19,7 +19,9 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
+from .._io import check_folder, check_writable
 from ..data.corpus import DEBIAN_TEXTS, SYMBOL_MODES, build_corpus, read_sentences
 from ..data.engines import ENGINES, make_engine
 from ..data.text import VITS_SYMBOLS
@@ -64,6 +66,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     args = build_parser(prog).parse_args(argv)
+    check_folder(Path(args.out), args.overwrite)  # before any work: a used or unwritable --out fails now
+    check_writable(args.out, what="--out")
     sentences = read_sentences(args.text, min_chars=args.min_chars, max_chars=args.max_chars)
     if args.voice is not None and args.engine != "piper":
         raise ValueError("--voice (a Piper .onnx) is for --engine piper; use --voices for voice names")

@@ -37,16 +37,17 @@ import pyro
 import torch
 
 from .._device import resolve_device
-from .._rundir import FIGURES
+from .._io import check_writable
+from .._rundir import check_out_dir
 from ..flows import ResidualCouplingBlock
-from ..infer.diagnostics import write_run_inference_data
+from ..infer.diagnostics import finish_run
 from ..infer.distributed import DistributedContext, distributed_context
 from ..infer.elbo import ELBOS
 from ..infer.evaluate import evaluate
 from ..models.guides import ObservationGuide, PosteriorEncoder
 from ..models.prior_model import VITSPriorModel
 from ..models.teacher import make_teacher, sample_dataset
-from ..plots import plot_training_curves
+from ..plots import write_run_figures
 from ..train import FitConfig, fit, geometric_lrd
 from ..train.config import NAN_POLICIES
 from ..vits import VITSFlowCheckpoint, read_vits_checkpoint
@@ -144,14 +145,18 @@ def _run(args: argparse.Namespace, device: torch.device, ctx: DistributedContext
     if args.init_flow and args.resume:
         raise ValueError("--init-flow starts a new run and --resume continues one (its flow is in the "
                          "checkpoint)")
+    out = Path(args.resume or args.out or Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S"))
+    if ctx is not None:
+        out = ctx.broadcast_object(out)  # rank 0's (its default is a timestamp)
+    if ctx is None or ctx.is_main:  # before any work: a used or unwritable --out fails now
+        if not args.resume:
+            check_out_dir(out, args.overwrite)
+        check_writable(out, what="--out")
     found = read_vits_checkpoint(args.init_flow, args.flow_dilation) if args.init_flow else None
     if found is not None:
         adopt_flow_sizes(args, found)
     torch.set_num_threads(args.threads)
     pyro.set_rng_seed(args.seed)  # the student's initial weights
-    out = Path(args.resume or args.out or Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S"))
-    if ctx is not None:
-        out = ctx.broadcast_object(out)  # rank 0's (its default is a timestamp)
     sizes = dict(kernel_size=args.kernel_size, dilation_rate=args.flow_dilation or 1, n_layers=args.n_layers,
                  n_flows=args.n_flows,
                  n_speakers=args.speakers, gin_channels=args.gin_channels if args.speakers else 0,
@@ -171,13 +176,13 @@ def _run(args: argparse.Namespace, device: torch.device, ctx: DistributedContext
     if ctx is not None and not ctx.is_main:
         return dict(student=None, teacher=None, out_dir=None, wall_s=time.perf_counter() - start)
     heldout = heldout.to(result.device)
-    student = evaluate(model, guide, heldout, args.eval_samples, seed=args.seed, eval_chunk=args.eval_chunk)
-    teacher_truth = evaluate(teacher.to(result.device), ObservationGuide.for_teacher(teacher), heldout,
-                             args.teacher_samples, seed=args.seed, eval_chunk=args.eval_chunk)
-    (out / FIGURES).mkdir(exist_ok=True)
-    plot_training_curves(result.metrics, out / FIGURES / "training_curves.png",
-                         reference_loglik=teacher_truth["loglik_iwae_per_frame"])
-    write_run_inference_data(out, model, guide, heldout, seed=args.seed)
+    finish_run(out, model, guide, heldout, seed=args.seed)  # a diverged run: FloatingPointError, exit 1
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Encountered NaN", UserWarning)
+        student = evaluate(model, guide, heldout, args.eval_samples, seed=args.seed, eval_chunk=args.eval_chunk)
+        teacher_truth = evaluate(teacher.to(result.device), ObservationGuide.for_teacher(teacher), heldout,
+                                 args.teacher_samples, seed=args.seed, eval_chunk=args.eval_chunk)
+    write_run_figures(out, result.metrics, reference_loglik=teacher_truth["loglik_iwae_per_frame"])
     print(format_table(student, teacher_truth, args))
     wall_s = time.perf_counter() - start
     print(f"wrote {out} ({wall_s:.1f} s, device {result.device})")

@@ -20,13 +20,16 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
+from .._io import check_writable
+from .._rundir import check_out_dir
 from ..data.speech_batches import SpeechConfig
 from ..data.speech_data import read_corpus
 from ..infer.elbo import ELBOS
 from ..models.speech import PRESETS, SIZE_KEYS, build_pair
-from ..train import FitConfig, fit
+from ..train import FitConfig, RunInterrupted, fit
 from ..vits.export import export_vits_generator
 from . import run_main
 
@@ -70,6 +73,14 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     args = build_parser(prog).parse_args(argv)
     s = _settings(args)
+    for key in ("steps", "checkpoint_every", "log_every", "particles"):
+        value = s.get(key, getattr(args, key, None))
+        if value is not None and value < 1:
+            raise ValueError(f"--{key.replace('_', '-')} must be a positive int, got {value}")
+    out = Path(args.out)
+    if not args.resume:  # before any work: a used or unwritable --out fails now
+        check_out_dir(out, args.overwrite)
+    check_writable(out, what="--out")
     speech = SpeechConfig(filter_length=s["n_fft"], hop_length=s["hop_length"], win_length=s["n_fft"],
                           add_blank=not args.no_add_blank)
     corpus = read_corpus(args.corpus, speech, max_utterances=s["max_utterances"], max_frames=s["max_frames"],
@@ -83,8 +94,12 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
                        log_every=args.log_every or max(1, s["steps"] // 5), progress=not args.quiet,
                        eval_samples=s["eval_samples"], eval_size=s["eval_size"],
                        checkpoint_every=args.checkpoint_every, resume=args.resume, overwrite=args.overwrite)
-    result = fit(model, guide, corpus.train, config, heldout=corpus.heldout, device=args.device,
-                 extra_config=extra)
+    try:
+        result = fit(model, guide, corpus.train, config, heldout=corpus.heldout, device=args.device,
+                     extra_config=extra)
+    except RunInterrupted as err:  # this command resumes with --resume --out RUN_DIR
+        err.args = (str(err).replace(f"--resume {out}", f"--resume --out {out}"),)
+        raise
     path = export_vits_generator(result.model, result.guide, speech, args.out, s["steps"],
                                  train=dict(seed=args.seed, batch_size=s["batch_size"],
                                             learning_rate=s["lr"]))

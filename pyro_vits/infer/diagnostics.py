@@ -27,6 +27,7 @@ from .._io import atomic_write
 from .._validate import check_positive_ints
 
 __all__ = [
+    "finish_run",
     "GradientStats",
     "gradient_stats",
     "KHAT_THRESHOLDS",
@@ -366,3 +367,45 @@ def write_run_inference_data(
             if k in records[0]]
     write_summary(summary_table(idata, "sample_stats", 0.5, keys or None), run_dir / rundir.SUMMARY)
     return path
+
+
+def finish_run(
+    run_dir: str | os.PathLike,
+    model: Callable,
+    guide: Callable,
+    data: Any,
+    *,
+    num_samples: int = 200,
+    max_utterances: int = 8,
+    seed: int = 0,
+) -> Path:
+    """Finish a :func:`~pyro_vits.train.fit` run folder the way ``pyro-vits fit`` does: check that the fitted
+    model and guide give finite importance weights on ``data`` (a held-out
+    :class:`~pyro_vits.data.batch.Batch`), then :func:`write_run_inference_data` (``inference_data.nc``,
+    ``summary.{csv,md}``); the figures are :func:`pyro_vits.plots.write_run_figures`'. Pyro's "Encountered
+    NaN" warnings are silenced. A diverged run (e.g. ``nan_policy="skip"`` on a run whose every update went
+    non-finite) raises ``FloatingPointError`` (one line, exit code 1 behind the error boundary) before
+    anything is written: the run folder keeps config, metrics and checkpoint only. Returns the netCDF path.
+    """
+    run_dir = Path(run_dir)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Encountered NaN", UserWarning)
+        subset = data.subset(torch.arange(min(max_utterances, data.n), device=data.x.device))
+        log_w = utterance_log_weights(model, guide, subset, num_samples=max(num_samples, 2), seed=seed)
+        if not bool(torch.isfinite(log_w).all()):
+            skipped = _last_skipped(run_dir / rundir.METRICS)
+            raise FloatingPointError(
+                f"training diverged: the fitted model gives non-finite log-weights on the held-out data"
+                f"{skipped}; {run_dir} keeps {rundir.CONFIG}, {rundir.METRICS} and {rundir.CHECKPOINT}, no "
+                f"{rundir.INFERENCE_DATA}, summary or figures (lower the learning rate)")
+        return write_run_inference_data(run_dir, model, guide, data, num_samples=num_samples,
+                                        max_utterances=max_utterances, seed=seed)
+
+
+def _last_skipped(metrics_path: Path) -> str:
+    try:
+        lines = [line for line in metrics_path.read_text().splitlines() if line.strip()]
+        record = json.loads(lines[-1])
+        return f" ({record['skipped_steps']} of {record['step']} updates skipped)"
+    except (OSError, ValueError, KeyError, IndexError):
+        return ""

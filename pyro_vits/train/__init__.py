@@ -26,7 +26,7 @@ from ..infer.elbo import ELBOS, make_elbo
 from .checkpoint import load_checkpoint, read_vits_flow
 from .config import NAN_POLICIES, FitConfig, geometric_lrd
 from .guard import NonFiniteError
-from .loop import METRIC_KEYS, FitResult, fit
+from .loop import METRIC_KEYS, FitResult, RunInterrupted, fit
 from .parallel import DataParallel
 
 __all__ = [
@@ -37,6 +37,7 @@ __all__ = [
     "FitConfig",
     "FitResult",
     "NonFiniteError",
+    "RunInterrupted",
     "fit",
     "geometric_lrd",
     "load_checkpoint",

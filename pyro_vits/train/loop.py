@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import logging
 import math
+import signal
+import threading
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +23,8 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .._device import cuda_devices, resolve_device
-from .._rundir import CHECKPOINT, append_record, check_out_dir, prepare_run_dir
+from .._io import check_writable
+from .._rundir import CHECKPOINT, RUN_FILES, append_record, check_out_dir, prepare_run_dir
 from ..data.batch import FitData
 from ..infer.elbo import make_elbo
 from ..infer.evaluate import evaluate
@@ -29,12 +33,58 @@ from .config import ELBO_FIELDS, FitConfig
 from .guard import NonFiniteGuard, defers_checks, torch_rng
 from .parallel import DataParallel, parallel_device
 
-__all__ = ["METRIC_KEYS", "FitResult", "fit"]
+__all__ = ["METRIC_KEYS", "FitResult", "RunInterrupted", "fit"]
 
 logger = logging.getLogger("pyro_vits.train")
 
 METRIC_KEYS = ("elbo_per_frame", "elbo_stderr_per_frame", "kl_per_frame", "recon_per_frame",
                "loglik_iwae_per_frame")
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """:func:`fit` stopped by SIGINT or SIGTERM between two steps, after writing its checkpoint (when it has a
+    run folder). ``signum``: the signal; ``exit_code``: 128 + it (130, 143), what the error boundary
+    returns; ``out_dir``/``step``: where and at which step the run was saved (``out_dir`` None: not saved).
+    The message, one line, says how to resume."""
+
+    def __init__(self, signum: int, step: int, out_dir: Path | None) -> None:
+        self.signum, self.step, self.out_dir, self.exit_code = signum, step, out_dir, 128 + signum
+        name = signal.Signals(signum).name
+        where = (f"the run is saved in {out_dir} at step {step}; continue it with --resume {out_dir}"
+                 if out_dir is not None else "the run had no out_dir: nothing was saved")
+        super().__init__(f"interrupted by {name} after step {step}; {where}")
+
+
+class _StopRequests:
+    """While active (main thread, no process group): SIGINT and SIGTERM set :attr:`signum` instead of
+    stopping the process; a second one stops it at once (``KeyboardInterrupt``). The previous handlers are
+    restored on exit."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum is not None:
+            raise KeyboardInterrupt(f"interrupted again by {signal.Signals(signum).name}: stopped at once")
+        self.signum = signum
+        logger.info("%s: stopping after the current step (send it again to stop at once)",
+                       signal.Signals(signum).name)
+
+    @contextmanager
+    def active(self, enabled: bool) -> Iterator[_StopRequests]:
+        if not enabled or threading.current_thread() is not threading.main_thread():
+            yield self
+            return
+        previous = {s: signal.getsignal(s) for s in self.SIGNALS}
+        try:
+            for s in self.SIGNALS:
+                signal.signal(s, self._handle)
+            yield self
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler if handler is not None else signal.SIG_DFL)
 
 
 @dataclass
@@ -93,7 +143,10 @@ the settings ``config`` (a :class:`~pyro_vits.train.config.FitConfig`, checked w
     ``overwrite`` (its run files are deleted first) or ``resume`` (the run continues from its
     ``checkpoint.pt`` with the same model, guide, data and ELBO, up to ``steps``; the optimiser, its
     learning-rate schedule and the random states continue as saved). ``checkpoint_every`` steps (and at the
-    end) the checkpoint is replaced atomically. A NaN/Inf loss or gradient raises
+    end) the checkpoint is replaced atomically. SIGINT or SIGTERM (main thread, not ``distributed``) stops the
+    run after the current step: the checkpoint is written whatever ``checkpoint_every`` is, then
+    :class:`RunInterrupted` (a ``KeyboardInterrupt``) is raised; ``resume`` continues it bit for bit on CPU.
+    A NaN/Inf loss or gradient raises
     :class:`~pyro_vits.train.guard.NonFiniteError` (``nan_policy="stop"``; the last checkpoint is untouched)
     or drops that step's update (``"skip"``, counted in ``skipped_steps``).
 
@@ -121,19 +174,32 @@ the settings ``config`` (a :class:`~pyro_vits.train.config.FitConfig`, checked w
     checkpoint = load_checkpoint(cfg.out_dir / CHECKPOINT) if cfg.resume else None
     if cfg.out_dir is not None and not cfg.resume:
         check_out_dir(cfg.out_dir, cfg.overwrite)
+    if cfg.out_dir is not None and (distributed is None or distributed.is_main):
+        check_writable(cfg.out_dir, what="out_dir")
 
     run = _Run(model, guide, data, heldout, elbo, cfg, dev, distributed, extra_config, checkpoint)
     bar = tqdm(range(run.state.step + 1, cfg.steps + 1), initial=run.state.step, total=cfg.steps,
                disable=not (cfg.progress and run.main), desc="SVI", unit="step", dynamic_ncols=True)
+    stop = _StopRequests()
     try:
-        for step in bar:
-            run.step(step)
-            if run.main and (step % cfg.log_every == 0 or step == cfg.steps):
-                record = run.log(step)
-                bar.set_postfix(elbo=f"{record['elbo_per_frame']:.3f}", kl=f"{record['kl_per_frame']:.3f}")
-            if run.out is not None and (step == cfg.steps or (cfg.checkpoint_every
-                                                              and step % cfg.checkpoint_every == 0)):
-                run.save()
+        with stop.active(distributed is None):
+            for step in bar:
+                run.step(step)
+                if run.main and (step % cfg.log_every == 0 or step == cfg.steps):
+                    record = run.log(step)
+                    bar.set_postfix(elbo=f"{record['elbo_per_frame']:.3f}",
+                                    kl=f"{record['kl_per_frame']:.3f}")
+                if run.out is not None and (step == cfg.steps or stop.signum is not None or (
+                        cfg.checkpoint_every and step % cfg.checkpoint_every == 0)):
+                    run.save()
+                if stop.signum is not None:
+                    raise RunInterrupted(stop.signum, run.state.step,
+                                         run.out if run.saved_step == run.state.step else None)
+    except RunInterrupted:
+        raise
+    except OSError:  # e.g. a full disk: a run that never saved a checkpoint leaves nothing behind
+        run.discard_unsaved()
+        raise
     except KeyboardInterrupt:
         run.interrupted()
         raise
@@ -222,6 +288,7 @@ class _Run:
             self.state = restore(checkpoint, model, guide, self.optim, self.extra, dev)
             logger.info("resuming %s at step %d of %d", self.out, self.state.step, cfg.steps)
         self.saved_step = self.state.step if checkpoint is not None else None
+        self.created = self.out is not None and not self.out.exists()
         if self.out is not None:
             prepare_run_dir(self.out, self.config, self.state.metrics, resume=cfg.resume,
                             overwrite=cfg.overwrite)
@@ -271,13 +338,15 @@ class _Run:
         window = [x for x in self.state.losses[self.state.window_first:] if math.isfinite(x)]
         record: dict[str, float] = {"step": step,
                                     "loss_nats": sum(window) / len(window) if window else math.nan}
-        result = evaluate(self.model, self.guide, self.eval_data, self.cfg.eval_samples, self.cfg.seed,
-                          eval_chunk=self.cfg.eval_chunk)
-        record.update({k: result[k] for k in METRIC_KEYS})
-        if self.heldout is not None:
-            result = evaluate(self.model, self.guide, self.heldout, self.cfg.eval_samples, self.cfg.seed,
+        with warnings.catch_warnings():  # a diverging "skip" run: the NaN shows in the record itself
+            warnings.filterwarnings("ignore", "Encountered NaN", UserWarning, r".*[\\/]pyro[\\/]")
+            result = evaluate(self.model, self.guide, self.eval_data, self.cfg.eval_samples, self.cfg.seed,
                               eval_chunk=self.cfg.eval_chunk)
-            record.update({f"heldout_{k}": result[k] for k in METRIC_KEYS})
+            record.update({k: result[k] for k in METRIC_KEYS})
+            if self.heldout is not None:
+                result = evaluate(self.model, self.guide, self.heldout, self.cfg.eval_samples, self.cfg.seed,
+                                  eval_chunk=self.cfg.eval_chunk)
+                record.update({f"heldout_{k}": result[k] for k in METRIC_KEYS})
         record["skipped_steps"] = self.state.skipped
         record["wall_s"] = time.perf_counter() - self.start
         record["it_per_s"] = (step - max(self.state.window_first, self.timed_from)) / window_s
@@ -296,6 +365,16 @@ class _Run:
         save_checkpoint(self.out, self.state, self.model, self.guide, self.optim, self.extra, self.config,
                         self.dev)
         self.saved_step = self.state.step
+
+    def discard_unsaved(self) -> None:
+        """After a failed write: when no checkpoint of this run exists, remove its config and metrics (and
+        the folder, when this run created it and it is empty): there is nothing to resume."""
+        if self.out is None or self.saved_step is not None:
+            return
+        for name in RUN_FILES:
+            (self.out / name).unlink(missing_ok=True)
+        if self.created and self.out.is_dir() and not any(self.out.iterdir()):
+            self.out.rmdir()
 
     def interrupted(self) -> None:
         logger.warning("interrupted after step %d; %s", self.state.step,
