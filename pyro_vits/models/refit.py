@@ -6,7 +6,7 @@ table, the waveform ``y``)::
 
     z ~ AlignedFlowPrior(enc_p(text), flow, g)            # VITS's prior, MAS on z_p = flow(z) per draw
     ids ~ rand_slice_segments(lengths, segment_frames)     # VITS's commons.rand_slice_segments
-    factor("recon", -c_mel * mean|mel(dec(z[ids])) - mel(y[ids * hop])| * F_b)
+    factor("recon", -c_mel * mean|mel(dec(z[ids])) - mel(y)[ids]| * F_b)   # VITS: y_hat_mel vs sliced y_mel
 
 Guide: :class:`~pyro_vits.models.guides.PosteriorEncoder` on ``spec`` (VITS's ``enc_q``).
 
@@ -110,21 +110,22 @@ class RefitModel(nn.Module):
         return mel_spectrogram(wav, c["sampling_rate"], c["n_fft"], self.hop, c["win_length"], c["n_mels"])
 
     def l1(self, z: Tensor, batch: RefitData) -> Tensor:
-        """Per utterance ``mean |mel(dec(z_seg)) - mel(y_seg)|`` over ``n_mels x segment_frames``, ``(..., B)``
+        """Per utterance ``mean |mel(dec(z_seg)) - mel(y)_seg|`` over ``n_mels x segment_frames``, ``(..., B)``
         for ``z (..., B, C, T)``; one random segment per utterance and particle."""
         lead, seg = z.shape[:-2], self.config["segment_frames"]
         flat = z.reshape((-1,) + z.shape[-2:])
         reps = flat.shape[0] // batch.n
         starts = rand_slice_segments(batch.lengths.repeat(reps), seg)
         z_seg = _slice(flat, starts, seg)
-        y_seg = _slice(batch.wav.repeat(reps, 1)[:, None], starts * self.hop, seg * self.hop)[:, 0]
+        with torch.no_grad():  # VITS: y_mel = slice_segments(spec_to_mel(spec)): the target's full-context mel
+            y_mel = _slice(self.mel(batch.wav).repeat(reps, 1, 1), starts, seg)
         g = self.speaker_embedding(batch)
         if g is not None and getattr(self.dec, "cond", None) is not None:
             g = g.repeat(reps, 1, 1)
         else:
             g = None
         y_hat = self.dec(z_seg, g)[:, 0]
-        diff = (self.mel(y_hat) - self.mel(y_seg)).abs().mean(dim=(-2, -1))
+        diff = (self.mel(y_hat) - y_mel).abs().mean(dim=(-2, -1))
         return diff.reshape(lead)
 
     def forward(self, batch: RefitData, subsample_size: int | None = None,

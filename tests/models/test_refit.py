@@ -85,3 +85,13 @@ def test_vectorised_particles_and_kl_particles_run(data):
     for elbo in (make_elbo("vits", particles=2), make_elbo("stl", kl_particles=2)):
         loss = elbo.differentiable_loss(model, guide, data, subsample_size=2)
         assert torch.isfinite(loss)
+
+
+def test_the_target_mel_is_vits_spec_to_mel_of_the_training_spectrogram(data):
+    """VITS's y_mel = spec_to_mel_torch(spec): the mel of the waveform equals the filterbank on ``spec``."""
+    from pyro_vits.data.mel import mel_basis, mel_spectrogram
+
+    n = int(data.lengths[0])
+    mel = mel_spectrogram(data.wav[0, : n * 128], 22050, 256, 128, 256)
+    want = torch.log(torch.clamp(mel_basis(22050, 256) @ data.spec[0, :, :n], min=1e-5))
+    torch.testing.assert_close(mel, want, rtol=1e-4, atol=1e-4)
