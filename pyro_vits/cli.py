@@ -98,6 +98,7 @@ TABLE: dict[str, Command] = {
     "fit-speech": Command("fit the prior and posterior on real speech", ("pyro_vits.apps.fit_speech",)),
     "speech-study": Command("train the KL-loss variants on speech and compare them",
                             ("pyro_vits.apps.speech_study",)),
+    "refit-posterior": Command("refit VITS's enc_q against a trained voice", ("pyro_vits.apps.refit_posterior",)),
 }
 """Every command with the module(s) behind it; :data:`COMMANDS` lists those installed."""
 

@@ -27,7 +27,7 @@ from ..models.guides import PosteriorEncoder
 from ..models.speech import SpeechModel
 from .reader import weight_norm_key
 
-__all__ = ["vits_generator_state", "vits_config", "export_vits_generator"]
+__all__ = ["vits_generator_state", "vits_config", "export_vits_generator", "decoder_config", "export_vits_parts"]
 
 
 def _vits_keys(prefix: str, module: nn.Module, skip: tuple[str, ...] = ()) -> dict[str, Tensor]:
@@ -111,4 +111,39 @@ def export_vits_generator(model: SpeechModel, guide: PosteriorEncoder, speech: S
     path = folder / f"G_{step}.pth"
     atomic_write(path, lambda f: torch.save(checkpoint, f), "wb")
     atomic_write(folder / "config.json", lambda f: json.dump(config, f, indent=2))
+    return path
+
+
+def decoder_config(dec: nn.Module) -> dict[str, Any]:
+    """VITS's ``model`` keys of a :class:`~pyro_vits.nn.hifigan.Generator` (read from its modules), so that
+    :func:`~pyro_vits.vits.generator.load_vits_generator` can rebuild it from a config."""
+    first = dec.resblocks[0]
+    kind = "1" if hasattr(first, "convs1") else "2"
+    blocks = list(dec.resblocks)[: dec.num_kernels]
+    convs = [b.convs1 if kind == "1" else b.convs for b in blocks]
+    return {
+        "resblock": kind, "resblock_kernel_sizes": [c[0].kernel_size[0] for c in convs],
+        "resblock_dilation_sizes": [[conv.dilation[0] for conv in c] for c in convs],
+        "upsample_rates": list(dec.upsample_rates), "upsample_initial_channel": dec.conv_pre.out_channels,
+        "upsample_kernel_sizes": [u.kernel_size[0] for u in dec.ups],
+    }
+
+
+def export_vits_parts(out_dir: str | os.PathLike, step: int, parts: Mapping[str, nn.Module | None],
+                      config: Mapping[str, Any]) -> Path:
+    """Write ``out_dir/vits/G_<step>.pth`` (``{"model": state, "iteration": step}``) holding each module of
+    ``parts`` (VITS part name -> module, e.g. ``enc_p``, ``enc_q``, ``flow``, ``emb_g``, ``dec``; None
+    skipped; an ``enc_q``'s own ``emb_g`` is left to the ``emb_g`` part) in VITS's weight-norm layout, and
+    ``config`` as ``out_dir/vits/config.json``; returns the checkpoint's path."""
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise ValueError(f"step must be a non-negative int, got {step!r}")
+    state: dict[str, Tensor] = {}
+    for name, module in parts.items():
+        if module is not None:
+            state.update(_vits_keys(name, module, skip=("emb_g.",) if name == "enc_q" else ()))
+    folder = Path(out_dir) / "vits"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"G_{step}.pth"
+    atomic_write(path, lambda f: torch.save({"model": state, "iteration": step}, f), "wb")
+    atomic_write(folder / "config.json", lambda f: json.dump(dict(config), f, indent=2))
     return path
