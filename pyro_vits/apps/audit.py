@@ -28,11 +28,16 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         "statistics, every KL estimator with its MCSE, and how often the batch KL loss is negative.",
     )
     parser.add_argument("checkpoint", help="VITS generator checkpoint (G_*.pth) or a state dict")
-    parser.add_argument("--config", required=True, help="the VITS config.json the model was trained with")
+    parser.add_argument(
+        "--config",
+        default=None,
+        help="the VITS config.json the model was trained with (required unless the file has no enc_q)",
+    )
     parser.add_argument(
         "--filelist",
         required=True,
-        help="VITS filelist (wav|text or wav|speaker|text, cleaned text) or an LJSpeech folder",
+        help="VITS filelist (wav|text or wav|speaker|text, cleaned text) or an LJSpeech folder; for a file "
+        "without enc_q (prior-only audit) a filelist (its text) or a plain text file, one sentence per line",
     )
     parser.add_argument(
         "--data-root",
@@ -55,6 +60,12 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         type=positive_int,
         default=8,
         help="utterances processed at once (memory; the results do not depend on it; default 8)",
+    )
+    parser.add_argument(
+        "--frames-per-token",
+        type=positive_int,
+        default=1,
+        help="prior-only audit (no enc_q): frames each token is expanded to, no alignment (default 1)",
     )
     parser.add_argument("--seed", type=nonnegative_int, default=0)
     parser.add_argument(
@@ -83,7 +94,12 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     from ..vits import load_vits_generator, read_vits_config
 
     device = resolve_device(args.device)
-    config = read_vits_config(args.config)
+    config = read_vits_config(args.config) if args.config is not None else None
+    generator = load_vits_generator(args.checkpoint, config)
+    if generator.enc_q is None:
+        return _prior_only(args, generator, config, device)
+    if config is None:
+        raise ValueError("--config is required to audit a generator with enc_q")
     speech = SpeechConfig.from_vits_config(config, resample=args.resample)
     if config.get("data", {}).get("cleaned_text") is False:
         logger.warning(
@@ -91,9 +107,6 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
             "(run VITS's preprocess.py to clean it first)",
             args.config,
         )
-    generator = load_vits_generator(args.checkpoint, config)
-    if generator.enc_q is None:
-        raise ValueError(f"{args.checkpoint}: no enc_q weights (the audit draws z from the posterior encoder)")
     batch_size = args.batch_size or int(config.get("train", {}).get("batch_size", 16))
     logger.info(
         "auditing %s (%s) on %s, batch size %d, %d draws per utterance",
@@ -129,6 +142,27 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
         f"P(batch KL < 0) at batch size {batch_size}: measured {negative['measured']:.3g}, "
         f"normal approx. {negative['predicted']:.3g}; collapsed channels {report['collapsed_fraction']:.3f}; "
         f"report in {args.out}/report.md"
+    )
+    return 0
+
+
+def _prior_only(args: argparse.Namespace, generator, config, device) -> int:
+    """No enc_q (e.g. a Piper voice): the prior-only audit of :mod:`pyro_vits.audit.prior_only`."""
+    from ..audit.prior_only import prior_only_audit, read_sentences_or_filelist
+
+    sentences = read_sentences_or_filelist(args.filelist)[: args.max_utterances]
+    logger.info("%s has no enc_q: prior-only audit on %d sentences of %s, %d frame(s) per token",
+                args.checkpoint, len(sentences), args.filelist, args.frames_per_token)
+    report = prior_only_audit(
+        generator, sentences, particles=args.particles, seed=args.seed, frames_per_token=args.frames_per_token,
+        vits_config=config, device=device, out=args.out, overwrite=args.overwrite,
+        extra={"checkpoint": str(args.checkpoint), "config": str(args.config), "filelist": str(args.filelist)},
+    )
+    ng, disp = report["prior"]["non_gaussianity_per_frame"], report["prior"]["flow_displacement_per_frame"]
+    print(
+        f"{report['sentences']} sentences, {report['frames']} frames (prior only, no enc_q): "
+        f"KL(p_flow || N(m_p, sigma_p)) {ng['mean']:.4g} ± {ng['mcse']:.2g} nats/frame; flow displacement "
+        f"{disp['mean']:.4g} (sd {disp['sd']:.3g}) per frame; report in {args.out}/report.md"
     )
     return 0
 

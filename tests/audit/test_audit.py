@@ -197,7 +197,10 @@ def _bad_inputs(folder, tmp_path):
     for name, text in lists.items():
         (tmp_path / f"{name}.txt").write_text(text)
     return [
-        ({"checkpoint": tmp_path / "no_enc_q.pth"}, r"no_enc_q\.pth: no enc_q weights"),
+        (  # no enc_q: the prior-only audit, whose bad text is one line too
+            {"checkpoint": tmp_path / "no_enc_q.pth", "--filelist": tmp_path / "symbol.txt"},
+            r"symbol\.txt:2: unknown symbol '#'",
+        ),
         ({"checkpoint": tmp_path / "absent.pth"}, r"checkpoint not found: .*absent\.pth"),
         (
             {"--config": tmp_path / "wrong.json"},
