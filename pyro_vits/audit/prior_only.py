@@ -155,48 +155,81 @@ def prior_only_audit(
         noise_scale = float(((generator.config or {}).get("inference") or {}).get("noise_scale", 0.667))
     device = torch.device(device)
     generator = generator.to(device).eval()
-    flow = generator.flow
     start = time.perf_counter()
-    kl_values, frames, tokens, sigma_all, disp_all, dropped = [], [], [], [], [], 0
-    channel_sum = None
-    for index, sentence in enumerate(sentences):
-        ids, n_dropped = token_ids(sentence, generator.config or {}, vits_config, espeak_voice)
-        dropped += n_dropped
-        x = torch.tensor([ids], dtype=torch.long, device=device)
-        _, m_p, logs_p, _ = generator.enc_p(x, torch.tensor([len(ids)], device=device))
-        m_p, logs_p = m_p[0], logs_p[0]  # (C, L)
-        sigma_all.append(torch.exp(logs_p).T.cpu().numpy())  # (L, C)
-        channel_sum = torch.exp(logs_p).sum(1) if channel_sum is None else channel_sum + torch.exp(logs_p).sum(1)
-        tokens.append(len(ids))
-        m = m_p.repeat_interleave(frames_per_token, dim=-1).expand(particles, -1, -1)  # (K, C, T)
-        logs = logs_p.repeat_interleave(frames_per_token, dim=-1).expand(particles, -1, -1)
-        t = m.shape[-1]
-        mask = m.new_ones(particles, 1, t)
-        sid = None if sentence.speaker is None else torch.tensor([sentence.speaker], device=device)
-        if generator.n_speakers and sid is None:
-            sid = torch.zeros(1, dtype=torch.long, device=device)
-        g = generator.speaker_embedding(sid)
-        g = None if g is None else g.expand(particles, -1, -1)
-        rng = torch.Generator().manual_seed(int(seed) * 1_000_003 + index)
-        eps = torch.randn((2, particles, m.shape[1], t), generator=rng).to(device)
-        sigma = torch.exp(logs)
-        inverse = FlowTransform(flow, mask, g).inv
-        # non-Gaussianity: z_p ~ N(m_p, sigma_p), z = f^{-1}(z_p)
-        z = inverse(m + sigma * eps[0])
-        prior = FlowPrior(m, logs, flow, mask, g)
-        gauss = MaskedNormal(m, sigma, mask)
-        d = prior.log_prob(z) - gauss.log_prob(z)  # (K,) nats per sentence
-        kl_values.append((d / t).cpu().numpy())
-        # displacement at the inference noise scale
-        z_p = m + noise_scale * sigma * eps[1]
-        disp = (inverse(z_p) - z_p).norm(dim=1)  # (K, T)
-        disp_all.append(disp.reshape(-1).cpu().numpy())
-        frames.append(t)
-        logger.debug("%s: %d tokens, KL %.4g nats/frame", sentence.source, len(ids), float(d.mean() / t))
-    x = np.stack(kl_values).astype(np.float64)  # (U, K), nats per frame
-    sig = np.concatenate(sigma_all).astype(np.float64)  # (tokens, C)
-    disp = np.concatenate(disp_all).astype(np.float64)
+    draws = [_sentence_draws(generator, sentence, index, particles=particles, seed=seed,
+                             frames_per_token=frames_per_token, noise_scale=noise_scale, vits_config=vits_config,
+                             espeak_voice=espeak_voice, device=device)
+             for index, sentence in enumerate(sentences)]
+    tokens, frames = [d["tokens"] for d in draws], [d["frames"] for d in draws]
+    channel_sum = draws[0]["sigma_sum"]
+    for d in draws[1:]:
+        channel_sum = channel_sum + d["sigma_sum"]
+    x = np.stack([d["kl"] for d in draws]).astype(np.float64)  # (U, K), nats per frame
+    sig = np.concatenate([d["sigma"] for d in draws]).astype(np.float64)  # (tokens, C)
+    disp = np.concatenate([d["displacement"] for d in draws]).astype(np.float64)
     channel_mean = (channel_sum / sum(tokens)).cpu().numpy().astype(np.float64)
+    prior_report = _prior_summary(x, sig, disp, channel_mean, frames_per_token, noise_scale,
+                                  bool(generator.flow.mean_only))
+    dropped = sum(d["dropped"] for d in draws)
+    report = {
+        "kind": "prior_only",
+        "sentences": len(sentences),
+        "tokens": int(sum(tokens)),
+        "frames": int(sum(frames)),
+        "particles": particles,
+        "seed": seed,
+        "channels": int(sig.shape[1]),
+        "dropped_symbols": dropped,
+        "prior": prior_report,
+        "seconds": time.perf_counter() - start,
+        **dict(extra or {}),
+    }
+    bad = first_non_finite(report)
+    if bad is not None:
+        raise NonFiniteResult(f"the report's {bad} is not finite; the audit stops, no report is written")
+    if out is not None:
+        write_prior_report(report, out, overwrite)
+    return report
+
+
+def _sentence_draws(generator: Any, sentence: Sentence, index: int, *, particles: int, seed: int,
+                    frames_per_token: int, noise_scale: float, vits_config: Mapping[str, Any] | None,
+                    espeak_voice: str, device: torch.device) -> dict[str, Any]:
+    """One sentence's measurements: ``kl`` (K,) nats per frame (z_p ~ N(m_p, sigma_p), z = f^-1(z_p),
+    ``[log p_flow(z) - log N(z; m_p, sigma_p)] / T``), ``sigma`` (L, C), ``sigma_sum`` (C,), the flow's
+    ``displacement`` per frame (K * T,) at ``noise_scale``, ``tokens``, ``frames`` and ``dropped`` symbols.
+    Seeded by ``(seed, index)``."""
+    ids, dropped = token_ids(sentence, generator.config or {}, vits_config, espeak_voice)
+    x = torch.tensor([ids], dtype=torch.long, device=device)
+    _, m_p, logs_p, _ = generator.enc_p(x, torch.tensor([len(ids)], device=device))
+    m_p, logs_p = m_p[0], logs_p[0]  # (C, L)
+    m = m_p.repeat_interleave(frames_per_token, dim=-1).expand(particles, -1, -1)  # (K, C, T)
+    logs = logs_p.repeat_interleave(frames_per_token, dim=-1).expand(particles, -1, -1)
+    t = m.shape[-1]
+    mask = m.new_ones(particles, 1, t)
+    sid = None if sentence.speaker is None else torch.tensor([sentence.speaker], device=device)
+    if generator.n_speakers and sid is None:
+        sid = torch.zeros(1, dtype=torch.long, device=device)
+    g = generator.speaker_embedding(sid)
+    g = None if g is None else g.expand(particles, -1, -1)
+    rng = torch.Generator().manual_seed(int(seed) * 1_000_003 + index)
+    eps = torch.randn((2, particles, m.shape[1], t), generator=rng).to(device)
+    sigma = torch.exp(logs)
+    inverse = FlowTransform(generator.flow, mask, g).inv
+    z = inverse(m + sigma * eps[0])  # non-Gaussianity: z_p ~ N(m_p, sigma_p), z = f^{-1}(z_p)
+    d = FlowPrior(m, logs, generator.flow, mask, g).log_prob(z) - MaskedNormal(m, sigma, mask).log_prob(z)
+    z_p = m + noise_scale * sigma * eps[1]  # displacement at the inference noise scale
+    logger.debug("%s: %d tokens, KL %.4g nats/frame", sentence.source, len(ids), float(d.mean() / t))
+    return {"kl": (d / t).cpu().numpy(), "sigma": torch.exp(logs_p).T.cpu().numpy(),
+            "sigma_sum": torch.exp(logs_p).sum(1),
+            "displacement": (inverse(z_p) - z_p).norm(dim=1).reshape(-1).cpu().numpy(),
+            "tokens": len(ids), "frames": t, "dropped": dropped}
+
+
+def _prior_summary(x: np.ndarray, sig: np.ndarray, disp: np.ndarray, channel_mean: np.ndarray,
+                   frames_per_token: int, noise_scale: float, mean_only: bool) -> dict[str, Any]:
+    """``report["prior"]`` from the per-(sentence, draw) values ``x`` (U, K) nats per frame, the per-token
+    scales ``sig`` (tokens, C), the displacements ``disp`` and the per-channel mean scale."""
     prior_report = {
         "non_gaussianity_per_frame": {
             "mean": float(x.mean()),
@@ -221,29 +254,11 @@ def prior_only_audit(
         "frames_per_token": frames_per_token,
         "noise_scale_displacement": noise_scale,
         "noise_scale_kl": 1.0,
-        "mean_only_flow": bool(flow.mean_only),
+        "mean_only_flow": mean_only,
         "estimator": "x_uk = [log p_flow(z) - log N(z; m_p, sigma_p)] / T_u, z = f^-1(z_p), "
                      "z_p ~ N(m_p, sigma_p); mean over (u, k); mcse = sqrt(sum_u var_k(x_uk) / K) / U",
     }
-    report = {
-        "kind": "prior_only",
-        "sentences": len(sentences),
-        "tokens": int(sum(tokens)),
-        "frames": int(sum(frames)),
-        "particles": particles,
-        "seed": seed,
-        "channels": int(sig.shape[1]),
-        "dropped_symbols": dropped,
-        "prior": prior_report,
-        "seconds": time.perf_counter() - start,
-        **dict(extra or {}),
-    }
-    bad = first_non_finite(report)
-    if bad is not None:
-        raise NonFiniteResult(f"the report's {bad} is not finite; the audit stops, no report is written")
-    if out is not None:
-        write_prior_report(report, out, overwrite)
-    return report
+    return prior_report
 
 
 def _markdown(report: Mapping[str, Any]) -> str:

@@ -21,28 +21,33 @@ TOL = dict(rtol=1e-5, atol=1e-5)
 LENGTHS_TEXT, LENGTHS_SPEC = torch.tensor([7, 4]), torch.tensor([11, 6])
 
 
+def _same_latent_path(gen, ref):
+    """``gen``'s enc_p, enc_q (with the speaker embedding) and flow equal the reference generator's to TOL on
+    a padded 2-utterance batch; the flow is non-trivial."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randint(0, 20, (2, 7), generator=g) * (torch.arange(7) < LENGTHS_TEXT[:, None])
+    y = torch.randn(2, 17, 11, generator=g) * (torch.arange(11) < LENGTHS_SPEC[:, None]).unsqueeze(1)
+    sid = torch.tensor([2, 0])
+    with torch.no_grad():
+        for got, want in zip(gen.enc_p(x, LENGTHS_TEXT), ref.enc_p(x, LENGTHS_TEXT)):
+            torch.testing.assert_close(got, want, **TOL)
+        g_ref = ref.emb_g(sid).unsqueeze(-1)
+        m_ref, logs_ref, mask = ref.enc_q(y, LENGTHS_SPEC, g_ref)
+        _, m_q, logs_q, _ = gen.enc_q(y, LENGTHS_SPEC, g=gen.speaker_embedding(sid))
+        torch.testing.assert_close(m_q, m_ref, **TOL)
+        torch.testing.assert_close(logs_q, logs_ref, **TOL)
+        z = torch.randn(m_ref.shape, generator=g) * mask
+        torch.testing.assert_close(gen.flow(z, mask, g=g_ref), ref.flow(z, mask, g_ref), **TOL)
+        assert float((ref.flow(z, mask, g_ref) - z).abs().max()) > 1e-2  # non-trivial flow
+
+
 def _generator_case(rename):
     """A multi-speaker RefGenerator saved under ``rename(key)``; loaded with :func:`load_vits_generator`."""
     ref = randomized(RefGenerator(n_speakers=3, gin=5), seed=11).eval()
     state = {rename(k): v for k, v in ref.state_dict().items()}
 
     def check(layout):
-        gen = load_vits_generator(upstream_checkpoint(state), layout=layout)
-        g = torch.Generator().manual_seed(3)
-        x = torch.randint(0, 20, (2, 7), generator=g) * (torch.arange(7) < LENGTHS_TEXT[:, None])
-        y = torch.randn(2, 17, 11, generator=g) * (torch.arange(11) < LENGTHS_SPEC[:, None]).unsqueeze(1)
-        sid = torch.tensor([2, 0])
-        with torch.no_grad():
-            for got, want in zip(gen.enc_p(x, LENGTHS_TEXT), ref.enc_p(x, LENGTHS_TEXT)):
-                torch.testing.assert_close(got, want, **TOL)
-            g_ref = ref.emb_g(sid).unsqueeze(-1)
-            m_ref, logs_ref, mask = ref.enc_q(y, LENGTHS_SPEC, g_ref)
-            _, m_q, logs_q, _ = gen.enc_q(y, LENGTHS_SPEC, g=gen.speaker_embedding(sid))
-            torch.testing.assert_close(m_q, m_ref, **TOL)
-            torch.testing.assert_close(logs_q, logs_ref, **TOL)
-            z = torch.randn(m_ref.shape, generator=g) * mask
-            torch.testing.assert_close(gen.flow(z, mask, g=g_ref), ref.flow(z, mask, g_ref), **TOL)
-            assert float((ref.flow(z, mask, g_ref) - z).abs().max()) > 1e-2  # non-trivial flow
+        _same_latent_path(load_vits_generator(upstream_checkpoint(state), layout=layout), ref)
 
     return [(state, check, lambda s, **kw: load_vits_generator(upstream_checkpoint(s), **kw))]
 
@@ -264,20 +269,7 @@ def _piper_ckpt_case():
     def check_ckpt(layout):
         gen = load(state, layout=layout)
         assert gen.config["sample_rate"] == 8000
-        g = torch.Generator().manual_seed(3)
-        x = torch.randint(0, 20, (2, 7), generator=g) * (torch.arange(7) < LENGTHS_TEXT[:, None])
-        y = torch.randn(2, 17, 11, generator=g) * (torch.arange(11) < LENGTHS_SPEC[:, None]).unsqueeze(1)
-        sid = torch.tensor([2, 0])
-        with torch.no_grad():
-            for got, want in zip(gen.enc_p(x, LENGTHS_TEXT), ref.enc_p(x, LENGTHS_TEXT)):
-                torch.testing.assert_close(got, want, **TOL)
-            g_ref = ref.emb_g(sid).unsqueeze(-1)
-            m_ref, logs_ref, mask = ref.enc_q(y, LENGTHS_SPEC, g_ref)
-            _, m_q, logs_q, _ = gen.enc_q(y, LENGTHS_SPEC, g=gen.speaker_embedding(sid))
-            torch.testing.assert_close(m_q, m_ref, **TOL)
-            torch.testing.assert_close(logs_q, logs_ref, **TOL)
-            z = torch.randn(m_ref.shape, generator=g) * mask
-            torch.testing.assert_close(gen.flow(z, mask, g=g_ref), ref.flow(z, mask, g_ref), **TOL)
+        _same_latent_path(gen, ref)
 
     return [(state, check_ckpt, load)]
 
