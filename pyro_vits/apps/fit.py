@@ -95,7 +95,7 @@ def adopt_flow_sizes(args: argparse.Namespace, found: VITSFlowCheckpoint) -> Non
         kind = flow.config.get("transformer_flow_type", "Bert-VITS2 transformer")
         raise ValueError(f"{args.init_flow} holds a {kind} flow ({type(flow).__name__}); --init-flow starts "
                          "a VITS ResidualCouplingBlock student; load it in Python with "
-                         "pyro_vits.flows.read_vits_checkpoint")
+                         "pyro_vits.vits.read_vits_checkpoint")
     c = flow.config
     args.channels, args.hidden, args.kernel_size = c["channels"], c["hidden_channels"], c["kernel_size"]
     args.n_layers, args.n_flows, args.mean_only = c["n_layers"], c["n_flows"], c["mean_only"]

@@ -88,7 +88,7 @@ class Problem:
 @dataclass
 class SpecBatch:
     """What ``PosteriorEncoder.posterior`` reads from a batch: ``x (B, x_channels, T)`` and ``mask``
-    (:class:`~pyro_vits.model.Batch` requires ``x`` to have the latent's shape; VITS's encoder reads a
+    (:class:`~pyro_vits.data.batch.Batch` requires ``x`` to have the latent's shape; VITS's encoder reads a
     513-channel spectrogram)."""
 
     x: Tensor

@@ -1,6 +1,6 @@
 """Speech training data for :class:`~pyro_vits.models.speech.SpeechModel`: padded linear spectrograms, symbol
 ids and speakers, with the data-set protocol :func:`~pyro_vits.train.fit` drives (:class:`SpeechData`), and
-:func:`load_speech_data`, which reads a corpus through :mod:`pyro_vits.data.speech` (VITS's data path).
+:func:`load_speech_data`, which reads a corpus through :mod:`pyro_vits.data.speech_batches` (VITS's data path).
 """
 
 from __future__ import annotations
@@ -86,8 +86,8 @@ class SpeechData:
 
     @classmethod
     def from_batch(cls, batch: SpeechBatch) -> SpeechData:
-        """From a padded :class:`~pyro_vits.data.speech_batches.SpeechBatch` (what :func:`~pyro_vits.data.speech.
-        speech_batches` yields)."""
+        """From a padded :class:`~pyro_vits.data.speech_batches.SpeechBatch` (what
+        :func:`~pyro_vits.data.speech_batches.speech_batches` yields)."""
         return cls(batch.spec, batch.spec_lengths, batch.text, batch.text_lengths, batch.speakers)
 
     @property
@@ -172,8 +172,8 @@ def load_speech_data(
     max_frames: int | None = None,
 ) -> SpeechData:
     """Every utterance of ``corpus`` (a VITS filelist, or an LJSpeech folder: see
-    :func:`~pyro_vits.data.filelists.open_corpus`) read as VITS's loader does (``config``: rate, STFT, symbols,
-    ``add_blank``), the first ``max_utterances`` of them, as one :class:`SpeechData` in memory.
+    :func:`~pyro_vits.data.filelists.open_corpus`) read as VITS's loader does (``config``: rate, STFT,
+    symbols, ``add_blank``), the first ``max_utterances`` of them, as one :class:`SpeechData` in memory.
 
     Raises ValueError naming the utterance's ``file:line`` for an utterance longer than ``max_frames``
     spectrogram frames, one with fewer frames than symbols, or anything the reader refuses (a wav at another

@@ -74,7 +74,7 @@ def read_vits_flow(
     path: str | os.PathLike, dilation_rate: int | None = None
 ) -> tuple[ResidualCouplingBlock, int]:
     """The prior flow of a VITS-family generator checkpoint file and the number of speakers of its ``emb_g``
-    (0 when it has none): :func:`~pyro_vits.flows.read_vits_checkpoint`, which also returns ``emb_g``."""
+    (0 when it has none): :func:`~pyro_vits.vits.read_vits_checkpoint`, which also returns ``emb_g``."""
     found = read_vits_checkpoint(path, dilation_rate)
     return found.flow, found.n_speakers
 

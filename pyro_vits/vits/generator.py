@@ -222,7 +222,7 @@ def load_vits_generator(
     ``config``: VITS ``config.json`` (path or dict); its ``model`` sizes, ``data.filter_length`` and
     ``data.n_speakers`` (and a top-level ``symbols`` list) must match the weights, and its
     ``model.p_dropout`` is kept (and the flow's settings, e.g. ``dilation_rate_flow``, are read from it by
-    :func:`~pyro_vits.flows.load_vits_flow`). ``layout``: a name in :data:`~pyro_vits.vits.layouts.LAYOUTS`
+    :func:`~pyro_vits.vits.load_vits_flow`). ``layout``: a name in :data:`~pyro_vits.vits.layouts.LAYOUTS`
     (None: detected from the keys). Raises ``ValueError`` for missing parts or disagreeing sizes.
 
     A model folder (e.g. a HuggingFace ``save_pretrained`` one) loads the weights file its layout names.

@@ -32,7 +32,7 @@ K3_THRESHOLD = 1 / math.sqrt(2)  # E_q[(p/q)^2] < inf iff sigma_q > sigma_p / sq
 def teacher_flow(
     channels: int, hidden: int, *, mean_only: bool = True, seed: int, **sizes: int
 ) -> ResidualCouplingBlock:
-    """The frozen random VITS flow of :func:`~pyro_vits.model.make_teacher` in float64."""
+    """The frozen random VITS flow of :func:`~pyro_vits.models.teacher.make_teacher` in float64."""
     return make_teacher(channels, hidden, mean_only=mean_only, seed=seed, **sizes).flow.double()
 
 
