@@ -330,6 +330,7 @@ def write_run_inference_data(
     num_samples: int = 200,
     max_utterances: int = 8,
     seed: int = 0,
+    log_weights: Tensor | None = None,
 ) -> Path:
     """Write ``run_dir/inference_data.nc`` and ``run_dir/summary.{csv,md}`` for a finished
     :func:`~pyro_vits.train.fit` run (``config.json`` and ``metrics.jsonl`` in ``run_dir``).
@@ -338,7 +339,9 @@ def write_run_inference_data(
     ``num_samples`` guide draws of ``z`` in ``posterior`` (one chain; dims ``utterance, channel, frame``),
     their ``x``/``mask`` in ``observed_data`` and their PSIS k-hats in the ``psis_khat`` attribute. The
     logged metrics are ``sample_stats`` (one chain, draws = logged steps); the summary covers the last half
-    of the logged steps. Returns the path of the netCDF file.
+    of the logged steps. ``log_weights``: those utterances' importance log-weights ``(num_samples, N)`` when
+    already computed with this ``seed`` (:func:`finish_run`), else computed here. Returns the path of the
+    netCDF file.
     """
     run_dir = Path(run_dir)
     metrics_path, config_path = run_dir / rundir.METRICS, run_dir / rundir.CONFIG
@@ -352,7 +355,9 @@ def write_run_inference_data(
     config = json.loads(config_path.read_text())
     subset = data.subset(torch.arange(min(max_utterances, data.n), device=data.x.device))
     z = guide_samples(model, guide, subset, num_samples=num_samples, seed=seed)["z"]
-    khat = psis_khat_per_utterance(model, guide, subset, num_samples=num_samples, seed=seed)
+    if log_weights is None:
+        log_weights = utterance_log_weights(model, guide, subset, num_samples=num_samples, seed=seed)
+    khat = _arviz_compat.psis_khat(log_weights.T.cpu().double().numpy())
     idata = run_to_inference_data(
         [records],
         posterior={"z": z[None]},
@@ -391,7 +396,7 @@ def finish_run(
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "Encountered NaN", UserWarning)
         subset = data.subset(torch.arange(min(max_utterances, data.n), device=data.x.device))
-        log_w = utterance_log_weights(model, guide, subset, num_samples=max(num_samples, 2), seed=seed)
+        log_w = utterance_log_weights(model, guide, subset, num_samples=num_samples, seed=seed)
         if not bool(torch.isfinite(log_w).all()):
             skipped = _last_skipped(run_dir / rundir.METRICS)
             raise FloatingPointError(
@@ -399,7 +404,7 @@ def finish_run(
                 f"{skipped}; {run_dir} keeps {rundir.CONFIG}, {rundir.METRICS} and {rundir.CHECKPOINT}, no "
                 f"{rundir.INFERENCE_DATA}, summary or figures (lower the learning rate)")
         return write_run_inference_data(run_dir, model, guide, data, num_samples=num_samples,
-                                        max_utterances=max_utterances, seed=seed)
+                                        max_utterances=max_utterances, seed=seed, log_weights=log_w)
 
 
 def _last_skipped(metrics_path: Path) -> str:
