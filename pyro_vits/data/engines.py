@@ -269,24 +269,54 @@ def _onnxruntime():
     return onnxruntime
 
 
-class FliteEngine:
-    """``flite -voice VOICE -t TEXT -o out.wav`` with the CMU ARCTIC voices built into Debian's flite."""
+class _CommandEngine:
+    """An engine that is an installed command writing a WAV file: English text, phonemes from espeak-ng
+    ``en-us``, no settings. Subclasses give the command line (:meth:`_command`) and the version."""
 
-    name = "flite"
-    default_voices = ("slt",)
+    name: str
+    default_voices: tuple[str, ...]
     serial = False
-    _install = "apt-get install -y flite"
+    _install: str
 
-    def __init__(self, executable: str = "flite"):
+    def __init__(self, executable: str):
         self.executable = executable
 
     @property
     def voices(self) -> list[str]:
-        return ["slt", "rms", "awb"]
+        raise NotImplementedError
 
     @property
     def settings(self) -> dict:
         return {}
+
+    def phoneme_voice(self, voice: str) -> str:
+        return "en-us"
+
+    def _command(self, exe: str, text: str, voice: str, tmp: Path, out: Path) -> list[str]:
+        raise NotImplementedError
+
+    def synthesise(self, text: str, voice: str, seed: int = 0) -> tuple[np.ndarray, int]:
+        _check_voice(self, voice)
+        exe = _which(self.executable, self._install)
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "out.wav"
+            _run(self._command(exe, text, voice, Path(tmp), out))
+            return _mono(out.read_bytes())
+
+
+class FliteEngine(_CommandEngine):
+    """``flite -voice VOICE -t TEXT -o out.wav`` with the CMU ARCTIC voices built into Debian's flite."""
+
+    name = "flite"
+    default_voices = ("slt",)
+    _install = "apt-get install -y flite"
+
+    def __init__(self, executable: str = "flite"):
+        super().__init__(executable)
+
+    @property
+    def voices(self) -> list[str]:
+        return ["slt", "rms", "awb"]
 
     def version(self) -> str:
         done = subprocess.run([_which(self.executable, self._install), "--version"], capture_output=True)
@@ -294,37 +324,24 @@ class FliteEngine:
         match = re.search(r"version:\s*(\S+)", out)
         return match.group(1) if match else out.strip()
 
-    def phoneme_voice(self, voice: str) -> str:
-        return "en-us"
-
-    def synthesise(self, text: str, voice: str, seed: int = 0) -> tuple[np.ndarray, int]:
-        _check_voice(self, voice)
-        exe = _which(self.executable, self._install)
-        with tempfile.TemporaryDirectory() as tmp:
-            out = Path(tmp) / "out.wav"
-            _run([exe, "-voice", voice, "-t", text, "-o", str(out)])
-            return _mono(out.read_bytes())
+    def _command(self, exe: str, text: str, voice: str, tmp: Path, out: Path) -> list[str]:
+        return [exe, "-voice", voice, "-t", text, "-o", str(out)]
 
 
-class FestivalEngine:
+class FestivalEngine(_CommandEngine):
     """Festival's ``text2wave`` with the HTS voice ``cmu_us_slt_arctic_hts`` (Debian's festvox-us-slt-hts)."""
 
     name = "festival"
     default_voices = ("cmu_us_slt_arctic_hts",)
-    serial = False
     _install = "apt-get install -y festival festvox-us-slt-hts"
 
     def __init__(self, executable: str = "text2wave"):
-        self.executable = executable
+        super().__init__(executable)
 
     @property
     def voices(self) -> list[str]:
         return sorted(p.name for root in ("/usr/share/festival/voices", "/usr/lib/festival/voices")
                       if Path(root).is_dir() for p in Path(root).glob("*/*") if p.is_dir())
-
-    @property
-    def settings(self) -> dict:
-        return {}
 
     def version(self) -> str:
         festival = _which("festival", self._install)
@@ -332,17 +349,10 @@ class FestivalEngine:
         match = re.search(r"System:\s*(\S+?):", out)
         return match.group(1) if match else out.strip()
 
-    def phoneme_voice(self, voice: str) -> str:
-        return "en-us"
-
-    def synthesise(self, text: str, voice: str, seed: int = 0) -> tuple[np.ndarray, int]:
-        _check_voice(self, voice)
-        exe = _which(self.executable, self._install)
-        with tempfile.TemporaryDirectory() as tmp:
-            src, out = Path(tmp) / "in.txt", Path(tmp) / "out.wav"
-            src.write_text(text + "\n", encoding="utf-8")
-            _run([exe, "-eval", f"(voice_{voice})", "-o", str(out), str(src)])
-            return _mono(out.read_bytes())
+    def _command(self, exe: str, text: str, voice: str, tmp: Path, out: Path) -> list[str]:
+        src = tmp / "in.txt"
+        src.write_text(text + "\n", encoding="utf-8")
+        return [exe, "-eval", f"(voice_{voice})", "-o", str(out), str(src)]
 
 
 ENGINES = {"espeak": EspeakEngine, "piper": PiperEngine, "flite": FliteEngine, "festival": FestivalEngine}
