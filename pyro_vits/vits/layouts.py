@@ -88,32 +88,27 @@ LAYOUTS: dict[str, Layout] = {
             ("wn",), markers=(ESPNET_PREFIX,), weight_norm=("weight_g", "plain"), config="config.yaml",
             config_values=("dilation_rate_flow",), fold=espnet_to_vits, text_encoder="conformer",
         ),
+        # HuggingFace ``VitsModel.save_pretrained`` folders (``model.safetensors`` or ``pytorch_model.bin``
+        # and a flat ``config.json``); its markers are longer than coqui's (``text_encoder.``), so they win.
+        Layout(
+            "hf-vits", "HuggingFace transformers VitsModel", _VITS_NAMES, ("wn",),
+            markers=("text_encoder.embed_tokens.", "posterior_encoder.wavenet."), config="config.json",
+            convert=hf_vits_to_vits, config_names=HF_VITS_CONFIG_NAMES,
+            files=("model.safetensors", "pytorch_model.bin"), requires=("safetensors",),
+        ),
+        # Piper (rhasspy/piper): a released voice (``voice.onnx`` + ``voice.onnx.json``, read by
+        # :func:`~pyro_vits.vits.piper.read_piper_onnx` into VITS's names; no enc_q; named by the reader's
+        # config) and a Lightning training checkpoint (``model_g.`` generator / ``model_d.`` discriminator,
+        # sizes in ``hyper_parameters``).
+        Layout("piper-onnx", "Piper ONNX voice", _VITS_NAMES, ("wn",), weight_norm=("plain",),
+               config="voice.onnx.json", config_values=(), parts=("enc_p", "flow", "emb_g")),
+        Layout("piper-ckpt", "Piper Lightning checkpoint",
+               tuple(("model_g." + stored, name) for stored, name in _VITS_NAMES), ("wn",),
+               markers=("model_g.", "model_d."), weight_norm=("weight_g",), config="checkpoint",
+               config_values=(), decoder_prefix="model_g.dec."),
     )
 }
 """Every supported family, in detection order."""
-
-LAYOUTS["hf-vits"] = Layout(
-    "hf-vits", "HuggingFace transformers VitsModel", _VITS_NAMES, ("wn",),
-    markers=("text_encoder.embed_tokens.", "posterior_encoder.wavenet."), config="config.json",
-    convert=hf_vits_to_vits, config_names=HF_VITS_CONFIG_NAMES,
-    files=("model.safetensors", "pytorch_model.bin"), requires=("safetensors",),
-)
-"""HuggingFace ``VitsModel.save_pretrained`` folders (``model.safetensors`` or ``pytorch_model.bin`` and a
-flat ``config.json``); its markers are longer than coqui's (``text_encoder.``), so they win detection."""
-
-# Piper (rhasspy/piper): a released voice (``voice.onnx`` + ``voice.onnx.json``, read by
-# :func:`~pyro_vits.vits.piper.read_piper_onnx` into VITS's names; no enc_q; named by the reader's config) and a
-# Lightning training checkpoint (``model_g.`` generator / ``model_d.`` discriminator, sizes in
-# ``hyper_parameters``).
-for _layout in (
-    Layout("piper-onnx", "Piper ONNX voice", _VITS_NAMES, ("wn",), weight_norm=("plain",),
-           config="voice.onnx.json", config_values=(), parts=("enc_p", "flow", "emb_g")),
-    Layout("piper-ckpt", "Piper Lightning checkpoint",
-           tuple(("model_g." + stored, name) for stored, name in _VITS_NAMES), ("wn",),
-           markers=("model_g.", "model_d."), weight_norm=("weight_g",), config="checkpoint", config_values=(),
-           decoder_prefix="model_g.dec."),
-):
-    LAYOUTS[_layout.name] = _layout
 
 
 def get_layout(name: str) -> Layout:
@@ -123,8 +118,8 @@ def get_layout(name: str) -> Layout:
 
 
 def layout_for_keys(tensors: Mapping[str, Tensor], name: str | None = None) -> Layout:
-    """The layout named, else the one whose markers the keys show (the longest marker wins), else VITS's names (the flow then tells
-    VITS, VITS2 and Bert-VITS2 apart: :func:`resolve`)."""
+    """The layout named, else the one whose markers the keys show (the longest marker wins), else VITS's names
+    (the flow then tells VITS, VITS2 and Bert-VITS2 apart: :func:`resolve`)."""
     if name is not None:
         return get_layout(name)
     best, length = LAYOUTS["vits"], 0
