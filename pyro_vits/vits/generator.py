@@ -238,8 +238,6 @@ def load_vits_generator(
     conformer = keys_layout.text_encoder == "conformer"
     p_dropout = 0.0
     implicit = layout_config(config_beside(found, keys_layout), keys_layout)
-    if keys_layout.name.startswith("piper") and (found.config or {}).get("dec"):  # HiFi-GAN arguments
-        implicit = {**(implicit or {}), "model": {**(implicit or {}).get("model", {}), **found.config["dec"]}}
     if config is not None:
         config = espnet_config(config) if keys_layout.config == "config.yaml" else read_vits_config(config)
         config = layout_config(config, keys_layout)

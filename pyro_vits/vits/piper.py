@@ -176,7 +176,7 @@ def read_piper_onnx(path: str | Path) -> dict[str, Any]:
         "inference": {k: inference[k] for k in ("noise_scale", "length_scale", "noise_w") if k in inference},
         "num_speakers": voice.get("num_speakers", 1),
         "phoneme_id_map": voice.get("phoneme_id_map"),
-        "dec": _decoder_config(graph, tensors),
+        "model": _decoder_config(graph, tensors),  # the HiFi-GAN arguments, in VITS's config section
     }
     logger.info("%s: Piper voice, %d weights in VITS names; no enc_q (a released voice holds the prior path "
                 "and decoder only); the duration predictor (dp) is not used", path, len(tensors))
@@ -195,8 +195,8 @@ _HPARAM_DEFAULTS = dict(  # Piper's VitsModel defaults (piper_train/vits/lightni
 
 def lightning_generator_config(hparams: Mapping[str, Any], tensors: Mapping[str, Tensor]) -> dict[str, Any]:
     """The config of a Piper Lightning checkpoint: its ``hyper_parameters`` (sizes, ``sample_rate``,
-    ``num_symbols``, ``n_speakers``) and ``dec`` (the decoder's HiFi-GAN arguments, Piper's defaults where
-    an hparam is absent; channels from the weights)."""
+    ``num_symbols``, ``n_speakers``) and ``model`` (the decoder's HiFi-GAN arguments under VITS's config
+    section, Piper's defaults where an hparam is absent; channels from the weights)."""
     config = {LAYOUT_KEY: "piper-ckpt", "hyper_parameters": dict(hparams)}
     if "dec.conv_pre.weight" in tensors:
         dec = {k: hparams.get(k, v) for k, v in _HPARAM_DEFAULTS.items()}
@@ -204,7 +204,7 @@ def lightning_generator_config(hparams: Mapping[str, Any], tensors: Mapping[str,
         dec.update(initial_channel=int(tensors["dec.conv_pre.weight"].shape[1]),
                    upsample_initial_channel=int(tensors["dec.conv_pre.weight"].shape[0]),
                    gin_channels=0 if cond is None else int(cond.shape[1]), resblock=str(dec["resblock"]))
-        config["dec"] = {k: (list(map(list, v)) if k == "resblock_dilation_sizes" else
+        config["model"] = {k: (list(map(list, v)) if k == "resblock_dilation_sizes" else
                              list(v) if isinstance(v, (tuple, list)) else v) for k, v in dec.items()}
     config["sample_rate"] = hparams.get("sample_rate")
     config["num_speakers"] = hparams.get("num_speakers", hparams.get("n_speakers", 1))
