@@ -73,7 +73,7 @@ ENGINES ?= piper flite festival
 .PHONY: corpus-engines
 corpus-engines: install
 	command -v espeak-ng >/dev/null || (apt-get update && apt-get install -y espeak-ng)
-	test -f /usr/share/games/fortunes/fortunes || (apt-get update && apt-get install -y fortunes-min)
+	test -f /usr/share/games/fortunes/science || (apt-get update && apt-get install -y fortunes-min fortunes)
 	command -v flite >/dev/null || (apt-get update && apt-get install -y flite)
 	command -v text2wave >/dev/null && test -d /usr/share/festival/voices/us/cmu_us_slt_arctic_hts \
 		|| (apt-get update && apt-get install -y festival festvox-us-slt-hts)

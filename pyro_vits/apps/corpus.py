@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .._io import check_folder, check_writable
-from ..data.corpus import DEBIAN_TEXTS, SYMBOL_MODES, build_corpus, read_sentences
+from ..data.corpus import DEBIAN_TEXTS, LONG_TEXTS, SYMBOL_MODES, build_corpus, read_sentences
 from ..data.engines import ENGINES, make_engine
 from ..data.text import VITS_SYMBOLS
 from . import run_main
@@ -36,8 +36,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", required=True, help="corpus folder to write (LJSpeech layout)")
-    p.add_argument("--text", nargs="+", default=list(DEBIAN_TEXTS),
-                   help="text files (fortune format or plain text) to take sentences from")
+    p.add_argument("--text", nargs="+", default=None,
+                   help="text files (fortune format or plain text) to take sentences from (default: Debian's "
+                        "fortunes-min; --engine piper adds science and wisdom of Debian's fortunes, > 1 h)")
     p.add_argument("--engine", choices=sorted(ENGINES), default="espeak",
                    help="synthesiser: espeak-ng, a Piper voice via onnxruntime, flite or festival (apt)")
     p.add_argument("--voice", default=None,
@@ -68,6 +69,8 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     args = build_parser(prog).parse_args(argv)
     check_folder(Path(args.out), args.overwrite)  # before any work: a used or unwritable --out fails now
     check_writable(args.out, what="--out")
+    if args.text is None:
+        args.text = list(LONG_TEXTS if args.engine == "piper" else DEBIAN_TEXTS)
     sentences = read_sentences(args.text, min_chars=args.min_chars, max_chars=args.max_chars)
     if args.voice is not None and args.engine != "piper":
         raise ValueError("--voice (a Piper .onnx) is for --engine piper; use --voices for voice names")

@@ -19,7 +19,8 @@ corpus: sentence ``i`` is spoken by voice ``i mod V``, speaker id = the
 voice's position. The folder is written under a temporary name and renamed when complete.
 
 Size: the default texts (Debian's fortunes-min) give 963 sentences, about 0.66 h with Piper's joe voice
-(2.5 s a sentence on average over 20), so under an hour; pass more ``--text`` for a longer corpus.
+(2.5 s a sentence on average over 20); :data:`LONG_TEXTS` (the default of ``--engine piper``) add two files of
+Debian's full ``fortunes`` package for a corpus over an hour.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ __all__ = [
     "SAMPLE_RATE",
     "SYMBOL_MODES",
     "DEBIAN_TEXTS",
+    "LONG_TEXTS",
     "CorpusSummary",
     "read_sentences",
     "synthesise",
@@ -54,6 +56,8 @@ SAMPLE_RATE = 22050
 SYMBOL_MODES = ("phonemes", "characters")
 DEBIAN_TEXTS = tuple(f"/usr/share/games/fortunes/{name}" for name in ("fortunes", "literature", "riddles"))
 """The plain-English texts of Debian's ``fortunes-min`` package (``apt-get install fortunes-min``)."""
+LONG_TEXTS = DEBIAN_TEXTS + tuple(f"/usr/share/games/fortunes/{name}" for name in ("science", "wisdom"))
+""":data:`DEBIAN_TEXTS` and two files of Debian's ``fortunes`` package (``apt-get install fortunes``)."""
 
 _SENTENCE = re.compile(r"^[A-Z][A-Za-z ,;:'\-]*[A-Za-z][.!?]$")
 
@@ -110,7 +114,7 @@ def read_sentences(
     for path in map(Path, paths):
         if not path.is_file():
             raise FileNotFoundError(f"text source {path} not found (the default texts come with Debian's "
-                                    "fortunes-min: apt-get install -y fortunes-min)")
+                                    "fortunes-min and fortunes: apt-get install -y fortunes-min fortunes)")
         for entry in _entries(path.read_text(encoding="utf-8", errors="replace")):
             for sentence in re.split(r"(?<=[.!?])\s+", entry):
                 if (_SENTENCE.match(sentence) and min_chars <= len(sentence) <= max_chars
