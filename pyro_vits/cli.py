@@ -99,6 +99,8 @@ TABLE: dict[str, Command] = {
     "speech-study": Command("train the KL-loss variants on speech and compare them",
                             ("pyro_vits.apps.speech_study",)),
     "refit-posterior": Command("refit VITS's enc_q against a trained voice", ("pyro_vits.apps.refit_posterior",)),
+    "real-study": Command("VITS's KL regime on a real trained voice (docs/real_vits.md)",
+                          ("pyro_vits.apps.real_study",)),
 }
 """Every command with the module(s) behind it; :data:`COMMANDS` lists those installed."""
 

@@ -47,7 +47,7 @@ LAYERS: dict[str, frozenset[str]] = {
     "distributions": frozenset({"flows", "nn"}),
     "data": frozenset(),
     "kl": frozenset({"distributions", "flows", "nn"}),
-    "infer": frozenset({"data", "distributions", "flows", "nn"}),
+    "infer": frozenset({"data", "distributions", "flows", "nn", "kl"}),
     "models": frozenset({"nn", "flows", "distributions", "data"}),
     "vits": frozenset({"models", "nn", "flows", "data", "distributions"}),
     "train": frozenset({"infer", "models", "data", "vits", "distributions", "flows", "nn"}),

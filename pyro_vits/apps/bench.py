@@ -22,6 +22,7 @@ nothing. Configurations per guide:
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import statistics
@@ -102,6 +103,13 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--no-eval-memory", action="store_true", help="skip evaluate's memory and time")
     p.add_argument("--no-compile", action="store_true",
                    help="skip torch.compile (always skipped with --quick)")
+    p.add_argument("--generator-step", action="store_true",
+                   help="only the cost of K KL particles in VITS's generator step on a trained voice "
+                        "(pyro_vits.bench.generator_step), merged into --out's generator_step entry")
+    p.add_argument("--voice", default="joe", help="--generator-step: the voice (a VITS/Piper file, or 'joe')")
+    p.add_argument("--corpus", default=None, help="--generator-step: an LJSpeech-format corpus in the voice's "
+                   "symbols (its first utterances form the batch)")
+    p.add_argument("--batch-size", type=int, default=8, help="--generator-step: utterances per step")
     p.add_argument("-v", "--verbose", action="store_true", help="tracebacks for usage errors")
     return p
 
@@ -439,10 +447,41 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     device = resolve_device(args.device)  # a CPU-only machine asked for cuda fails here, before any work
     name = f"{device_slug(device)}{'-quick' if args.quick else ''}.json"
     out = Path(args.out) if args.out else Path(args.out_dir) / name
+    if args.generator_step:
+        return _generator_step(args, out)
     result = run(args)
     print(format_report(result))
     write_json(out, result)
     print(f"wrote {out}")
+    return 0
+
+
+def _generator_step(args: argparse.Namespace, out: Path) -> int:
+    """``--generator-step``: time it on the voice and corpus, merge the entry into ``out`` (kept otherwise)."""
+    from ..bench.generator_step import generator_step_bench
+    from ..models.refit import refit_guide
+    from ..vits.voice import RefitVoice
+
+    if args.corpus is None:
+        raise ValueError("--generator-step needs --corpus (an LJSpeech-format corpus)")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be positive, got {args.batch_size}")
+    torch.set_num_threads(args.threads or 1)
+    voice = RefitVoice.load(args.voice)
+    batch = voice.read(args.corpus, max_utterances=args.batch_size)
+    c = voice.gen.config
+    guide = refit_guide(voice.audio["n_fft"] // 2 + 1, c["inter_channels"], c["hidden_channels"],
+                        emb_g=voice.gen.emb_g, seed=args.seed)
+    entry = generator_step_bench(voice.model(), guide, batch, repeats=args.repeats or 5, warmup=args.warmup,
+                                 seed=args.seed, log=logger.info)
+    entry.update(voice=voice.path.name, corpus=str(args.corpus), versions=dict(torch=torch.__version__),
+                 loadavg=list(os.getloadavg()))
+    result = json.loads(out.read_text()) if out.is_file() else {}
+    result["generator_step"] = entry
+    write_json(out, result)
+    ratios = ", ".join(f"{k} {v['median']:.3f}" for k, v in entry["ratios"].items())
+    print(f"generator step ({batch.n} utterances, {entry['frames']} frames): {ratios}; MAS per particle "
+          f"{entry['mas_per_particle_s']:.3f} s = {entry['mas_fraction_of_k1']:.1%} of a K = 1 step; wrote {out}")
     return 0
 
 

