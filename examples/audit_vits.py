@@ -59,15 +59,24 @@ def main(args: argparse.Namespace) -> dict:
         max_utterances=args.max_utterances,
     )
     print(f"{report['utterances']} utterances, {report['frames']} frames")
-    print(f"{'estimator':>22} {'mean':>10} {'MCSE':>8} {'sd/utt':>8} {'sd/batch':>8}")
+    print(f"{'estimator':>22} {'mean':>10} {'MCSE':>8} {'sd/utt':>8}  batch sd: {'draw':>8} "
+          f"{'composition':>11} {'total':>8}")
     for name, row in report["kl_per_frame"].items():
-        print(f"{name:>22} {row['mean']:10.4f} {row['mcse']:8.2g} {row['sd']:8.3g} {row['sd_batch']:8.3g}")
+        print(f"{name:>22} {row['mean']:10.4f} {row['mcse']:8.2g} {row['sd']:8.3g}  {'':>10}"
+              f"{row['sd_batch_draw']:8.3g} {row['sd_batch_composition']:11.3g} {row['sd_batch_total']:8.3g}")
     for size, row in report["prob_negative"].items():
-        print(
-            f"P(batch KL < 0), {size:>3} utterances: measured {row['measured']:.3g}, "
-            f"normal approx. {row['predicted']:.3g}"
-        )
-    print(f"collapsed channels: {report['collapsed_fraction']:.3f}")
+        if row["measured"] is None:
+            measured = "not measured (batch larger than the corpus)"
+        else:
+            bound = "" if row["upper_95"] is None else f", 95 % bound < {row['upper_95']:.2g}"
+            measured = (f"{row['negative']} negative of {row['resampled']} resampled batches, "
+                        f"{row['independent_batches']} independent: {row['measured']:.3g}{bound}")
+        print(f"P(batch KL < 0), {size:>3} utterances: {measured}; saddlepoint {row['predicted']:.3g}, "
+              f"normal approx. {row['predicted_normal']:.3g}")
+    for warning in report["warnings"]:
+        print("warning:", warning)
+    print(f"z_p channels contributing < {report['channels']['collapse_threshold']} nats/frame "
+          f"(not per-channel KLs): {report['collapsed_fraction']:.3f}")
     return report
 
 

@@ -136,14 +136,29 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
         },
     )
     vits, negative = report["kl_per_frame"]["vits"], report["prob_negative"][str(batch_size)]
+    for warning in report["warnings"]:
+        logger.warning("%s", warning)
     print(
         f"{report['utterances']} utterances, {report['frames']} frames: VITS KL {vits['mean']:.4g} "
-        f"± {vits['mcse']:.2g} nats/frame (sd of one batch loss {vits['sd_batch']:.3g}); "
-        f"P(batch KL < 0) at batch size {batch_size}: measured {negative['measured']:.3g}, "
-        f"normal approx. {negative['predicted']:.3g}; collapsed channels {report['collapsed_fraction']:.3f}; "
+        f"± {vits['mcse']:.2g} nats/frame; sd of the batch loss {vits['sd_batch_total']:.3g} (draw noise "
+        f"{vits['sd_batch_draw']:.3g}, batch composition {vits['sd_batch_composition']:.3g}); "
+        f"P(batch KL < 0) at batch size {batch_size}: {_measured(negative)}, predicted "
+        f"{negative['predicted']:.3g} (saddlepoint; normal approx. {negative['predicted_normal']:.3g}); "
         f"report in {args.out}/report.md"
     )
     return 0
+
+
+def _measured(row: dict) -> str:
+    """One ``prob_negative`` row's measurement, never a bare zero: the count, the independent batches, the
+    bound."""
+    if row["measured"] is None:
+        return "not measured (batch larger than the corpus)"
+    if row["negative"] == 0:
+        return (f"none negative of {row['independent_batches']} independent batches "
+                f"(95 % bound < {row['upper_95']:.2g})")
+    return (f"measured {row['measured']:.3g} ± {row['measured_se']:.2g} ({row['independent_batches']} "
+            "independent batches)")
 
 
 def _prior_only(args: argparse.Namespace, generator, config, device) -> int:

@@ -19,13 +19,15 @@ from ..nn.alignment import attention_mask, expand_prior, maximum_path, neg_cent
 from ..vits import VITSGenerator
 
 COLLAPSE_THRESHOLD = 0.01
-"""A channel whose KL is below this many nats per frame counts as collapsed (posterior = prior)."""
+"""Nats per frame below which a channel's contribution to VITS's KL term in ``z_p`` coordinates is counted
+(``collapsed_fraction``). The flow mixes the channels of ``z``, so a contribution is not a per-channel KL (it
+can be negative) and a small one does not show that a channel of ``z`` carries no information."""
 
 BATCH_SIZES = (1, 4, 16, 64)
 """Batch sizes (utterances) at which P(batch KL loss < 0) is reported, besides the user's."""
 
 REFERENCE = "mc"
-"""The unbiased estimator taken as the truth for the Gaussian closed form's error."""
+"""The unbiased estimator the Gaussian closed form is compared with (the report's ``flow_displacement``)."""
 
 
 class NonFiniteResult(FloatingPointError):
@@ -200,9 +202,10 @@ def _masked(values: Tensor, mask: Tensor) -> Tensor:
 @dataclass
 class AuditDraws:
     """What the stream keeps: per utterance ``frames (N,)`` and ``estimates[name] (N, K)`` nats; per channel
-    ``(C,)`` the sums over utterances and frames (mean over draws) of VITS's KL term and of ``logs_q -
-    logs_p``, and the summed variance over draws of each utterance's KL term; how many (frame, draw) pairs of
-    draws 1..K-1 share draw 0's token, out of how many."""
+    ``c`` of ``z_p`` ``(C,)`` the sums over utterances and frames (mean over draws) of VITS's KL term's
+    channel-``c`` part (in ``z_p`` coordinates, not a per-channel KL) and of ``logs_q - logs_p``, and the
+    summed variance over draws of each utterance's channel part; how many (frame, draw) pairs of draws 1..K-1
+    share draw 0's token, out of how many."""
 
     particles: int
     batch_size: int

@@ -106,11 +106,19 @@ def test_report_is_reproducible_and_sensible(corpus):
     for name, row in first["kl_per_frame"].items():
         assert rechunked["kl_per_frame"][name]["mean"] == pytest.approx(row["mean"], rel=1e-5, abs=1e-6)
     kl = first["kl_per_frame"]
-    assert kl["vits"]["mean"] > 0 and kl["vits"]["mcse"] > 0 and kl["vits"]["sd_batch"] < kl["vits"]["sd"]
+    assert kl["vits"]["mean"] > 0 and kl["vits"]["mcse"] > 0 and kl["vits"]["sd_batch_draw"] < kl["vits"]["sd"]
+    assert kl["vits"]["sd_batch_total"] ** 2 == pytest.approx(
+        kl["vits"]["sd_batch_draw"] ** 2 + kl["vits"]["sd_batch_composition"] ** 2
+    )
     assert abs(kl["vits"]["mean"] - kl["mc"]["mean"]) < 4 * (kl["vits"]["mcse"] + kl["mc"]["mcse"])
     assert kl["clamp"]["mean"] >= kl["vits"]["mean"] and kl["gaussian_closed_form"]["sd"] < kl["vits"]["sd"]
     assert set(first["prob_negative"]) == {"1", "4", "16", "64"}
-    assert first["gaussian_closed_form_error"]["mean"] == pytest.approx(
+    assert [w.split(":")[0] for w in first["warnings"]] == [  # 6 utterances
+        "batch size 16 exceeds the 6 utterances of the corpus",
+        "batch size 64 exceeds the 6 utterances of the corpus",
+    ]
+    assert first["prob_negative"]["64"]["measured"] is None and first["prob_negative"]["4"]["measured"] is not None
+    assert first["flow_displacement"]["mean"] == pytest.approx(
         kl["gaussian_closed_form"]["mean"] - kl["mc"]["mean"]
     )
 
@@ -131,9 +139,11 @@ def test_zero_kl_generator_is_negative_half_the_time(corpus):
     assert abs(kl["vits"]["mean"]) < 4 * kl["vits"]["mcse"]
     one = report["prob_negative"]["1"]
     assert one["predicted"] == pytest.approx(0.5, abs=0.1) and one["measured"] == pytest.approx(0.5, abs=0.2)
-    for size in ("4", "16"):  # both use the sample mean, whose noise grows with sqrt(size) in the prediction
-        row = report["prob_negative"][size]
-        assert row["measured"] == pytest.approx(row["predicted"], abs=0.1)
+    row = report["prob_negative"]["4"]  # disjoint batches of 4 of the 6 utterances: 16 independent ones
+    assert row["independent_batches"] == 16
+    assert abs(row["measured"] - row["predicted"]) < max(0.1, 3 * row["measured_se"])
+    assert report["prob_negative"]["16"]["measured"] is None  # larger than the corpus: predicted only
+    assert report["prob_negative"]["16"]["predicted"] == pytest.approx(0.5, abs=0.15)
 
 
 def test_cli_writes_a_complete_report(corpus, tmp_path, capsys):
@@ -156,13 +166,19 @@ def test_cli_writes_a_complete_report(corpus, tmp_path, capsys):
         "-q",
     ]
     assert run_main(main, argv) == 0
-    assert "6 utterances" in capsys.readouterr().out
+    printed = capsys.readouterr()
+    assert "6 utterances" in printed.out and "batch composition" in printed.out
+    assert "batch size 16 exceeds the 6 utterances" in printed.err  # a warning even with -q
     report = json.loads((out / "report.json").read_text())
     assert report["batch_size"] == 2 and set(report["prob_negative"]) == {"1", "2", "4", "16", "64"}
     for key in ("utterances", "frames", "kl_per_frame", "channels", "collapsed_fraction", "prob_negative"):
         assert key in report
-    assert {"mean", "mcse", "sd"} <= set(report["kl_per_frame"]["vits"])
-    assert "| vits |" in (out / "report.md").read_text()
+    assert {"mean", "mcse", "sd", "sd_batch_draw", "sd_batch_composition", "sd_batch_total"} <= set(
+        report["kl_per_frame"]["vits"]
+    )
+    markdown = (out / "report.md").read_text()
+    assert "| vits |" in markdown and "**Warning:** batch size 64 exceeds" in markdown
+    assert "in z_p coordinates" in markdown and "Flow displacement" in markdown
     assert sorted(p.name for p in (out / "figures").iterdir()) == [
         "channels.png",
         "kl_per_frame.png",
