@@ -83,14 +83,24 @@ class AlignedFlowPrior(TorchDistribution):
         new._validate_args = self._validate_args
         return new
 
-    def alignment(self, z_p: Tensor) -> Tensor:
-        """VITS's hard alignment for ``z_p (..., C, T)``: ``maximum_path(neg_cent(z_p, m_p, logs_p))`` under
-        ``no_grad``, a 0/1 ``(..., T, L)`` tensor (leading dims broadcast with the batch shape)."""
+    def scores(self, z_p: Tensor) -> tuple[Tensor, Tensor]:
+        """MAS's inputs for ``z_p (..., C, T)``: VITS's scores ``neg_cent(z_p, m_p, logs_p)`` (frame ``t``,
+        symbol ``l``: ``log N(z_p[:, t]; m_p[:, l], exp(logs_p[:, l]))`` summed over channels, nats, no
+        gradient, in the dtype ``z_p`` and ``m_p`` promote to) and the 0/1 valid-pair mask, each
+        ``(..., T, L)`` with leading dims broadcast with the batch shape."""
         lead = torch.broadcast_shapes(z_p.shape[:-2], self.batch_shape)
+        dtype = torch.promote_types(z_p.dtype, self.m_p.dtype)
         with torch.no_grad():
-            cent = neg_cent(_flat(z_p.detach(), lead), _flat(self.m_p, lead), _flat(self.logs_p, lead))
-            path = maximum_path(cent, attention_mask(_flat(self.text_mask, lead), _flat(self.mask, lead)))
-        return path.reshape(lead + path.shape[-2:])
+            cent = neg_cent(*(_flat(x.detach().to(dtype), lead) for x in (z_p, self.m_p, self.logs_p)))
+            pairs = attention_mask(_flat(self.text_mask, lead), _flat(self.mask, lead))
+        return cent.reshape(lead + cent.shape[-2:]), pairs.reshape(lead + pairs.shape[-2:])
+
+    def alignment(self, z_p: Tensor) -> Tensor:
+        """VITS's hard alignment for ``z_p (..., C, T)``: ``maximum_path`` of :meth:`scores`, a 0/1
+        ``(..., T, L)`` tensor of ``m_p``'s dtype (leading dims broadcast with the batch shape)."""
+        cent, pairs = self.scores(z_p)
+        path = maximum_path(cent.reshape((-1,) + cent.shape[-2:]), pairs.reshape((-1,) + pairs.shape[-2:]))
+        return path.reshape(cent.shape).to(self.m_p.dtype)
 
     def expanded(self, path: Tensor) -> tuple[Tensor, Tensor]:
         """Per-frame ``(m_p, logs_p)``, each ``(..., C, T)``, along ``path (..., T, L)``."""

@@ -2,12 +2,25 @@
 
 Modules: ``estimators`` (the estimator classes, :data:`ESTIMATORS`, :func:`kl_estimate`), ``quadratic``
 (Gaussian-prior quadratic forms and variances), ``reference`` (ground truths), ``negative`` (P(loss < 0)),
-``loss`` (VITS's ``kl_loss`` and the drop-in :func:`vits_kl_loss`).
+``loss`` (VITS's ``kl_loss`` and the drop-in :func:`vits_kl_loss`), ``alignment_gap`` (VITS's per-draw MAS
+prior against a fixed alignment and the alignment-marginal prior).
 """
 
 from __future__ import annotations
 
 from ._common import LogProb
+from .alignment_gap import (
+    AlignmentGap,
+    AlignmentLogPriors,
+    ThreeFrameExample,
+    aligned_log_priors,
+    alignment_gap,
+    alignment_log_priors,
+    log_alignment_count,
+    log_sum_alignments,
+    posterior_mean_alignment,
+    three_frame_example,
+)
 from .estimators import (
     BATCH_REDUCTIONS,
     ESTIMATORS,
@@ -31,4 +44,4 @@ from .negative import (
 from .quadratic import analytic_variance, analytic_variances, quadratic_form
 from .reference import quadrature_kl_2d, reference_kl
 
-__all__ = ["ESTIMATORS", "KLEstimator", "EstimatorInputs", "PlotStyle", "names", "KL_ESTIMATORS", "QUADRATIC_ESTIMATORS", "BATCH_REDUCTIONS", "LogProb", "vits_kl", "kl_estimate", "sample_kl_estimates", "batch_kl", "quadratic_form", "analytic_variance", "analytic_variances", "reference_kl", "quadrature_kl_2d", "prob_negative", "prob_negative_normal_approx", "prob_negative_gaussian", "prob_negative_saddlepoint", "vits_kl_loss", "draw_posterior"]
+__all__ = ["ESTIMATORS", "KLEstimator", "EstimatorInputs", "PlotStyle", "names", "KL_ESTIMATORS", "QUADRATIC_ESTIMATORS", "BATCH_REDUCTIONS", "LogProb", "vits_kl", "kl_estimate", "sample_kl_estimates", "batch_kl", "quadratic_form", "analytic_variance", "analytic_variances", "reference_kl", "quadrature_kl_2d", "prob_negative", "prob_negative_normal_approx", "prob_negative_gaussian", "prob_negative_saddlepoint", "vits_kl_loss", "draw_posterior", "AlignmentLogPriors", "log_sum_alignments", "log_alignment_count", "alignment_log_priors", "posterior_mean_alignment", "aligned_log_priors", "AlignmentGap", "alignment_gap", "ThreeFrameExample", "three_frame_example"]
