@@ -17,8 +17,9 @@ from .._io import _wraps_os_error
 
 USAGE_ERRORS: tuple[type[BaseException], ...] = (ValueError, TypeError, FileExistsError, FileNotFoundError,
                                                  NotADirectoryError, IsADirectoryError, PermissionError,
-                                                 KeyError)
-"""Exceptions that mean "bad input": one line on stderr, exit code 2 (a traceback only with ``-v``)."""
+                                                 KeyError, ImportError)
+"""Exceptions that mean "bad input" (``ImportError``: a missing optional package, e.g. a voice's): one line
+on stderr, exit code 2 (a traceback only with ``-v``)."""
 
 logger = logging.getLogger("pyro_vits")
 

@@ -22,19 +22,11 @@ import argparse
 import json
 import logging
 import sys
-import warnings
 from collections.abc import Sequence
-from pathlib import Path
 
-from ..infer.generator_loss import VITSGeneratorLoss
 from ..kl.estimators import ESTIMATORS
-from ..models.guides import PosteriorEncoder
-from ..models.refit import refit_guide
-from ..train import FitConfig, fit
 from ..train.config import NAN_POLICIES
-from ..vits.export import export_vits_parts
-from ..vits.generator import load_vits_generator
-from ..vits.voice import RefitVoice, export_config
+from ..train.refit import RefitSettings, refit_posterior
 from . import run_main
 from ._args import positive_float, positive_int
 
@@ -78,53 +70,11 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     return p
 
 
-def initial_enc_q(path: str, guide: PosteriorEncoder) -> PosteriorEncoder:
-    """The ``enc_q`` of the VITS checkpoint ``path`` (its ``config.json`` beside it), checked to have
-    ``guide``'s parameter shapes."""
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"--init-enc-q: {path} not found")
-    enc_q = load_vits_generator(path, decoder=False).enc_q
-    if enc_q is None:
-        raise ValueError(f"--init-enc-q: {path} holds no enc_q")
-    shapes = {k: tuple(v.shape) for k, v in enc_q.guide.state_dict().items()}
-    if shapes != {k: tuple(v.shape) for k, v in guide.state_dict().items()}:
-        raise ValueError(f"--init-enc-q: {path}'s enc_q has other sizes than --enc-q-layers and the voice's")
-    return enc_q.guide
-
-
 def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
-    args = build_parser(prog).parse_args(argv)
-    # the voice's frozen emb_g, shared with enc_q as in VITS, stays out of the parameter store on purpose
-    warnings.filterwarnings("ignore", message="emb_g.weight was not registered in the param store")
-    voice = RefitVoice.load(args.voice)
-    gen, path, audio = voice.gen, voice.path, voice.audio
-    data = voice.read(args.corpus, max_utterances=args.max_utterances, max_frames=args.max_frames)
-    model = voice.model(args.segment_frames)
-    guide = refit_guide(audio["n_fft"] // 2 + 1, gen.config["inter_channels"], gen.config["hidden_channels"],
-                        n_layers=args.enc_q_layers, emb_g=gen.emb_g, seed=args.seed)
-    if args.init_enc_q is not None:
-        guide.load_state_dict(initial_enc_q(args.init_enc_q, guide).state_dict())
-    config = FitConfig(steps=args.steps, lr=args.lr, lrd=args.lrd,
-                       batch_size=min(args.batch_size, data.n), seed=args.seed, out_dir=args.out,
-                       log_every=args.log_every or max(1, args.steps // 5), progress=not args.quiet,
-                       eval_samples=args.eval_samples, eval_size=args.eval_size,
-                       checkpoint_every=args.checkpoint_every, nan_policy=args.nan_policy, resume=args.resume,
-                       overwrite=args.overwrite)
-    extra = dict(voice=str(path), corpus=str(args.corpus), init_enc_q=args.init_enc_q,
-                 kl_estimator=args.kl_estimator, kl_particles=args.kl_particles, audio={k: v for k, v in audio.items()
-                                                                   if k not in ("symbols", "phoneme_id_map")})
-    result = fit(model, guide, data, config, elbo=VITSGeneratorLoss(args.kl_estimator, args.kl_particles),
-                 device=args.device, extra_config=extra)
-    train = dict(seed=args.seed, batch_size=config.batch_size, learning_rate=args.lr, voice=str(path),
-                 kl_estimator=args.kl_estimator, kl_particles=args.kl_particles, steps=args.steps)
-    out = export_vits_parts(args.out, args.steps, {"enc_p": gen.enc_p, "enc_q": result.guide, "flow": gen.flow,
-                                                   "emb_g": gen.emb_g, "dec": gen.dec},
-                            export_config(gen, audio, args.enc_q_layers, train))
-    last = result.metrics[-1] if result.metrics else {}
-    summary = dict(steps=args.steps, wall_s=round(result.wall_s, 2), svi_steps_per_s=last.get("it_per_s"),
-                   utterances=data.n, frames=data.num_frames, loss_nats=last.get("loss_nats"),
-                   vits_generator=str(out), **{k: v for k, v in last.items() if k.endswith("_per_frame")})
-    print(json.dumps(summary, indent=2))
+    args = vars(build_parser(prog).parse_args(argv))
+    args["progress"] = not args.pop("quiet")
+    args.pop("verbose")
+    print(json.dumps(refit_posterior(RefitSettings(**args)), indent=2))
     return 0
 
 

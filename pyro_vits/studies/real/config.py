@@ -28,23 +28,25 @@ FIXES = (Fix("vits"), Fix("clamp", "clamp"), Fix("abs", "abs"), Fix("abs_element
 @dataclass(frozen=True)
 class RealStudyConfig:
     """``refit_steps``: the from-scratch refit's checkpoints (increasing; the run resumes from one to the next;
-    each is evaluated for the trajectory); ``lr`` decays geometrically to ``lr * final_lr_ratio`` at the last;
+    each is evaluated for the trajectory); ``lr`` decays geometrically, by ``final_lr_ratio`` every
+    ``lr_decay_steps`` steps;
     ``fix_steps`` / ``fix_lr``: each fine-tune from the last refit checkpoint; ``seeds``: one fine-tune per
     fix and seed (the refit uses ``seeds[0]``); ``eval_draws``: draws of z per held-out utterance;
     ``eval_utterances``: held-out utterances evaluated (the first of val.txt); ``audit_particles``: draws per
     utterance of the full audit; ``batch_sizes``: the audit's batch sizes; ``jobs``: runs at once (one thread
     each); ``samples``: held-out utterances decoded to WAV per model."""
 
-    refit_steps: tuple[int, ...] = (100, 250, 500, 1000, 1500)
+    refit_steps: tuple[int, ...] = (100, 250, 500, 1000)
     lr: float = 1e-3
     final_lr_ratio: float = 0.1
+    lr_decay_steps: int = 1500
     batch_size: int = 8
     fixes: tuple[Fix, ...] = FIXES
-    fix_steps: int = 200
+    fix_steps: int = 100
     fix_lr: float = 2e-4
     seeds: tuple[int, ...] = (0, 1, 2)
     eval_draws: int = 4
-    eval_utterances: int = 64
+    eval_utterances: int = 48
     audit_particles: int = 8
     batch_sizes: tuple[int, ...] = (1, 16, 64)
     max_frames: int = 1000
@@ -56,7 +58,7 @@ class RealStudyConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        check_positive_ints(batch_size=self.batch_size, fix_steps=self.fix_steps, eval_draws=self.eval_draws,
+        check_positive_ints(batch_size=self.batch_size, lr_decay_steps=self.lr_decay_steps, fix_steps=self.fix_steps, eval_draws=self.eval_draws,
                             eval_utterances=self.eval_utterances, audit_particles=self.audit_particles,
                             max_frames=self.max_frames, enc_q_layers=self.enc_q_layers,
                             segment_frames=self.segment_frames, log_every=self.log_every, jobs=self.jobs,
@@ -78,7 +80,7 @@ class RealStudyConfig:
 
 PRESETS = {
     "docs": RealStudyConfig(),
-    "quick": RealStudyConfig(refit_steps=(2, 4), fix_steps=2, seeds=(0, 1), eval_draws=2, eval_utterances=2,
+    "quick": RealStudyConfig(refit_steps=(2, 4), lr_decay_steps=4, fix_steps=2, seeds=(0, 1), eval_draws=3, eval_utterances=2,
                              audit_particles=2, batch_sizes=(1, 2), batch_size=2, log_every=2, jobs=1,
                              enc_q_layers=2, segment_frames=8,
                              fixes=(Fix("vits"), Fix("abs_elementwise", "abs_elementwise"),

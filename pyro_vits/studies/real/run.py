@@ -8,32 +8,32 @@
 4. :func:`audit_refit`: the full :func:`~pyro_vits.audit.measure.audit` of the refit on the held-out
    utterances (``<root>/audit``), and :func:`write_samples`: ``dec(z)`` WAVs of each model.
 
-Runs are subprocesses (``python -m pyro_vits.apps.refit_posterior``) with ``OMP_NUM_THREADS`` set; each
-prints its summary, kept as ``<run>.json`` with its CPU seconds (``os.wait4``)."""
+Runs (:func:`~pyro_vits.train.refit.refit_posterior`) go to fresh processes with a set number of torch
+threads; each summary is kept as ``<run>.json`` with the process's CPU seconds."""
 
 from __future__ import annotations
 
 import json
 import logging
-import os
-import subprocess
-import sys
+import multiprocessing
 import time
-from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import soundfile as sf
+import torch
 
 from ..._io import atomic_write, write_json
 from ...audit.measure import audit
 from ...data.speech_batches import SpeechConfig
 from ...train.config import geometric_lrd
+from ...train.refit import RefitSettings, refit_posterior
 from ...vits import load_vits_generator, read_vits_config
 from ...vits.voice import RefitVoice
-from .config import Fix, RealStudyConfig
+from .config import RealStudyConfig
 from .evaluate import decode_samples, evaluate_generator
 
 __all__ = ["audit_refit", "evaluate_all", "run_fixes", "run_refit", "write_samples"]
@@ -41,53 +41,38 @@ __all__ = ["audit_refit", "evaluate_all", "run_fixes", "run_refit", "write_sampl
 logger = logging.getLogger("pyro_vits")
 
 
-def _refit_argv(cfg: RealStudyConfig, voice: str, corpus: str, out: Path, steps: int) -> list[str]:
-    argv = [voice, "--corpus", str(corpus), "--out", str(out), "--steps", str(steps), "--batch-size",
-            str(cfg.batch_size), "--max-frames", str(cfg.max_frames), "--log-every", str(cfg.log_every),
-            "--checkpoint-every", str(cfg.log_every), "--eval-samples", str(cfg.eval_draws), "--eval-size", "16",
-            "--enc-q-layers", str(cfg.enc_q_layers), "--segment-frames", str(cfg.segment_frames), "-q"]
-    return argv + (["--resume"] if (out / "checkpoint.pt").is_file() else [])
+def _settings(cfg: RealStudyConfig, voice: str, corpus: str, out: Path, steps: int, **more: Any) -> RefitSettings:
+    return RefitSettings(voice=voice, corpus=str(corpus), out=str(out), steps=steps, batch_size=cfg.batch_size,
+                         max_frames=cfg.max_frames, log_every=cfg.log_every, checkpoint_every=cfg.log_every,
+                         eval_samples=cfg.eval_draws, eval_size=16, enc_q_layers=cfg.enc_q_layers,
+                         segment_frames=cfg.segment_frames, progress=False,
+                         resume=(out / "checkpoint.pt").is_file(), **more)
 
 
-class _Popen(subprocess.Popen):
-    """``Popen`` that keeps the child's resource usage (``os.wait4``) for its CPU seconds."""
+def _worker(settings: RefitSettings, threads: int) -> dict[str, Any]:
+    """One refit in a fresh process with ``threads`` torch threads: its summary plus its CPU seconds."""
+    torch.set_num_threads(threads)
+    start = time.process_time()
+    summary = refit_posterior(settings)
+    return dict(summary, cpu_s=time.process_time() - start, threads=threads, settings=asdict(settings))
 
-    def _try_wait(self, wait_flags: int) -> tuple[int, int]:
-        pid, status, self.rusage = os.wait4(self.pid, wait_flags)
-        return pid, status
 
-
-
-def _run(argv: Sequence[str], record: Path, threads: int) -> dict[str, Any]:
-    """``refit-posterior argv`` in a subprocess; its printed summary plus ``cpu_s`` saved to ``record``."""
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    cmd = [sys.executable, "-m", "pyro_vits.apps.refit_posterior", *argv]
-    start = time.perf_counter()
-    proc = _Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    out, err = proc.communicate()
-    if proc.returncode != 0:
-        raise RuntimeError(f"refit-posterior {' '.join(argv[:1])} --out {record.stem} failed: "
-                           f"{err.strip().splitlines()[-1] if err.strip() else proc.returncode}")
-    summary = json.loads(out[out.index("{"):])
-    usage = getattr(proc, "rusage", None)
-    summary.update(cpu_s=None if usage is None else usage.ru_utime + usage.ru_stime,
-                   wall_s_process=time.perf_counter() - start, argv=list(argv))
-    write_json(record, summary)
-    return summary
+def _pool(jobs: int) -> ProcessPoolExecutor:
+    return ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), max_tasks_per_child=1)
 
 
 def run_refit(cfg: RealStudyConfig, voice: str, corpus: str, root: Path) -> list[Path]:
     """Stage 1; returns the exports of ``cfg.refit_steps`` in ``root/trajectory``."""
     traj, out = root / "trajectory", root / "refit"
     traj.mkdir(parents=True, exist_ok=True)
-    lrd = geometric_lrd(cfg.final_lr_ratio, cfg.refit_steps[-1])
+    lrd = geometric_lrd(cfg.final_lr_ratio, cfg.lr_decay_steps)
     exports = []
     for steps in cfg.refit_steps:
         export = traj / f"G_{steps}.pth"
         if not export.is_file():
-            argv = _refit_argv(cfg, voice, corpus, out, steps) + [
-                "--lr", str(cfg.lr), "--lrd", str(lrd), "--seed", str(cfg.seeds[0])]
-            _run(argv, traj / f"G_{steps}.json", threads=cfg.jobs)
+            settings = _settings(cfg, voice, corpus, out, steps, lr=cfg.lr, lrd=lrd, seed=cfg.seeds[0])
+            with _pool(1) as pool:
+                write_json(traj / f"G_{steps}.json", pool.submit(_worker, settings, cfg.jobs).result())
             data = (out / "vits" / f"G_{steps}.pth").read_bytes()
             atomic_write(traj / "config.json", lambda f: f.write((out / "vits" / "config.json").read_text()))
             atomic_write(export, lambda f: f.write(data), "wb")
@@ -95,25 +80,24 @@ def run_refit(cfg: RealStudyConfig, voice: str, corpus: str, root: Path) -> list
     return exports
 
 
-def _fix_job(cfg: RealStudyConfig, voice: str, corpus: str, init: Path, fix: Fix, seed: int,
-             root: Path) -> Path:
-    out = root / "fixes" / f"{fix.name}-s{seed}"
-    export = out / "vits" / f"G_{cfg.fix_steps}.pth"
-    if not export.is_file():
-        argv = _refit_argv(cfg, voice, corpus, out, cfg.fix_steps) + [
-            "--lr", str(cfg.fix_lr), "--seed", str(seed), "--init-enc-q", str(init),
-            "--kl-estimator", fix.estimator, "--kl-particles", str(fix.kl_particles)]
-        _run(argv, root / "fixes" / f"{fix.name}-s{seed}.json", threads=1)
-    return export
-
-
 def run_fixes(cfg: RealStudyConfig, voice: str, corpus: str, root: Path, init: Path) -> dict[tuple[str, int], Path]:
-    """Stage 2: ``{(fix, seed): export}``, fine-tuned from ``init`` (the last refit export)."""
+    """Stage 2: ``{(fix, seed): export}``, fine-tuned from ``init`` (the last refit export); each run's summary
+    in ``root/fixes/<fix>-s<seed>.json``."""
     (root / "fixes").mkdir(parents=True, exist_ok=True)
-    jobs = [(fix, seed) for seed in cfg.seeds for fix in cfg.fixes]
-    with ThreadPoolExecutor(cfg.jobs) as pool:
-        done = pool.map(lambda job: _fix_job(cfg, voice, corpus, init, *job, root), jobs)
-        return {(fix.name, seed): export for (fix, seed), export in zip(jobs, done)}
+    exports, pending = {}, {}
+    with _pool(cfg.jobs) as pool:
+        for seed in cfg.seeds:
+            for fix in cfg.fixes:
+                out = root / "fixes" / f"{fix.name}-s{seed}"
+                exports[(fix.name, seed)] = out / "vits" / f"G_{cfg.fix_steps}.pth"
+                if not exports[(fix.name, seed)].is_file():
+                    settings = _settings(cfg, voice, corpus, out, cfg.fix_steps, lr=cfg.fix_lr, seed=seed,
+                                         init_enc_q=str(init), kl_estimator=fix.estimator,
+                                         kl_particles=fix.kl_particles)
+                    pending[out.with_suffix(".json")] = pool.submit(_worker, settings, 1)
+        for record, future in pending.items():
+            write_json(record, future.result())
+    return exports
 
 
 def evaluate_all(cfg: RealStudyConfig, voice: RefitVoice, corpus: str, exports: dict[str, Path],
