@@ -20,7 +20,7 @@ from pyro_vits.data.text import VITS_SYMBOLS
 from pyro_vits.infer import HybridEntropyELBO
 from pyro_vits.models import speech_model_and_guide
 from pyro_vits.studies.speech.report import comparisons, render
-from pyro_vits.studies.speech.run import stored_run, study_settings
+from pyro_vits.studies.speech.run import hours_used, stored_run, study_settings
 from pyro_vits.studies.speech.variants import (
     KLVariantELBO,
     cost_ratios,
@@ -120,6 +120,14 @@ def test_measures_on_the_tiny_corpus(setup):
     assert 0 <= neg["prob_negative"] <= 1 and math.isfinite(neg["kl_per_frame_mean"])
 
 
+def test_hours_used_counts_the_utterances_read(setup):
+    corpus = setup[0]
+    frames = int(corpus.train.lengths.sum()) + int(corpus.heldout.lengths.sum())
+    assert hours_used(corpus) == pytest.approx(frames * SPEECH.hop_length / SPEECH.sampling_rate / 3600)
+    whole = json.loads((TINY / "corpus.json").read_text())["seconds"] / 3600
+    assert 0.9 * whole < hours_used(corpus) < 1.1 * whole  # the tiny corpus is read whole
+
+
 def test_t_interval_and_paired_difference():
     stat = t_interval([1.0, 2.0, 3.0])
     assert stat["mean"] == 2.0 and stat["se"] == pytest.approx(1 / math.sqrt(3))
@@ -151,6 +159,23 @@ def test_render_states_the_command_table_and_findings():
     assert "python -m pyro_vits.apps.speech_study" in text and "| abs_elementwise |" in text
     assert "negative on 0 of 30 training steps" in text
     assert "`abs_elementwise`: held-out ELBO differs from `vits` (-10 ± 0 nats/frame)" in text
+    assert "hours of audio used not recorded" in text
+
+
+def test_render_gives_zero_counts_with_a_bound_and_the_hours_used():
+    """No "0 ± 0" for P(logged KL < 0): the negative minibatches pooled over seeds, with the 95 % bound
+    1 - 0.05^(1/n) when there are none; the hours of audio the study read, not the corpus's."""
+    results = fake_results()
+    results["setup"]["corpus"]["hours_used"] = 0.186
+    text = render(results)
+    assert "(0.19 h of audio)" in text
+    assert "| 0 / 12 (P ≤ 0.22, 95 % bound) |" in text  # 3 seeds x 4 minibatches, 1 - 0.05^(1/12)
+    assert "never negative: 0 of 12 minibatches per variant, so P(negative) ≤ 0.22" in text
+    assert "normal-approximation" not in text and "| 0 ± 0 |" not in text
+    assert "| clamp | 0 (identical) |" not in text  # clamp differs from vits in fake_results
+    results["runs"][1]["prob_negative_kl"] = 0.5  # clamp, seed 0: 2 of its 4 minibatches
+    text = render(results)
+    assert "| 2 / 12 = 0.167 |" in text and "`clamp` 2 / 12 = 0.167" in text
 
 
 def test_render_only_needs_results(tmp_path, capsys):
@@ -205,6 +230,7 @@ def test_render_with_an_equal_compute_comparison():
     assert "| vits_k4 | 8 |" in text and "| vits_k4 | 10 |" in text
     assert "`vits_k4` 3 ± 0" in text  # CPU s / step 3 against vits's 1, every seed
     assert "`vits_k4` at equal compute: held-out ELBO differs from `vits` (-100 ± 0 nats/frame)" in text
+    assert "with 8 steps against `vits`'s 10" in text and "mostly measures the missing steps" in text
     assert "retrained for round(steps / ratio) steps" in text
     assert "now, 1.5 min wall time on a shared 2-core CPU, 3 of the 12 runs reused from the study folder)" in text
 
