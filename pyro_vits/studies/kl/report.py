@@ -17,7 +17,7 @@ import torch
 from ... import _arviz_compat, plots
 from ..._io import atomic_write
 from ...infer import diagnostics
-from ...kl import format_negative_count
+from ...kl import format_negative_count, three_frame_example
 from .common import Sweep
 from .config import COS_A, StudyConfig, check_config
 from .fixes import fix_gradient_study, gradient_identity, sigma_optimum_study
@@ -166,6 +166,7 @@ def run_study(
     results["logdet"] = timed("logdet", logdet_study)
     results["gradient_identity"] = gradient_identity()
     results["skew_example"] = skew_example()
+    results["three_frame"] = _three_frame()
     results["derived"] = _derived(results, config)
     for sweep in sweeps.values():
         for stem, idata in sweep.inference_data.items():
@@ -217,6 +218,22 @@ def _copy(src: Path, dst: Path) -> None:
     atomic_write(dst, lambda f: f.write(src.read_bytes()), mode="wb")
 
 
+LINKED = {"real_vits": "real_vits.json"}
+"""Other pages' results the template quotes (key in the render context -> file in the docs folder): the
+real-regime study's (:mod:`pyro_vits.studies.real`)."""
+
+
+def _context(results: Mapping[str, Any], docs: Path) -> dict[str, Any]:
+    """The template's render context: ``results`` plus each :data:`LINKED` page's results (which must exist:
+    regenerate that page first)."""
+    context = dict(results)
+    for key, name in LINKED.items():
+        if not (docs / name).is_file():
+            raise FileNotFoundError(f"missing {docs / name}: the page quotes it (regenerate it first)")
+        context[key] = json.loads((docs / name).read_text())
+    return context
+
+
 def publish_docs(out_dir: str | Path, docs_dir: str | Path) -> Path:
     """Copy a :func:`run_study` output's ``results.json``, figures and :data:`DOCS_TABLES` (markdown) into
     ``docs_dir`` (``figures/``, ``tables/``) and render ``docs_dir/kl_estimators.template.md`` into
@@ -228,7 +245,7 @@ def publish_docs(out_dir: str | Path, docs_dir: str | Path) -> Path:
             raise FileNotFoundError(f"missing {path}: run run_study into out_dir and keep the template in "
                                     "docs_dir")
     results = json.loads((out / "results.json").read_text())
-    rendered = render_markdown(template.read_text(), results)
+    rendered = render_markdown(template.read_text(), _context(results, docs))
     for sub in ("figures", "tables"):
         (docs / sub).mkdir(parents=True, exist_ok=True)
     _copy(out / "results.json", docs / "results.json")
@@ -242,7 +259,15 @@ def publish_docs(out_dir: str | Path, docs_dir: str | Path) -> Path:
     return target
 
 
-REFRESHED = ("fix_gradient", "sigma_optimum", "negative.p_exact", "skew_example", "derived")
+def _three_frame() -> dict[str, float]:
+    """Q10's three-frame example (:func:`~pyro_vits.kl.three_frame_example`, nats per utterance) with the gap
+    of the mixture over VITS's term and ``E log N_eff`` (the identity VITS = mixture - log n_A + E log N_eff)."""
+    ex = three_frame_example()._asdict()
+    return dict(ex, marginal_minus_mas=ex["marginal"] - ex["mas"],
+                log_n_eff=ex["mas"] - ex["marginal"] + ex["log_count"])
+
+
+REFRESHED = ("fix_gradient", "sigma_optimum", "negative.p_exact", "skew_example", "three_frame", "derived")
 """What :func:`refresh_docs` recomputes: the two cheap sweeps (about a minute on one CPU core together), the
 exact tails of the stored negative-batch counts, the closed forms, and the derived numbers."""
 
@@ -263,10 +288,11 @@ def refresh_docs(docs_dir: str | Path) -> Path:
     results["sigma_optimum"] = sigma_optimum_study(config).results
     refresh_exact_tails(results["negative"])
     results["skew_example"] = skew_example()
+    results["three_frame"] = _three_frame()
     results["derived"] = _derived(results, config)
     results["refreshed"] = list(REFRESHED)
     text = json.dumps(results, indent=1, sort_keys=True, default=_json_default) + "\n"
-    rendered = render_markdown(template.read_text(), json.loads(text))  # fails before anything is written
+    rendered = render_markdown(template.read_text(), _context(json.loads(text), docs))  # fails before writing
     _result_figures(results, config, docs / "figures")
     _write_text(path, text)
     target = docs / "kl_estimators.md"
