@@ -39,6 +39,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                         "page quotes")
     p.add_argument("--preset", choices=tuple(PRESETS), default="docs")
     p.add_argument("--jobs", type=positive_int, default=None, help="runs at once (default: the preset's)")
+    p.add_argument("--device", default=None, help="where the refits train: cpu, cuda, cuda:<i> (default: the "
+                   "preset's, cpu); the evaluations run on the CPU")
     p.add_argument("-v", "--verbose", action="store_true", help="tracebacks on errors")
     return p
 
@@ -49,7 +51,8 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     from ..studies.real.run import audit_refit, evaluate_all, run_fixes, run_refit, write_samples
     from ..vits.voice import RefitVoice
 
-    cfg = preset(args.preset, **({} if args.jobs is None else {"jobs": args.jobs}))
+    overrides = {k: v for k, v in (("jobs", args.jobs), ("device", args.device)) if v is not None}
+    cfg = preset(args.preset, **overrides)
     root = Path(args.out)
     check_writable(root, what="--out")
     if args.docs is not None:

@@ -51,6 +51,7 @@ from pyro_vits.studies.kl import (
 from pyro_vits.studies.kl.common import mean_ci, t_quantile
 from pyro_vits.studies.kl.config import NEAR_A
 from pyro_vits.studies.kl.negative import near_convergence, saddlepoint_tail
+from pyro_vits.studies.kl.report import render_context
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 TEST, QUICK = PRESETS["test"], PRESETS["quick"]
@@ -445,7 +446,7 @@ def test_committed_docs_are_rendered_from_the_committed_results():
     ``make docs``), and every figure it shows is committed, small, and listed in FIGURES."""
     docs = EXAMPLE.parents[1] / "docs"
     results = json.loads((docs / "results.json").read_text())
-    rendered = render_markdown((docs / "kl_estimators.template.md").read_text(), results)
+    rendered = render_markdown((docs / "kl_estimators.template.md").read_text(), render_context(results, docs))
     assert (docs / "kl_estimators.md").read_text() == rendered
     assert results["config"]["name"] == "docs" and "{{" not in rendered
     shown = re.findall(r"\(figures/([\w]+)\.png\)", rendered)

@@ -29,8 +29,8 @@ from .template import render_markdown
 from .training import timing_study, training_data, training_study
 from .variance import variance_ratio_study
 
-__all__ = ["FIGURES", "DOCS_TABLES", "REFRESHED", "run_study", "redraw_figures", "publish_docs",
-           "refresh_docs"]
+__all__ = ["FIGURES", "DOCS_TABLES", "LINKED", "REFRESHED", "run_study", "redraw_figures", "publish_docs",
+           "refresh_docs", "render_context"]
 
 FIGURES = (
     "estimator_histograms", "negative_vs_batch_size", "negative_regime", "variance_ratio", "sigma_optimum",
@@ -223,14 +223,13 @@ LINKED = {"real_vits": "real_vits.json"}
 real-regime study's (:mod:`pyro_vits.studies.real`)."""
 
 
-def _context(results: Mapping[str, Any], docs: Path) -> dict[str, Any]:
-    """The template's render context: ``results`` plus each :data:`LINKED` page's results (which must exist:
-    regenerate that page first)."""
+def render_context(results: Mapping[str, Any], docs: Path) -> dict[str, Any]:
+    """The template's render context: ``results`` plus each :data:`LINKED` page's results present in ``docs`` (a
+    placeholder into a missing one fails naming its path: regenerate that page first)."""
     context = dict(results)
     for key, name in LINKED.items():
-        if not (docs / name).is_file():
-            raise FileNotFoundError(f"missing {docs / name}: the page quotes it (regenerate it first)")
-        context[key] = json.loads((docs / name).read_text())
+        if (docs / name).is_file():
+            context[key] = json.loads((docs / name).read_text())
     return context
 
 
@@ -245,7 +244,7 @@ def publish_docs(out_dir: str | Path, docs_dir: str | Path) -> Path:
             raise FileNotFoundError(f"missing {path}: run run_study into out_dir and keep the template in "
                                     "docs_dir")
     results = json.loads((out / "results.json").read_text())
-    rendered = render_markdown(template.read_text(), _context(results, docs))
+    rendered = render_markdown(template.read_text(), render_context(results, docs))
     for sub in ("figures", "tables"):
         (docs / sub).mkdir(parents=True, exist_ok=True)
     _copy(out / "results.json", docs / "results.json")
@@ -292,7 +291,7 @@ def refresh_docs(docs_dir: str | Path) -> Path:
     results["derived"] = _derived(results, config)
     results["refreshed"] = list(REFRESHED)
     text = json.dumps(results, indent=1, sort_keys=True, default=_json_default) + "\n"
-    rendered = render_markdown(template.read_text(), _context(json.loads(text), docs))  # fails before writing
+    rendered = render_markdown(template.read_text(), render_context(json.loads(text), docs))  # fails before writing
     _result_figures(results, config, docs / "figures")
     _write_text(path, text)
     target = docs / "kl_estimators.md"
