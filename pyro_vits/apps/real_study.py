@@ -72,6 +72,7 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
                  created_utc=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                  wall_h=(time.perf_counter() - start) / 3600, machine=f"{platform.machine()} CPU",
                  voice=str(voice.path.name), corpus=str(args.corpus))
+    setup.update(corpus_summary=_corpus_summary(args.corpus), fixes_cpu_h=_cpu_h(root / "fixes"))
     results = collect(cfg.asdict(), root, evals, report, runs, setup)
     seed0 = cfg.seeds[0]
     results["fixes_sigma"] = [dict(label=f"{f.name} (seed {seed0})", sigma_ratio=evals[f"{f.name}-s{seed0}"]
@@ -79,16 +80,31 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     if args.docs is not None:
         docs = Path(args.docs)
         docs.mkdir(parents=True, exist_ok=True)
-        write_json(docs / "real_vits.json", results)
-        figures(results, docs / "figures")
         samples = {"refit": trajectory[-1], **{f.name: fixes[(f.name, seed0)] for f in cfg.fixes}}
         write_samples(cfg, voice, args.corpus, samples, docs / "samples" / "real_vits")
+        results["samples"] = ["recording", *samples]
+        write_json(docs / "real_vits.json", results)
+        figures(results, docs / "figures")
         bench_path = Path(args.bench)
         bench = json.loads(bench_path.read_text()).get("generator_step") if bench_path.is_file() else None
         atomic_write(docs / "real_vits.md", lambda f: f.write(render(results, findings(results, bench))))
     print(f"{root}: refit KL {evals[f'refit-{cfg.refit_steps[-1]}']['kl_per_frame']:.4g} nats/frame; "
           f"{len(fixes)} fine-tunes; {(time.perf_counter() - start) / 60:.1f} min")
     return 0
+
+
+def _cpu_h(folder: Path) -> float:
+    """CPU hours of the runs whose summaries (``*.json`` with ``cpu_s``) are in ``folder``."""
+    seconds = [json.loads(p.read_text()).get("cpu_s") for p in folder.glob("*.json")]
+    return sum(s for s in seconds if s is not None) / 3600
+
+
+def _corpus_summary(corpus: str) -> dict:
+    path = Path(corpus) / "corpus.json"
+    summary = json.loads(path.read_text()) if path.is_file() else {}
+    if "seconds" in summary:
+        summary["hours"] = summary["seconds"] / 3600
+    return summary
 
 
 if __name__ == "__main__":
