@@ -43,11 +43,11 @@ class RealStudyConfig:
     lr_decay_steps: int = 1500
     batch_size: int = 8
     fixes: tuple[Fix, ...] = FIXES
-    fix_steps: int = 100
+    fix_steps: int = 60
     fix_lr: float = 2e-4
     seeds: tuple[int, ...] = (0, 1, 2)
     eval_draws: int = 4
-    eval_utterances: int = 48
+    eval_utterances: int = 32
     audit_particles: int = 8
     batch_sizes: tuple[int, ...] = (1, 16, 64)
     max_frames: int = 1000
