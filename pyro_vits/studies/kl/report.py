@@ -218,9 +218,9 @@ def _copy(src: Path, dst: Path) -> None:
     atomic_write(dst, lambda f: f.write(src.read_bytes()), mode="wb")
 
 
-LINKED = {"real_vits": "real_vits.json"}
+LINKED = {"real_vits": "real_vits.json", "speech": "speech_study_results.json"}
 """Other pages' results the template quotes (key in the render context -> file in the docs folder): the
-real-regime study's (:mod:`pyro_vits.studies.real`)."""
+real-regime study's (:mod:`pyro_vits.studies.real`) and the speech study's (:mod:`pyro_vits.studies.speech`)."""
 
 
 def render_context(results: Mapping[str, Any], docs: Path) -> dict[str, Any]:
