@@ -7,6 +7,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from ...models.speech import LIKELIHOODS
 from .variants import (
     cost_ratios,
     paired_difference,
@@ -19,12 +20,24 @@ logger = logging.getLogger("pyro_vits")
 LABELS = {"heldout_elbo_per_frame": "held-out ELBO (nats/frame)",
           "heldout_kl_per_frame": "held-out KL (nats/frame)",
           "heldout_recon_db": "reconstruction error (dB RMS)",
+          "heldout_mel_l1": "mel L1 (log-mel, mean over bins and frames)",
           "prob_negative_kl": "P(logged KL < 0)",
           "s_per_step": "s / step",
           "cpu_s_per_step": "CPU s / step"}
 
 
 KEYS = tuple(LABELS)
+
+DELTAS = {"heldout_elbo_per_frame": "Δ held-out ELBO", "heldout_kl_per_frame": "Δ held-out KL",
+          "heldout_recon_db": "Δ reconstruction error (dB)", "heldout_mel_l1": "Δ mel L1"}
+"""The measures paired with ``vits`` by seed (those the runs have), with their column headers."""
+
+RECONSTRUCTION_NOTES = {
+    "gaussian-linear": "reconstruction error: RMS in dB of `dec(m_q)` against the log-magnitude spectrogram",
+    "laplace-mel": "mel L1: mean |`dec(m_q)` − log-mel| over the 80 mel bins and valid frames, in log-mel "
+                   "units (VITS's `l1_loss(y_mel, y_hat_mel)`, with `dec(m_q)` for the vocoded `y_hat`)",
+}
+"""How the page describes the reconstruction measure of each likelihood."""
 
 
 def _cell(stat: Mapping[str, float]) -> str:
@@ -59,11 +72,12 @@ def _tables(runs: Sequence[Mapping[str, Any]]) -> list[str]:
     lines = ["| variant | steps | " + " | ".join(LABELS[k] for k in keys) + " |", "|---" * (len(keys) + 2) + "|"]
     lines += [f"| {v} | {'/'.join(map(str, steps[v]))} | " + " | ".join(_cell(table[v][k]) for k in keys) + " |"
               for v in table]
+    deltas = [k for k in DELTAS if k in keys]
     lines += ["", "Difference from `vits`, paired by seed (95 % t-interval; * where it excludes 0):", "",
-              "| variant | Δ held-out ELBO | Δ held-out KL | Δ reconstruction error (dB) |", "|---|---|---|---|"]
+              "| variant | " + " | ".join(DELTAS[k] for k in deltas) + " |", "|---" * (len(deltas) + 1) + "|"]
     for v in (v for v in table if v != "vits" and "vits" in table):
         cells = []
-        for key in KEYS[:3]:
+        for key in deltas:
             d = paired_difference(runs, key, v)
             cells.append(_cell(d) + (" *" if abs(d["mean"]) > d["half_width"] else ""))
         lines.append(f"| {v} | " + " | ".join(cells) + " |")
@@ -87,6 +101,11 @@ def _took(setup: Mapping[str, Any], runs: Sequence[Mapping[str, Any]]) -> str:
     return text
 
 
+def _likelihood(setup: Mapping[str, Any]) -> str:
+    """The study's likelihood (studies from before the option: ``gaussian-linear``)."""
+    return setup.get("likelihood", "gaussian-linear")
+
+
 def _header(setup: Mapping[str, Any], runs: Sequence[Mapping[str, Any]]) -> list[str]:
     corpus = setup["corpus"]
     return [
@@ -99,6 +118,8 @@ def _header(setup: Mapping[str, Any], runs: Sequence[Mapping[str, Any]]) -> list
         "utterances, the same seed (initialisation, minibatches, noise) for every variant. The variants "
         "differ only in the KL term of the loss (see `pyro_vits.studies.speech.variants`)."
         + (f" Code: {setup['code']}." if setup.get("code") else ""), "",
+        f"Likelihood `{_likelihood(setup)}` (`pyro_vits.models.speech`): {LIKELIHOODS[_likelihood(setup)]}; "
+        "the held-out ELBO includes this log-likelihood (it is not comparable across likelihoods).", "",
     ]
 
 
@@ -180,8 +201,8 @@ def render(results: Mapping[str, Any]) -> str:
         lines += _tables(groups["compute"])
     lines += _findings(groups["steps"], groups.get("compute", ()))
     lines += [f"Held-out ELBO and KL: {setup['eval_samples']} guide draws per utterance "
-              "(`pyro_vits.infer.evaluate`); reconstruction error: `dec(m_q)` against the log-magnitude "
-              "spectrogram; P(logged KL < 0): fraction of "
+              f"(`pyro_vits.infer.evaluate`); {RECONSTRUCTION_NOTES[_likelihood(setup)]}; "
+              "P(logged KL < 0): fraction of "
               f"{setup['negative_batches']} training minibatches of {setup['batch_size']} utterances whose "
               "one-draw VITS KL (`-H(q) - log p(z)`, per frame) is negative at the end of training; "
               "s / step: wall time of the run's training (its one final logging evaluation included) over its "

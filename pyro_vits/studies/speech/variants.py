@@ -12,9 +12,11 @@ differs. With ``KL_b = -H(q) - log p(z)`` summed over the minibatch (one draw, V
   element, i.e. ``KL_b + sum (|d| - d)`` with ``d = logs_p - logs_q - 1/2`` (aligned ``logs_p``).
 
 Measured on the held-out utterances after training (nats per frame unless stated): the ELBO and KL with 16
-guide draws (:func:`~pyro_vits.infer.evaluate.evaluate`), the spectrogram reconstruction error (RMS, in dB, of
-``dec(m_q)`` against the log-magnitude spectrogram over valid bins and frames), and P(logged KL < 0): the
-fraction of training-size minibatches whose one-draw VITS KL is negative.
+guide draws (:func:`~pyro_vits.infer.evaluate.evaluate`), the reconstruction error of ``dec(m_q)`` against the
+model's observation over valid bins and frames (:data:`RECONSTRUCTION`: the RMS in dB against the
+log-magnitude spectrogram for the ``gaussian-linear`` likelihood, the mean absolute error in log-mel units,
+VITS's mel L1, for ``laplace-mel``), and P(logged KL < 0): the fraction of training-size minibatches whose
+one-draw VITS KL is negative.
 
 Equal compute: each variant's cost per step relative to ``vits`` is measured in the same study
 (:func:`cost_ratios`, CPU seconds per training step, paired by seed); a variant that costs ``r`` times as much
@@ -39,10 +41,11 @@ from ..._validate import check_positive_ints
 from ...data.speech_data import SpeechData
 from ...infer.elbo import HybridEntropyELBO
 from ...kl import ESTIMATORS, names
-from ...models.speech import SpeechModel, log_spectrogram
+from ...models.speech import SpeechModel
 
-__all__ = ["PATCHES", "VARIANTS", "KLVariantELBO", "variant_elbo", "reconstruction_error_db", "negative_kl_fraction",
-           "t_interval", "summarise", "paired_difference", "cost_ratios", "unequal_cost", "equal_compute_steps"]
+__all__ = ["PATCHES", "VARIANTS", "RECONSTRUCTION", "KLVariantELBO", "variant_elbo", "reconstruction_error_db",
+           "mel_l1_error", "negative_kl_fraction", "t_interval", "summarise", "paired_difference",
+           "cost_ratios", "unequal_cost", "equal_compute_steps"]
 
 PATCHES = names(fix=True)
 """The patched ``kl_loss`` variants of :class:`KLVariantELBO`: the registry's fixes (``clamp``, ``abs``,
@@ -97,17 +100,40 @@ def variant_elbo(name: str) -> ELBO:
 
 
 @torch.no_grad()
-def reconstruction_error_db(model: SpeechModel, guide: Any, data: SpeechData, batch_size: int = 16) -> float:
-    """RMS over valid (bin, frame) elements of ``dec(m_q) - log|spec|``, in dB (20 log10 of magnitudes)."""
+def _mean_residual_power(model: SpeechModel, guide: Any, data: SpeechData, batch_size: int, power: int,
+                         likelihood: str) -> float:
+    """Mean over valid (bin, frame) elements of ``|dec(m_q) - x|^power``, ``x = model.observation(spec)``
+    ``(B, F_x, T)`` in natural-log units; ``model`` must have ``likelihood``."""
     check_positive_ints(batch_size=batch_size)
+    if model.config["likelihood"] != likelihood:
+        raise ValueError(f"this measure is for the {likelihood!r} likelihood, the model has "
+                         f"{model.config['likelihood']!r} (see RECONSTRUCTION)")
     total, count = 0.0, 0
     for start in range(0, data.n, batch_size):
         chunk = data.subset(torch.arange(start, min(start + batch_size, data.n), device=data.device))
         m_q, _ = guide.posterior(chunk)
-        err = (model.likelihood(m_q, chunk).loc - log_spectrogram(chunk.spec)) * chunk.mask
-        total += float(err.pow(2).sum())
-        count += int(chunk.mask.sum()) * chunk.channels
-    return DB_PER_NEPER * math.sqrt(total / count)
+        err = (model.likelihood(m_q, chunk).loc - model.observation(chunk.spec)) * chunk.mask
+        total += float(err.abs().pow(power).sum())
+        count += int(chunk.mask.sum()) * err.shape[-2]
+    return total / count
+
+
+def reconstruction_error_db(model: SpeechModel, guide: Any, data: SpeechData, batch_size: int = 16) -> float:
+    """RMS over valid (bin, frame) elements of ``dec(m_q) - log|spec|``, in dB (20 log10 of magnitudes);
+    ``gaussian-linear`` models."""
+    mean_square = _mean_residual_power(model, guide, data, batch_size, 2, "gaussian-linear")
+    return DB_PER_NEPER * math.sqrt(mean_square)
+
+
+def mel_l1_error(model: SpeechModel, guide: Any, data: SpeechData, batch_size: int = 16) -> float:
+    """VITS's mel L1: the mean over valid (mel bin, frame) elements of ``|dec(m_q) - log-mel|``, in log-mel
+    units (natural log of the mel magnitude); ``laplace-mel`` models."""
+    return _mean_residual_power(model, guide, data, batch_size, 1, "laplace-mel")
+
+
+RECONSTRUCTION = {"gaussian-linear": ("heldout_recon_db", reconstruction_error_db),
+                  "laplace-mel": ("heldout_mel_l1", mel_l1_error)}
+"""Likelihood -> (the run record's field, the measure) of the reconstruction error."""
 
 
 @torch.no_grad()
