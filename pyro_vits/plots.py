@@ -116,9 +116,20 @@ def _finish(fig: Figure, axes: Sequence[Any], path: str | os.PathLike, shared_le
         if not shared_legend and ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=fontsize, framealpha=0.85)
     if shared_legend:
-        handles, labels = axes[0].get_legend_handles_labels()
-        fig.legend(handles, labels, loc="outside lower center", ncol=min(ncol, len(labels)), fontsize="small")
+        _shared_legend(fig, axes[0], ncol)
     _save(fig, path)
+
+
+def _shared_legend(fig: Figure, ax: Any, ncol: int) -> None:
+    """One legend of ``ax``'s entries below the panels, with at most ``ncol`` columns and fewer when the rows
+    would be wider than the figure (so no entry is clipped at the edges)."""
+    handles, labels = ax.get_legend_handles_labels()
+    renderer = fig.canvas.get_renderer()
+    for n in range(min(ncol, len(labels)), 0, -1):
+        legend = fig.legend(handles, labels, loc="outside lower center", ncol=n, fontsize="small")
+        if n == 1 or legend.get_window_extent(renderer).width <= fig.bbox.width:
+            return
+        legend.remove()
 
 
 _HISTOGRAMS = registry_names(plot="histogram")
@@ -266,13 +277,21 @@ def plot_variance_ratio(ratio: Mapping[str, Any], path: str | os.PathLike) -> No
 
 def plot_sigma_optimum(optimum: Mapping[str, Any], path: str | os.PathLike) -> None:
     """Expected d(batch loss)/d(logs_q) against sigma_q / sigma_p per loss (±2 MCSE), with the optima
-    (zero crossings) of the unbiased loss (1) and of the element-wise abs (e^(-1/2)).
+    (zero crossings) of the unbiased loss (1) and of the element-wise abs (e^(-1/2)); a loss whose gradient
+    jumps across 0 (``crossing[name]["kind"] == "kink"``) is drawn without a line across the jump.
     ``optimum``: ``sigma_optimum_study``'s results."""
-    _require(optimum, ("ratios", "by_fix", "theory_optimum"), "optimum")
+    _require(optimum, ("ratios", "by_fix", "theory_optimum", "crossing"), "optimum")
     fig, (ax,) = _figure(1, width=5.6)
+    ratios = np.asarray(optimum["ratios"])
     for i, (name, row) in enumerate(optimum["by_fix"].items()):
-        ax.errorbar(optimum["ratios"], row["mean"], yerr=2 * np.asarray(row["mcse"]), marker=".", ms=4,
-                    capsize=2, color=f"C{i}", label=name)
+        mean = np.asarray(row["mean"])
+        ax.errorbar(ratios, mean, yerr=2 * np.asarray(row["mcse"]), ls="none", marker=".", ms=4, capsize=2,
+                    color=f"C{i}", label=name)
+        crossing = optimum["crossing"][name]  # None where the gradient does not change sign on the grid
+        kink = crossing is not None and crossing["kind"] == "kink"
+        above = ratios > crossing["optimum"] if kink else np.zeros(ratios.size, bool)
+        for part in (~above, above):
+            ax.plot(ratios[part], mean[part], color=f"C{i}")
     for name, value in optimum["theory_optimum"].items():
         ax.axvline(value, color="grey", ls="--", lw=0.8)
         ax.annotate(f" optimum of {name}: {value:.3f}", (value, 0.98), xycoords=("data", "axes fraction"),

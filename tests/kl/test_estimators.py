@@ -15,11 +15,13 @@ from pyro_vits.kl import (
     analytic_variance,
     analytic_variances,
     batch_kl,
+    format_negative_count,
     kl_estimate,
     prob_negative,
     prob_negative_gaussian,
     prob_negative_normal_approx,
     prob_negative_saddlepoint,
+    prob_negative_upper_bound,
     quadrature_kl_2d,
     reference_kl,
     sample_kl_estimates,
@@ -284,6 +286,23 @@ def test_prob_negative_normal_approx_matches_empirical():
     assert 0.3 < p_approx < 0.5 and abs(p_hat - p_approx) < 4 * se
     assert se == pytest.approx(math.sqrt(p_hat * (1 - p_hat) / 4000))
     assert prob_negative(np.array([-1.0, 1.0, 2.0, -3.0])) == (0.5, 0.25)
+
+
+def test_zero_counts_get_an_upper_bound_not_a_zero():
+    """Clopper-Pearson one-sided bounds: 1 - 0.05^(1/n) for 0 of n, scipy's beta quantile otherwise."""
+    from scipy.stats import beta
+
+    assert prob_negative_upper_bound(0, 96) == pytest.approx(1 - 0.05 ** (1 / 96))
+    assert prob_negative_upper_bound(0, 96) == pytest.approx(0.0307, abs=1e-4)
+    for count, total in ((1, 20), (3, 100), (50, 5120)):
+        want = beta.ppf(0.95, count + 1, total - count)
+        assert prob_negative_upper_bound(count, total) == pytest.approx(want, rel=1e-9)
+    assert prob_negative_upper_bound(5, 5) == 1.0
+    assert format_negative_count(0, 96) == "0 / 96 (P ≤ 0.031, 95 % bound)"
+    assert format_negative_count(3, 100) == "3 / 100 = 0.03"
+    for bad in ((-1, 10), (11, 10), (0, 10, 1.0)):
+        with pytest.raises(ValueError):
+            prob_negative_upper_bound(*bad)
 
 
 def test_every_estimator_runs_on_both_2d_priors():

@@ -20,7 +20,7 @@ from pyro_vits.data.text import VITS_SYMBOLS
 from pyro_vits.infer import HybridEntropyELBO
 from pyro_vits.models import speech_model_and_guide
 from pyro_vits.studies.speech.report import comparisons, render
-from pyro_vits.studies.speech.run import stored_run, study_settings
+from pyro_vits.studies.speech.run import hours_used, stored_run, study_settings
 from pyro_vits.studies.speech.variants import (
     RECONSTRUCTION,
     KLVariantELBO,
@@ -143,6 +143,14 @@ def test_mel_l1_is_vits_mel_l1_of_the_posterior_mean(setup):
         mel_l1_error(setup[1], setup[2], data)
 
 
+def test_hours_used_counts_the_utterances_read(setup):
+    corpus = setup[0]
+    frames = int(corpus.train.lengths.sum()) + int(corpus.heldout.lengths.sum())
+    assert hours_used(corpus) == pytest.approx(frames * SPEECH.hop_length / SPEECH.sampling_rate / 3600)
+    whole = json.loads((TINY / "corpus.json").read_text())["seconds"] / 3600
+    assert 0.9 * whole < hours_used(corpus) < 1.1 * whole  # the tiny corpus is read whole
+
+
 def test_t_interval_and_paired_difference():
     stat = t_interval([1.0, 2.0, 3.0])
     assert stat["mean"] == 2.0 and stat["se"] == pytest.approx(1 / math.sqrt(3))
@@ -176,6 +184,23 @@ def test_render_states_the_command_table_and_findings():
     assert "| Δ reconstruction error (dB) |" in text and "mel L1" not in text
     assert "negative on 0 of 30 training steps" in text
     assert "`abs_elementwise`: held-out ELBO differs from `vits` (-10 ± 0 nats/frame)" in text
+    assert "hours of audio used not recorded" in text
+
+
+def test_render_gives_zero_counts_with_a_bound_and_the_hours_used():
+    """No "0 ± 0" for P(logged KL < 0): the negative minibatches pooled over seeds, with the 95 % bound
+    1 - 0.05^(1/n) when there are none; the hours of audio the study read, not the corpus's."""
+    results = fake_results()
+    results["setup"]["corpus"]["hours_used"] = 0.186
+    text = render(results)
+    assert "(0.19 h of audio)" in text
+    assert "| 0 / 12 (P ≤ 0.22, 95 % bound) |" in text  # 3 seeds x 4 minibatches, 1 - 0.05^(1/12)
+    assert "never negative: 0 of 12 minibatches per variant, so P(negative) ≤ 0.22" in text
+    assert "normal-approximation" not in text and "| 0 ± 0 |" not in text
+    assert "| clamp | 0 (identical) |" not in text  # clamp differs from vits in fake_results
+    results["runs"][1]["prob_negative_kl"] = 0.5  # clamp, seed 0: 2 of its 4 minibatches
+    text = render(results)
+    assert "| 2 / 12 = 0.167 |" in text and "`clamp` 2 / 12 = 0.167" in text
 
 
 def test_render_states_the_laplace_mel_likelihood_and_the_mel_l1():
@@ -187,7 +212,8 @@ def test_render_states_the_laplace_mel_likelihood_and_the_mel_l1():
     assert "Likelihood `laplace-mel` (`pyro_vits.models.speech`): VITS's loss balance" in text
     assert "45 × (mean over bins of |mel − dec(z)|) + 80 log(2b)" in text and "c_mel = 45" in text
     assert "| mel L1 (log-mel, mean over bins and frames) |" in text and "| Δ mel L1 |" in text
-    assert "| abs_elementwise | -10 ± 0 * | 2 ± 0 * | 0 ± 0 |" in text
+    assert "| abs_elementwise | -10 ± 0 * | 2 ± 0 * | 0 (identical) |" in text
+    assert "| 0 / 12 (P ≤ 0.22, 95 % bound) |" in text and "pooled over the variant's seeds" in text
     assert "dB" not in text and "mel L1: mean |`dec(m_q)` − log-mel| over the 80 mel bins" in text
 
 
@@ -243,6 +269,7 @@ def test_render_with_an_equal_compute_comparison():
     assert "| vits_k4 | 8 |" in text and "| vits_k4 | 10 |" in text
     assert "`vits_k4` 3 ± 0" in text  # CPU s / step 3 against vits's 1, every seed
     assert "`vits_k4` at equal compute: held-out ELBO differs from `vits` (-100 ± 0 nats/frame)" in text
+    assert "with 8 steps against `vits`'s 10" in text and "mostly measures the missing steps" in text
     assert "retrained for round(steps / ratio) steps" in text
     assert "now, 1.5 min wall time on a shared 2-core CPU, 3 of the 12 runs reused from the study folder)" in text
 

@@ -3,7 +3,8 @@
 Each ``*_study(config, ...)`` returns a :class:`Sweep`: ``results``, a JSON-able dict of numbers with their
 Monte-Carlo standard errors (ArviZ's, seeds as chains) and normalisations, plus the sweep's InferenceData
 (draws ``(seed, draw, ...)``) and ``az.summary`` tables; :func:`run_study` runs them all and writes them,
-:func:`publish_docs` renders the write-up. Modules: ``config`` (sizes, presets, TOML), ``common``,
+:func:`publish_docs` renders the write-up (:func:`refresh_docs` re-renders it after rerunning only the cheap
+parts). Modules: ``config`` (sizes, presets, TOML), ``common``,
 one per question's sweep (``quality``, ``negative``, ``variance``, ``fixes``, ``flowfacts``, ``training``,
 ``snr``), ``report`` (run, figures, publishing), ``template`` and ``app`` (the ``pyro-vits study`` command).
 
@@ -16,11 +17,27 @@ from __future__ import annotations
 
 from .common import Sweep
 from .config import PRESETS, StudyConfig, load_config
-from .fixes import FIXES, fix_gradient_study, gradient_identity, sigma_optimum_study
+from .fixes import (
+    FIXES,
+    fix_gradient_study,
+    gradient_geometry,
+    gradient_identity,
+    locate_crossing,
+    near_convergence_gradients,
+    sigma_optimum_study,
+)
 from .flowfacts import cos_density_grid, logdet_study
-from .negative import exact_tail, negative_batch_study, regime_profile, regime_study
+from .negative import (
+    exact_tail,
+    negative_batch_study,
+    one_utterance_tail,
+    refresh_exact_tails,
+    regime_profile,
+    regime_study,
+    skew_example,
+)
 from .quality import QUALITY_ESTIMATORS, estimator_quality_study
-from .report import DOCS_TABLES, FIGURES, publish_docs, redraw_figures, run_study
+from .report import DOCS_TABLES, FIGURES, REFRESHED, publish_docs, redraw_figures, refresh_docs, run_study
 from .snr import PARAM_GROUPS, SNR_ELBOS, SNR_NOISE, dreg_linear_gaussian_study, snr_study
 from .template import render_markdown
 from .training import prior_kl_to_teacher, student, timing_study, training_data, training_study
@@ -32,5 +49,7 @@ __all__ = [
     "fix_gradient_study", "sigma_optimum_study", "gradient_identity", "logdet_study", "cos_density_grid",
     "training_data", "student", "prior_kl_to_teacher", "training_study", "timing_study", "SNR_ELBOS",
     "PARAM_GROUPS", "SNR_NOISE", "snr_study", "dreg_linear_gaussian_study", "FIGURES", "run_study",
-    "render_markdown", "DOCS_TABLES", "publish_docs", "redraw_figures",
+    "render_markdown", "DOCS_TABLES", "publish_docs", "redraw_figures", "one_utterance_tail", "skew_example",
+    "refresh_exact_tails", "gradient_geometry", "near_convergence_gradients", "locate_crossing", "REFRESHED",
+    "refresh_docs",
 ]

@@ -34,7 +34,8 @@ class RealStudyConfig:
     fix and seed (the refit uses ``seeds[0]``); ``eval_draws``: draws of z per held-out utterance;
     ``eval_utterances``: held-out utterances evaluated (the first of val.txt); ``audit_particles``: draws per
     utterance of the full audit; ``batch_sizes``: the audit's batch sizes; ``jobs``: runs at once (one thread
-    each); ``samples``: held-out utterances decoded to WAV per model."""
+    each); ``samples``: held-out utterances decoded to WAV per model; ``device``: where the refits train (the
+    evaluations run on the CPU)."""
 
     refit_steps: tuple[int, ...] = (100, 250, 500, 1000)
     lr: float = 1e-3
@@ -42,11 +43,11 @@ class RealStudyConfig:
     lr_decay_steps: int = 1500
     batch_size: int = 8
     fixes: tuple[Fix, ...] = FIXES
-    fix_steps: int = 100
+    fix_steps: int = 60
     fix_lr: float = 2e-4
     seeds: tuple[int, ...] = (0, 1, 2)
     eval_draws: int = 4
-    eval_utterances: int = 48
+    eval_utterances: int = 32
     audit_particles: int = 8
     batch_sizes: tuple[int, ...] = (1, 16, 64)
     max_frames: int = 1000
@@ -55,6 +56,7 @@ class RealStudyConfig:
     log_every: int = 50
     jobs: int = 2
     samples: int = 1
+    device: str = "cpu"
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

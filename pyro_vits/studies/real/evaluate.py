@@ -96,7 +96,7 @@ def evaluate_generator(model: RefitModel, enc_q: Any, data: RefitData, *, draws:
     return dict(
         utterances=data.n, frames=int(frames), draws=draws, seed=seed,
         kl_per_frame=float(per_draw.mean()), kl_mcse=float(kl_t.var(0).sum().sqrt() / frames / math.sqrt(draws)),
-        log_scale_ratio=ratio.tolist(), sigma_ratio=ratio.exp().tolist(),
+        channels=int(ratio.numel()), log_scale_ratio=ratio.tolist(), sigma_ratio=ratio.exp().tolist(),
         sigma_ratio_median=float(ratio.exp().median()),
         channels_sigma_above_1=int((ratio > 0).sum()),
         alignment_gap=gap._asdict(),

@@ -45,7 +45,7 @@ def _settings(cfg: RealStudyConfig, voice: str, corpus: str, out: Path, steps: i
     return RefitSettings(voice=voice, corpus=str(corpus), out=str(out), steps=steps, batch_size=cfg.batch_size,
                          max_frames=cfg.max_frames, log_every=cfg.log_every, checkpoint_every=cfg.log_every,
                          eval_samples=cfg.eval_draws, eval_size=16, enc_q_layers=cfg.enc_q_layers,
-                         segment_frames=cfg.segment_frames, progress=False,
+                         segment_frames=cfg.segment_frames, progress=False, device=cfg.device,
                          resume=(out / "checkpoint.pt").is_file(), **more)
 
 

@@ -34,7 +34,8 @@ from .variants import (
     variant_elbo,
 )
 
-__all__ = ["VARIANTS", "publish", "read_study_corpus", "run_study", "run_variant", "stored_run", "study_settings"]
+__all__ = ["VARIANTS", "hours_used", "publish", "read_study_corpus", "run_study", "run_variant", "stored_run",
+           "study_settings"]
 
 logger = logging.getLogger("pyro_vits")
 
@@ -106,6 +107,13 @@ def _run_job(args: argparse.Namespace, variant: str, seed: int, steps: int, budg
     return run_variant(read_study_corpus(args), variant, seed, args, steps, budget)
 
 
+def hours_used(corpus: SpeechCorpus) -> float:
+    """Hours of audio in the utterances the study read (train and held out): spectrogram frames x hop length
+    / sample rate, summed over the utterances (not the whole corpus folder)."""
+    frames = sum(int(d.lengths.sum()) for d in (corpus.train, corpus.heldout) if d is not None)
+    return frames * corpus.speech.hop_length / corpus.speech.sampling_rate / 3600
+
+
 def _setup(args: argparse.Namespace, corpus: SpeechCorpus, argv: Sequence[str]) -> dict[str, Any]:
     """What the page states about how its numbers were made."""
     summary = Path(args.corpus) / "corpus.json"
@@ -121,7 +129,7 @@ def _setup(args: argparse.Namespace, corpus: SpeechCorpus, argv: Sequence[str]) 
                 sizes={k: s[k] for k in ("inter_channels", "hidden_channels", "n_layers", "guide_layers",
                                          "n_fft")},
                 corpus=dict(folder=str(args.corpus), train=corpus.train.n, heldout=corpus.heldout.n,
-                            description=description))
+                            hours_used=hours_used(corpus), description=description))
 
 
 def publish(results: Mapping[str, Any], docs: str | None) -> None:

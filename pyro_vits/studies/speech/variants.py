@@ -11,12 +11,13 @@ differs. With ``KL_b = -H(q) - log p(z)`` summed over the minibatch (one draw, V
 - ``abs_elementwise``: the thread's patch ``|logs_p - logs_q - 1/2| + (z_p - m_p)^2 e^(-2 logs_p) / 2`` per
   element, i.e. ``KL_b + sum (|d| - d)`` with ``d = logs_p - logs_q - 1/2`` (aligned ``logs_p``).
 
-Measured on the held-out utterances after training (nats per frame unless stated): the ELBO and KL with 16
-guide draws (:func:`~pyro_vits.infer.evaluate.evaluate`), the reconstruction error of ``dec(m_q)`` against the
-model's observation over valid bins and frames (:data:`RECONSTRUCTION`: the RMS in dB against the
-log-magnitude spectrogram for the ``gaussian-linear`` likelihood, the mean absolute error in log-mel units,
-VITS's mel L1, for ``laplace-mel``), and P(logged KL < 0): the fraction of training-size minibatches whose
-one-draw VITS KL is negative.
+Measured on the held-out utterances after training (nats per frame unless stated): the ELBO and KL with
+``--eval-samples`` guide draws per utterance (:func:`~pyro_vits.infer.evaluate.evaluate`; 16 by default, the
+page states how many its run used), the reconstruction error of ``dec(m_q)`` against the model's
+observation over valid bins and frames (:data:`RECONSTRUCTION`: the RMS in dB against the log-magnitude
+spectrogram for the ``gaussian-linear`` likelihood, the mean absolute error in log-mel units, VITS's mel L1,
+for ``laplace-mel``), and P(logged KL < 0): the fraction of training-size minibatches whose one-draw VITS KL
+is negative (reported as a count pooled over seeds, with a 95 % upper bound when it is 0).
 
 Equal compute: each variant's cost per step relative to ``vits`` is measured in the same study
 (:func:`cost_ratios`, CPU seconds per training step, paired by seed); a variant that costs ``r`` times as much
