@@ -45,6 +45,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--log-every", type=int, default=None,
+                   help="log held-out measures every N steps (the KL trajectory in each run's metrics.jsonl; "
+                        "default: only at the end)")
     p.add_argument("--max-utterances", type=int, default=200)
     p.add_argument("--eval-samples", type=int, default=16, help="guide draws per held-out utterance")
     p.add_argument("--negative-batches", type=int, default=64, help="minibatches drawn for P(logged KL < 0)")

@@ -301,7 +301,7 @@ def test_speech_study_smoke_run_with_the_laplace_mel_likelihood(tmp_path, capsys
     out = tmp_path / "study"
     argv = ["--corpus", str(TINY), "--out", str(out), "--docs", str(tmp_path / "docs"), "--likelihood",
             "laplace-mel", "--variants", "vits", "clamp", "--seeds", "0", "1", "--steps", "2", "--batch-size",
-            "2", "--eval-samples", "2", "--negative-batches", "2", "--equal-compute"]
+            "2", "--eval-samples", "2", "--negative-batches", "2", "--equal-compute", "--log-every", "1"]
     assert run_main(study_main, argv) == 0
     results = json.loads((out / "results.json").read_text())
     assert results["setup"]["likelihood"] == "laplace-mel" and len(results["runs"]) == 4
@@ -311,6 +311,10 @@ def test_speech_study_smoke_run_with_the_laplace_mel_likelihood(tmp_path, capsys
         assert math.isfinite(run["heldout_elbo_per_frame"]) and math.isfinite(run["heldout_kl_per_frame"])
         model = json.loads((out / f"{run['variant']}-s{run['seed']}" / "config.json").read_text())["model"]
         assert model["likelihood"] == "laplace-mel"
+        assert [s for s, _ in run["kl_trajectory"]] == [1, 2]
+        gap = run["heldout_alignment_gap"]
+        assert 0 <= gap["marginal_minus_mas"][0] <= gap["log_count"] + 1e-9
     page = (tmp_path / "docs" / "speech_study.md").read_text()
     assert "Likelihood `laplace-mel`" in page and "--likelihood laplace-mel" in page
+    assert "## The KL regime of `vits`" in page and "per-draw MAS (VITS's term)" in page
     capsys.readouterr()

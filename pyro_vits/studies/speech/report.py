@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -12,6 +13,7 @@ from .variants import (
     cost_ratios,
     paired_difference,
     summarise,
+    t_interval,
 )
 
 logger = logging.getLogger("pyro_vits")
@@ -238,6 +240,30 @@ def _findings(runs: Sequence[Mapping[str, Any]], setup: Mapping[str, Any],
     return lines + [""]
 
 
+def _regime(runs: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The held-out KL trajectory of the ``vits`` runs (mean over seeds at each logged step) and Q10's
+    alignment gap at the end; empty for runs that did not record them."""
+    mine = [r for r in runs if r["variant"] == "vits" and r.get("kl_trajectory") and r.get("heldout_alignment_gap")]
+    if not mine:
+        return []
+    steps = [s for s, _ in mine[0]["kl_trajectory"]]
+    lines = ["## The KL regime of `vits` and what monotonic alignment does to it", "",
+             f"Held-out KL per frame through training (mean over {len(mine)} seeds; ± the 95 % t half-width):", "",
+             "| step | " + " | ".join(map(str, steps)) + " |", "|---" * (len(steps) + 1) + "|"]
+    def stat(values: list[float]) -> dict[str, float]:
+        return t_interval(values) if len(values) > 1 else dict(mean=values[0], half_width=math.nan)
+
+    cells = [_cell(stat([r["kl_trajectory"][i][1] for r in mine])) for i in range(len(steps))]
+    lines += ["| KL (nats/frame) | " + " | ".join(cells) + " |", ""]
+    gap = {k: stat([r["heldout_alignment_gap"][k][0] for r in mine]) for k in
+           ("mas", "fixed", "marginal", "marginal_minus_mas")}
+    lines += [f"`log q − log p` per held-out frame at the end (Q10 of kl_estimators.md; mean over seeds of each "
+              f"run's Monte-Carlo mean): per-draw MAS (VITS's term) {_cell(gap['mas'])}, the posterior mean's "
+              f"alignment {_cell(gap['fixed'])}, the uniform mixture over alignments {_cell(gap['marginal'])}; "
+              f"mixture − VITS {_cell(gap['marginal_minus_mas'])}.", ""]
+    return lines
+
+
 def render(results: Mapping[str, Any]) -> str:
     """``docs/speech_study.md`` from ``results.json``'s content."""
     runs, setup = results["runs"], results["setup"]
@@ -249,6 +275,7 @@ def render(results: Mapping[str, Any]) -> str:
         lines += [f"## Equal compute (the compute of {setup['steps']} steps of `vits`)", ""]
         lines += _tables(groups["compute"], batches)
     lines += _findings(groups["steps"], setup, groups.get("compute", ()))
+    lines += _regime(groups["steps"])
     lines += [f"Held-out ELBO and KL: {setup['eval_samples']} guide draws per utterance "
               f"(`pyro_vits.infer.evaluate`); {RECONSTRUCTION_NOTES[_likelihood(setup)]}; "
               f"P(logged KL < 0): how many of {batches} training minibatches of {setup['batch_size']} "

@@ -27,6 +27,7 @@ from .report import render
 from .variants import (
     RECONSTRUCTION,
     VARIANTS,
+    alignment_gap_per_frame,
     cost_ratios,
     equal_compute_steps,
     negative_kl_fraction,
@@ -66,7 +67,8 @@ def run_variant(corpus: SpeechCorpus, variant: str, seed: int, args: argparse.Na
     run_dir = _run_dir(args, variant, seed, budget)
     start, cpu_start = time.perf_counter(), time.process_time()
     config = FitConfig(steps=steps, lr=settings["lr"], batch_size=args.batch_size, seed=seed, out_dir=run_dir,
-                       overwrite=args.overwrite, log_every=steps, progress=False, eval_samples=4)
+                       overwrite=args.overwrite, log_every=min(steps, args.log_every or steps), progress=False,
+                       eval_samples=4)
     result = fit(model, guide, corpus.train, config, elbo=elbo, device=args.device,
                  extra_config=dict(variant=variant))
     cpu, wall = time.process_time() - cpu_start, time.perf_counter() - start
@@ -84,6 +86,9 @@ def run_variant(corpus: SpeechCorpus, variant: str, seed: int, args: argparse.Na
                   prob_negative_kl=negative["prob_negative"],
                   logged_kl_per_frame=negative["kl_per_frame_mean"],
                   logged_kl_sd_per_frame=negative["kl_per_frame_sd"],
+                  heldout_alignment_gap=alignment_gap_per_frame(result.model, result.guide, heldout,
+                                                                seed=seed),
+                  kl_trajectory=[[m["step"], m["kl_per_frame"]] for m in result.metrics],
                   training_steps_kl_negative=getattr(elbo, "negative_steps", None), settings=study_settings(args))
     atomic_write(run_dir / "study_run.json", lambda f: json.dump(record, f, indent=2))
     return record

@@ -40,8 +40,9 @@ from torch import Tensor
 
 from ..._validate import check_positive_ints
 from ...data.speech_data import SpeechData
+from ...distributions.masked_normal import MaskedNormal
 from ...infer.elbo import HybridEntropyELBO
-from ...kl import ESTIMATORS, names
+from ...kl import ESTIMATORS, aligned_log_priors, alignment_gap, names, posterior_mean_alignment
 from ...models.speech import SpeechModel
 
 __all__ = ["PATCHES", "VARIANTS", "RECONSTRUCTION", "KLVariantELBO", "variant_elbo", "reconstruction_error_db",
@@ -161,6 +162,22 @@ def negative_kl_fraction(model: SpeechModel, guide: Any, data: SpeechData, batch
     return dict(prob_negative=p, prob_negative_se=math.sqrt(p * (1 - p) / batches),
                 kl_per_frame_mean=float(v.mean()),
                 kl_per_frame_sd=float(v.std()) if batches > 1 else math.nan)
+
+
+@torch.no_grad()
+def alignment_gap_per_frame(model: SpeechModel, guide: Any, data: SpeechData, draws: int = 8,
+                            seed: int = 0) -> dict[str, Any]:
+    """Q10's measurement on ``data``: :func:`~pyro_vits.kl.alignment_gap` of ``draws`` seeded draws
+    ``z ~ q`` (nats per frame, each field ``(mean, MCSE)``: ``log q - log p`` with VITS's per-draw MAS, with
+    the alignment of the posterior mean, and with the uniform mixture over monotonic alignments)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        prior = model.prior(data)
+        m_q, logs_q = guide.posterior(data)
+        q = MaskedNormal(m_q, logs_q.exp(), data.mask, validate_args=False)
+        z = q.sample(torch.Size([draws]))
+        priors = aligned_log_priors(prior, z, posterior_mean_alignment(prior, m_q))
+        return alignment_gap(q.log_prob(z), priors, data.lengths)._asdict()
 
 
 def t_interval(values: Sequence[float], level: float = 0.95) -> dict[str, float]:
