@@ -240,28 +240,39 @@ def _findings(runs: Sequence[Mapping[str, Any]], setup: Mapping[str, Any],
     return lines + [""]
 
 
-def _regime(runs: Sequence[Mapping[str, Any]]) -> list[str]:
-    """The held-out KL trajectory of the ``vits`` runs (mean over seeds at each logged step) and Q10's
-    alignment gap at the end; empty for runs that did not record them."""
-    mine = [r for r in runs if r["variant"] == "vits" and r.get("kl_trajectory") and r.get("heldout_alignment_gap")]
-    if not mine:
-        return []
-    steps = [s for s, _ in mine[0]["kl_trajectory"]]
-    lines = ["## The KL regime of `vits` and what monotonic alignment does to it", "",
-             f"Held-out KL per frame through training (mean over {len(mine)} seeds; ± the 95 % t half-width):", "",
-             "| step | " + " | ".join(map(str, steps)) + " |", "|---" * (len(steps) + 1) + "|"]
-    def stat(values: list[float]) -> dict[str, float]:
-        return t_interval(values) if len(values) > 1 else dict(mean=values[0], half_width=math.nan)
+def _stat(values: Sequence[float]) -> dict[str, float]:
+    return t_interval(values) if len(values) > 1 else dict(mean=values[0], half_width=math.nan)
 
-    cells = [_cell(stat([r["kl_trajectory"][i][1] for r in mine])) for i in range(len(steps))]
-    lines += ["| KL (nats/frame) | " + " | ".join(cells) + " |", ""]
-    gap = {k: stat([r["heldout_alignment_gap"][k][0] for r in mine]) for k in
-           ("mas", "fixed", "marginal", "marginal_minus_mas")}
-    lines += [f"`log q − log p` per held-out frame at the end (Q10 of kl_estimators.md; mean over seeds of each "
-              f"run's Monte-Carlo mean): per-draw MAS (VITS's term) {_cell(gap['mas'])}, the posterior mean's "
-              f"alignment {_cell(gap['fixed'])}, the uniform mixture over alignments {_cell(gap['marginal'])}; "
-              f"mixture − VITS {_cell(gap['marginal_minus_mas'])}.", ""]
-    return lines
+
+def regime_summary(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
+    """Over the ``vits`` runs (equal steps) that recorded them: the held-out KL per frame at each logged step
+    and Q10's alignment gap fields at the end, each the mean over seeds with its 95 % t half-width
+    (``{"steps", "kl_per_frame", "alignment_gap", "seeds"}``); None when no run recorded them."""
+    mine = [r for r in runs if r["variant"] == "vits" and r.get("budget", "steps") == "steps"
+            and r.get("kl_trajectory") and r.get("heldout_alignment_gap")]
+    if not mine:
+        return None
+    steps = [s for s, _ in mine[0]["kl_trajectory"]]
+    return dict(seeds=len(mine), steps=steps,
+                kl_per_frame=[_stat([r["kl_trajectory"][i][1] for r in mine]) for i in range(len(steps))],
+                alignment_gap={k: _stat([r["heldout_alignment_gap"][k][0] for r in mine])
+                               for k in ("mas", "fixed", "marginal", "marginal_minus_mas", "fixed_minus_mas")})
+
+
+def _regime(summary: Mapping[str, Any] | None) -> list[str]:
+    """The page's section on :func:`regime_summary` (empty without one)."""
+    if summary is None:
+        return []
+    gap = summary["alignment_gap"]
+    return ["## The KL regime of `vits` and what monotonic alignment does to it", "",
+            f"Held-out KL per frame through training (mean over {summary['seeds']} seeds ± the 95 % t "
+            "half-width):", "",
+            "| step | " + " | ".join(map(str, summary["steps"])) + " |", "|---" * (len(summary["steps"]) + 1) + "|",
+            "| KL (nats/frame) | " + " | ".join(_cell(c) for c in summary["kl_per_frame"]) + " |", "",
+            f"`log q − log p` per held-out frame at the end (Q10 of kl_estimators.md; mean over seeds of each "
+            f"run's Monte-Carlo mean): per-draw MAS (VITS's term) {_cell(gap['mas'])}, the posterior mean's "
+            f"alignment {_cell(gap['fixed'])}, the uniform mixture over alignments {_cell(gap['marginal'])}; "
+            f"mixture − VITS {_cell(gap['marginal_minus_mas'])}.", ""]
 
 
 def render(results: Mapping[str, Any]) -> str:
@@ -275,7 +286,7 @@ def render(results: Mapping[str, Any]) -> str:
         lines += [f"## Equal compute (the compute of {setup['steps']} steps of `vits`)", ""]
         lines += _tables(groups["compute"], batches)
     lines += _findings(groups["steps"], setup, groups.get("compute", ()))
-    lines += _regime(groups["steps"])
+    lines += _regime(results.get("regime"))
     lines += [f"Held-out ELBO and KL: {setup['eval_samples']} guide draws per utterance "
               f"(`pyro_vits.infer.evaluate`); {RECONSTRUCTION_NOTES[_likelihood(setup)]}; "
               f"P(logged KL < 0): how many of {batches} training minibatches of {setup['batch_size']} "

@@ -23,7 +23,7 @@ from ...data.speech_data import SpeechCorpus, read_corpus
 from ...infer.evaluate import evaluate
 from ...models.speech import PRESETS, build_pair
 from ...train import FitConfig, fit
-from .report import render
+from .report import regime_summary, render
 from .variants import (
     RECONSTRUCTION,
     VARIANTS,
@@ -204,7 +204,7 @@ def run_study(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any] |
     setup = _setup(args, corpus, argv)
     setup.update(equal_compute=retrained, equal_compute_rule="auto" if args.equal_compute is None else "given",
                  wall_s=time.perf_counter() - start, reused=reused)
-    results = dict(setup=setup, runs=runs)
+    results = dict(setup=setup, runs=runs, regime=regime_summary(runs))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(out / "results.json", lambda f: json.dump(results, f, indent=2))
