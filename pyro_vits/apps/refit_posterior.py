@@ -23,7 +23,9 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
+from contextlib import nullcontext
 
+from ..infer.distributed import distributed_context
 from ..kl.estimators import ESTIMATORS
 from ..train.config import NAN_POLICIES
 from ..train.refit import RefitSettings, refit_posterior
@@ -78,7 +80,9 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     args = vars(build_parser(prog).parse_args(argv))
     args["progress"] = not args.pop("quiet")
     args.pop("verbose")
-    summary = refit_posterior(RefitSettings(**args))
+    settings = RefitSettings(**args)
+    with distributed_context(settings.device) if settings.distributed else nullcontext() as ctx:
+        summary = refit_posterior(settings, ctx)
     if summary:  # rank 0 (or one process)
         print(json.dumps(summary, indent=2))
     return 0

@@ -7,12 +7,10 @@ through :func:`~pyro_vits.train.fit` (run folder, checkpoints, resume, NaN guard
 from __future__ import annotations
 
 import warnings
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..infer.distributed import DistributedContext, distributed_context
 from ..infer.generator_loss import VITSGeneratorLoss
 from ..models.guides import PosteriorEncoder
 from ..models.refit import refit_guide
@@ -21,6 +19,7 @@ from ..vits.generator import load_vits_generator
 from ..vits.voice import RefitVoice, export_config
 from .config import FitConfig
 from .loop import fit
+from .parallel import DataParallel
 
 __all__ = ["RefitSettings", "initial_enc_q", "refit_posterior"]
 
@@ -30,7 +29,8 @@ class RefitSettings:
     """``pyro-vits refit-posterior``'s options (see its ``--help``): ``voice`` (a VITS/Piper file or folder, or
     ``joe``), ``corpus`` (LJSpeech-format folder), ``out`` (run folder); ``progress``: the progress bar;
     ``distributed``: data-parallel over the processes ``torchrun`` started (``batch_size`` is the combined
-    minibatch; rank 0 alone writes the run folder and the export)."""
+    minibatch; rank 0 alone writes the run folder and the export): the caller passes the process group to
+    :func:`refit_posterior`."""
 
     voice: str
     corpus: str
@@ -73,14 +73,10 @@ def initial_enc_q(path: str, guide: PosteriorEncoder) -> PosteriorEncoder:
     return enc_q.guide
 
 
-def refit_posterior(args: RefitSettings) -> dict[str, Any]:
-    """Run the refit (module docstring); returns its summary (JSON-able: steps, times, last logged metrics,
-    the export's path; ``{}`` on ranks other than 0 of a distributed run)."""
-    with distributed_context(args.device) if args.distributed else nullcontext() as ctx:
-        return _refit(args, ctx)
-
-
-def _refit(args: RefitSettings, ctx: DistributedContext | None) -> dict[str, Any]:
+def refit_posterior(args: RefitSettings, ctx: DataParallel | None = None) -> dict[str, Any]:
+    """Run the refit (module docstring), alone or in the process group ``ctx`` (the command opens it for
+    ``distributed``); returns its summary (JSON-able: steps, times, last logged metrics, the export's path;
+    ``{}`` on ranks other than 0)."""
     voice = RefitVoice.load(args.voice)
     gen, path, audio = voice.gen, voice.path, voice.audio
     data = voice.read(args.corpus, max_utterances=args.max_utterances, max_frames=args.max_frames)
