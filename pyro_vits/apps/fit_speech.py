@@ -3,6 +3,7 @@
     python -m pyro_vits.apps.fit_speech --corpus data/speech-corpus --out runs/speech        # CPU preset
     python -m pyro_vits.apps.fit_speech --corpus data/speech-corpus --device cuda --out runs/speech-vits
     python -m pyro_vits.apps.fit_speech --corpus data/speech-corpus --elbo trace --particles 4 --affine
+    python -m pyro_vits.apps.fit_speech --corpus data/speech-corpus --likelihood laplace-mel  # VITS's balance
 
 The corpus is an LJSpeech-format folder (``metadata.csv`` + ``wavs/``, normalized text in VITS's symbols);
 when it holds VITS filelists ``train.txt`` / ``val.txt`` (as ``make speech-corpus`` writes) those give the
@@ -28,7 +29,7 @@ from .._rundir import check_out_dir
 from ..data.speech_batches import SpeechConfig
 from ..data.speech_data import read_corpus
 from ..infer.elbo import ELBOS
-from ..models.speech import PRESETS, SIZE_KEYS, build_pair
+from ..models.speech import LIKELIHOODS, PRESETS, SIZE_KEYS, build_pair
 from ..train import FitConfig, RunInterrupted, fit
 from ..vits.export import export_vits_generator
 from . import run_main
@@ -47,6 +48,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                    help="ELBO estimator (vits: VITS's analytic-entropy KL)")
     p.add_argument("--particles", type=int, default=1, help="K guide draws per step (vectorised)")
     p.add_argument("--affine", action="store_true", help="affine couplings (VITS: mean-only)")
+    p.add_argument("--likelihood", choices=tuple(LIKELIHOODS), default="gaussian-linear",
+                   help="p(x | z) (laplace-mel: VITS's loss balance, 45 x mel L1 against the KL)")
     p.add_argument("--single-speaker", action="store_true", help="ignore the corpus's speaker ids")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-every", type=int, default=None,
@@ -85,7 +88,8 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
                           add_blank=not args.no_add_blank)
     corpus = read_corpus(args.corpus, speech, max_utterances=s["max_utterances"], max_frames=s["max_frames"],
                          heldout_size=s["heldout_size"], speakers=not args.single_speaker)
-    model, guide = build_pair(s, speech, corpus.n_speakers, mean_only=not args.affine, seed=args.seed)
+    model, guide = build_pair(s, speech, corpus.n_speakers, mean_only=not args.affine, seed=args.seed,
+                              likelihood=args.likelihood)
     extra = dict(corpus=str(args.corpus), settings=s, speech=dict(
         sampling_rate=speech.sampling_rate, n_fft=speech.filter_length, hop_length=speech.hop_length,
         add_blank=speech.add_blank))

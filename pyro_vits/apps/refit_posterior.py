@@ -23,7 +23,9 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
+from contextlib import nullcontext
 
+from ..infer.distributed import distributed_context
 from ..kl.estimators import ESTIMATORS
 from ..train.config import NAN_POLICIES
 from ..train.refit import RefitSettings, refit_posterior
@@ -64,6 +66,10 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace the run files in a non-empty --out")
     p.add_argument("--nan-policy", choices=NAN_POLICIES, default="stop")
+    p.add_argument("--distributed", action="store_true",
+                   help="data-parallel over the processes torchrun starts (torchrun --nproc_per_node N ...): "
+                        "--batch-size is the combined minibatch; each process's loss is VITS's on its share, "
+                        "as in VITS's DDP training")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:<i> or auto")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.add_argument("-v", "--verbose", action="store_true", help="tracebacks on errors")
@@ -74,7 +80,11 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     args = vars(build_parser(prog).parse_args(argv))
     args["progress"] = not args.pop("quiet")
     args.pop("verbose")
-    print(json.dumps(refit_posterior(RefitSettings(**args)), indent=2))
+    settings = RefitSettings(**args)
+    with distributed_context(settings.device) if settings.distributed else nullcontext() as ctx:
+        summary = refit_posterior(settings, ctx)
+    if summary:  # rank 0 (or one process)
+        print(json.dumps(summary, indent=2))
     return 0
 
 

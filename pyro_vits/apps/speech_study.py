@@ -14,7 +14,13 @@ Equal compute: after the equal-steps runs, each ``--equal-compute`` variant (by 
 ratio's 95 % interval excludes 1) is retrained for ``round(steps / r)`` steps, ``r`` its CPU seconds per step
 over ``vits``'s measured in those runs (paired by seed); the other variants' ``r`` is stated and their
 equal-steps runs stand. The variants and measures are
-:mod:`pyro_vits.studies.speech.variants`'s."""
+:mod:`pyro_vits.studies.speech.variants`'s.
+
+``--likelihood`` picks the model's ``p(x | z)`` (:data:`pyro_vits.models.speech.LIKELIHOODS`):
+``gaussian-linear`` (default) or ``laplace-mel``, VITS's loss balance (a Laplace of scale 80/45 on the 80-bin
+log-mel spectrogram: ``45 x`` mel L1 per frame against the KL per frame); it is recorded in every run's
+``config.json``, the study settings and the page, and the reconstruction measure follows it (dB RMS of the
+linear spectrogram, or the mel L1)."""
 
 from __future__ import annotations
 
@@ -22,6 +28,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from ..models.speech import LIKELIHOODS
 from ..studies.speech.run import run_study
 from ..studies.speech.variants import VARIANTS
 from . import run_main
@@ -32,10 +39,15 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--corpus", required=True, help="folder with train.txt/val.txt (make speech-corpus)")
     p.add_argument("--out", default="runs/speech-study", help="study folder (a run folder per variant/seed)")
     p.add_argument("--docs", default=None, help="also write <docs>/speech_study.md")
+    p.add_argument("--likelihood", choices=tuple(LIKELIHOODS), default="gaussian-linear",
+                   help="p(x | z) (laplace-mel: VITS's loss balance, 45 x mel L1 against the KL)")
     p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--log-every", type=int, default=None,
+                   help="log held-out measures every N steps (the KL trajectory in each run's metrics.jsonl; "
+                        "default: only at the end)")
     p.add_argument("--max-utterances", type=int, default=200)
     p.add_argument("--eval-samples", type=int, default=16, help="guide draws per held-out utterance")
     p.add_argument("--negative-batches", type=int, default=64, help="minibatches drawn for P(logged KL < 0)")

@@ -5,8 +5,10 @@ with its defaults (``htk=False``: the Slaney mel scale, linear below 1 kHz and l
 ``norm="slaney"``: each triangle divided by half its width in Hz, so every filter has unit area), written in
 numpy so librosa is not needed. :func:`mel_spectrogram` is VITS's: reflect pad ``(n_fft - hop) / 2`` on each
 side, ``torch.stft`` with a periodic Hann window of ``win_length``, ``center=False``, magnitude
-``sqrt(re^2 + im^2 + 1e-6)``, the filterbank, ``log(clamp(x, 1e-5))``. Defaults: VITS's ``ljs_base`` (80 mels,
-``n_fft = win = 1024``, ``hop = 256``, ``fmin = 0``, ``fmax = None`` = Nyquist)."""
+``sqrt(re^2 + im^2 + 1e-6)``, the filterbank, ``log(clamp(x, 1e-5))``; its last two steps are
+:func:`spec_to_mel` (VITS's ``spec_to_mel_torch``), the log-mel of a linear magnitude spectrogram.
+Defaults: VITS's ``ljs_base`` (80 mels, ``n_fft = win = 1024``, ``hop = 256``, ``fmin = 0``, ``fmax = None``
+= Nyquist)."""
 
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from torch import Tensor
 
 from .audio import linear_spectrogram
 
-__all__ = ["hz_to_mel", "mel_to_hz", "mel_filterbank", "mel_basis", "mel_spectrogram"]
+__all__ = ["hz_to_mel", "mel_to_hz", "mel_filterbank", "mel_basis", "spec_to_mel", "mel_spectrogram"]
 
 _F_SP = 200.0 / 3  # Slaney: 66.67 Hz per mel below 1 kHz
 _MIN_LOG_HZ = 1000.0
@@ -73,11 +75,17 @@ def mel_basis(sr: int, n_fft: int, n_mels: int = 80, fmin: float = 0.0, fmax: fl
         dtype=dtype, device=device)
 
 
+def spec_to_mel(spec: Tensor, sr: int = 22050, n_fft: int = 1024, n_mels: int = 80, fmin: float = 0.0,
+                fmax: float | None = None) -> Tensor:
+    """VITS's ``spec_to_mel_torch``: linear magnitudes ``(..., n_fft // 2 + 1, frames)`` -> log mel magnitudes
+    ``(..., n_mels, frames)``, ``log(clamp(mel_basis @ spec, 1e-5))`` (natural log). Differentiable."""
+    mel = torch.matmul(mel_basis(sr, n_fft, n_mels, fmin, fmax, dtype=spec.dtype, device=spec.device), spec)
+    return torch.log(torch.clamp(mel, min=1e-5))
+
+
 def mel_spectrogram(wav: Tensor, sr: int = 22050, n_fft: int = 1024, hop_length: int = 256,
                     win_length: int = 1024, n_mels: int = 80, fmin: float = 0.0,
                     fmax: float | None = None) -> Tensor:
     """VITS's ``mel_spectrogram_torch``: ``(..., samples) -> (..., n_mels, frames)`` log mel magnitudes,
     ``frames = samples // hop_length`` for ``samples`` a multiple of ``hop_length``. Differentiable."""
-    spec = linear_spectrogram(wav, n_fft, hop_length, win_length)
-    mel = torch.matmul(mel_basis(sr, n_fft, n_mels, fmin, fmax, dtype=spec.dtype, device=spec.device), spec)
-    return torch.log(torch.clamp(mel, min=1e-5))
+    return spec_to_mel(linear_spectrogram(wav, n_fft, hop_length, win_length), sr, n_fft, n_mels, fmin, fmax)

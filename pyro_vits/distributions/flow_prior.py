@@ -7,7 +7,8 @@ from pyro.distributions import TransformedDistribution
 from torch import Tensor
 
 from ..flows import ResidualCouplingBlock
-from .masked_normal import MaskedNormal, _broadcast_batch, _check_event
+from .masked_loc_scale import _broadcast_batch, _check_event
+from .masked_normal import MaskedNormal
 from .transforms import CosFlow, FlowTransform, VITSFlow
 
 

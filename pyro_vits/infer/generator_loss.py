@@ -19,7 +19,15 @@ exactly VITS's ``45 * l1 + kl_loss`` on the same draws.
 
 ``kl_particles = K``: ``kl_b`` averages the estimator over the guide's draw (the one the decoder sees) and
 ``K - 1`` more reparameterised draws of ``q`` through the flow and MAS only (no decoder); the batch reduction
-applies to that average. ``shared_alignment=True``: the ``K - 1`` extra draws reuse the first draw's MAS
+applies to that average.
+
+**Data parallel.** Under :class:`~pyro_vits.infer.distributed.DataParallel` each process holds a share of
+the combined minibatch and its sites carry ``poutine.scale(share)``: ``L`` of its own utterances is then
+multiplied by that share (read from the latent site's scale and plate), so the processes' gradients,
+averaged, are the average of their ``L`` gradients — what VITS's DistributedDataParallel training does (each
+GPU's ``kl_loss`` normalised by its own frames). Alone, the share is 1 and ``L`` is left as it is.
+
+``shared_alignment=True``: the ``K - 1`` extra draws reuse the first draw's MAS
 alignment instead of searching their own (cheaper; biased upward, since each draw's own path maximises its
 prior density: the study measures by how much)."""
 
@@ -31,6 +39,7 @@ from typing import Any
 import pyro.poutine as poutine
 import torch
 from pyro.infer import ELBO
+from pyro.poutine import Trace
 from torch import Tensor
 
 from .._validate import check_positive_ints
@@ -76,7 +85,9 @@ class VITSGeneratorLoss(ELBO):
         recon = -sum(_observed_log_prob(site) for name, site in model_trace.nodes.items()
                      if site["type"] == "sample" and site["is_observed"] and name != self.latent)
         recon = recon / frames.sum()
-        return dict(recon=recon, kl=kl, kl_per_utterance=per_utt, frames=frames, loss=recon + kl)
+        share = _share(model_trace, self.latent, z.shape[0])
+        loss = recon + kl if share == 1.0 else share * (recon + kl)
+        return dict(recon=recon, kl=kl, kl_per_utterance=per_utt, frames=frames, loss=loss)
 
     def _particles(self, name: str, z: Tensor, q: MaskedNormal, prior: AlignedFlowPrior) -> Tensor:
         """Per-utterance KL ``(B,)``: estimator ``name`` averaged over ``z (B, C, T)`` and the extra draws."""
@@ -107,6 +118,17 @@ class VITSGeneratorLoss(ELBO):
         if loss.requires_grad:
             loss.backward()
         return float(loss.detach())
+
+
+def _share(trace: Trace, latent: str, batch: int) -> float:
+    """This process's share of the combined minibatch: the latent site's scale divided by its plate's
+    subsampling factor ``size / batch`` (``size`` from the plate's subsample site; 1 within 1e-9 is 1: one
+    process)."""
+    site = trace.nodes[latent]
+    plates = [trace.nodes.get(f.name) for f in site["cond_indep_stack"] if f.vectorized]
+    size = plates[0]["fn"].size if plates and plates[0] is not None else batch
+    share = float(site["scale"]) * batch / size
+    return 1.0 if abs(share - 1.0) < 1e-9 else share
 
 
 def _observed_log_prob(site: dict) -> Tensor:

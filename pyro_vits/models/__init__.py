@@ -6,7 +6,9 @@ from __future__ import annotations
 from .guides import GaussianGuide, LocalGuide, ObservationGuide, PosteriorEncoder
 from .prior_model import DECODERS, VITSPriorModel
 from .speech import (
+    LIKELIHOODS,
     LOG_FLOOR,
+    N_MELS,
     PRESETS,
     SIZE_KEYS,
     SpectrogramDecoder,
@@ -17,4 +19,4 @@ from .speech import (
 )
 from .teacher import make_teacher, sample_dataset
 
-__all__ = ["GaussianGuide", "PosteriorEncoder", "LocalGuide", "ObservationGuide", "DECODERS", "VITSPriorModel", "LOG_FLOOR", "log_spectrogram", "SpectrogramDecoder", "SpeechModel", "speech_model_and_guide", "SIZE_KEYS", "PRESETS", "build_pair", "make_teacher", "sample_dataset"]
+__all__ = ["GaussianGuide", "PosteriorEncoder", "LocalGuide", "ObservationGuide", "DECODERS", "VITSPriorModel", "LIKELIHOODS", "LOG_FLOOR", "N_MELS", "log_spectrogram", "SpectrogramDecoder", "SpeechModel", "speech_model_and_guide", "SIZE_KEYS", "PRESETS", "build_pair", "make_teacher", "sample_dataset"]

@@ -6,7 +6,8 @@ embedding ``g_n``)::
     m_p, logs_p = enc_p(text_n)                             # (C, L_n) per symbol: VITS's TextEncoder
     A(z)        = maximum_path(neg_cent(f(z; g_n), m_p, logs_p))   # (T_n, L_n) hard monotonic alignment
     z_n ~ FlowPrior(m_p A(z)^T, logs_p A(z)^T, f, mask_n, g_n)      # (C, T_n): N(f(z); A m_p, A s_p)|det f'|
-    x_n | z_n ~ MaskedNormal(dec(z_n), exp(log_sigma_x), mask_n)   # x = log |STFT| (F, T_n), nats
+    x_n | z_n ~ MaskedNormal(dec(z_n), exp(log_sigma_x), mask_n)   # gaussian-linear: x = log |STFT| (F, T_n)
+    x_n | z_n ~ MaskedLaplace(dec(z_n), n_mels / c_mel, mask_n)    # laplace-mel: x = log-mel (80, T_n)
 
 Guide: VITS's posterior encoder (:class:`~pyro_vits.models.guides.PosteriorEncoder`) on the linear magnitude
 spectrogram, ``q(z_n | spec_n) = N(m_q, exp(logs_q))``, sharing the model's speaker embedding ``emb_g``
@@ -25,9 +26,18 @@ flow's ``-log|det|``, zero for VITS's mean-only couplings). There is no duration
 enter the KL term; drawing from the prior (``rsample``, prior predictive checks only) spreads the symbols
 evenly over the frames instead.
 
-The observation model replaces VITS's HiFi-GAN decoder and mel-spectrogram L1 loss (no vocoder, no GAN): a
-light convolutional decoder of ``z`` to the log-magnitude linear spectrogram with a learned per-bin scale.
-The KL term, the object of study, is identical to VITS's."""
+The observation model replaces VITS's HiFi-GAN decoder (no vocoder, no GAN) by a light convolutional decoder
+of ``z``, with one of two likelihoods (:data:`LIKELIHOODS`):
+
+- ``"gaussian-linear"`` (default): a Gaussian on the log-magnitude linear spectrogram (``F = n_fft / 2 + 1``
+  bins) with a learned per-bin scale ``exp(log_sigma_x)``;
+- ``"laplace-mel"``: VITS's loss balance. A Laplace on VITS's 80-bin log-mel spectrogram
+  (:func:`~pyro_vits.data.mel.spec_to_mel` of the linear spectrogram, as VITS's ``spec_to_mel_torch``) with
+  the fixed scale ``b = n_mels / c_mel`` per bin (``c_mel = 45``, :data:`~pyro_vits.models.refit.C_MEL`), so
+  per valid frame ``-log p(x | z) = c_mel * mean_bins |mel - dec(z)| + n_mels * log(2 b)``: VITS's
+  ``c_mel * l1`` plus a constant (101.5 nats per frame), against the KL term per frame (VITS's ``c_kl = 1``).
+
+The KL term, the object of study, is identical to VITS's under either."""
 
 from __future__ import annotations
 
@@ -41,8 +51,8 @@ from ..data.speech_data import SpeechData
 from ..data.text import VITS_SYMBOLS
 from ..distributions.aligned import AlignedFlowPrior
 
-__all__ = ["LOG_FLOOR", "PRESETS", "SIZE_KEYS", "SpectrogramDecoder", "SpeechModel", "build_pair", "log_spectrogram",
-           "speech_model_and_guide"]
+__all__ = ["LIKELIHOODS", "LOG_FLOOR", "N_MELS", "PRESETS", "SIZE_KEYS", "SpectrogramDecoder", "SpeechModel",
+           "build_pair", "log_spectrogram", "speech_model_and_guide"]
 
 logger = logging.getLogger("pyro_vits")
 
@@ -50,13 +60,30 @@ import pyro
 from torch import Tensor, nn
 
 from .._validate import check_positive_ints
+from ..data.mel import spec_to_mel
+from ..distributions.masked_laplace import MaskedLaplace
 from ..distributions.masked_normal import MaskedNormal
 from ..flows import ResidualCouplingBlock
 from ..nn.text_encoder import TextEncoder
 from .guides import PosteriorEncoder
+from .refit import C_MEL
+
+N_MELS = 80
+"""Mel bins of the ``"laplace-mel"`` likelihood (VITS's ``n_mel_channels``)."""
 
 LOG_FLOOR = 1e-5
 """Magnitudes are floored here before the log (VITS's spectrogram is already >= 1e-3)."""
+
+
+LIKELIHOODS = {
+    "gaussian-linear": "a Gaussian on the log-magnitude linear spectrogram (n_fft / 2 + 1 bins) with a learned "
+                       "per-bin scale",
+    "laplace-mel": "VITS's loss balance, a Laplace on VITS's 80-bin log-mel spectrogram with the fixed scale "
+                   "b = 80/45 per bin, so that −log p(x | z) per frame = 45 × (mean over bins of |mel − dec(z)|) "
+                   "+ 80 log(2b) (101.5 nats): VITS's mel L1 with c_mel = 45 against the KL per frame "
+                   "(c_kl = 1)",
+}
+"""The observation models of ``x | z`` (the module docstring), each with the page's one-line description."""
 
 
 def log_spectrogram(spec: Tensor) -> Tensor:
@@ -86,11 +113,14 @@ class SpectrogramDecoder(nn.Module):
 class SpeechModel(nn.Module):
     """The module docstring's model; call it as ``model(batch, subsample_size=None, subsample=None)`` on a
     :class:`~pyro_vits.data.speech_data.SpeechData`. Sample sites ``"z"`` ``(B, C, T)`` and ``"x"``
-    (observed log-magnitude spectrogram ``(B, F, T)``) inside the ``"utterances"`` plate.
+    (observed :meth:`observation` of the spectrogram, ``(B, F_x, T)``) inside the ``"utterances"`` plate.
 
     Parts, with VITS's names: ``enc_p`` (:class:`~pyro_vits.nn.text_encoder.TextEncoder`), ``flow``
     (:class:`~pyro_vits.flows.ResidualCouplingBlock`, kernel 5, dilation 1 as VITS), ``emb_g`` (when
-    ``n_speakers > 0``); then ``dec`` (:class:`SpectrogramDecoder`) and ``log_sigma_x (F,)``.
+    ``n_speakers > 0``); then ``dec`` (:class:`SpectrogramDecoder`, ``C -> F_x``) and, for
+    ``likelihood="gaussian-linear"``, ``log_sigma_x (F,)``. ``likelihood`` is one of :data:`LIKELIHOODS`:
+    ``F_x = spec_channels`` (``"gaussian-linear"``) or :data:`N_MELS` (``"laplace-mel"``, whose mel
+    filterbank is that of ``sampling_rate`` Hz and ``n_fft = 2 (spec_channels - 1)``).
     ``p_dropout`` is the text encoder's dropout (default 0: the model is then a deterministic function of
     its sample sites, which the estimator comparisons assume).
     """
@@ -113,10 +143,15 @@ class SpeechModel(nn.Module):
         n_speakers: int = 0,
         gin_channels: int = 0,
         decoder_channels: int = 128,
+        likelihood: str = "gaussian-linear",
+        sampling_rate: int = 22050,
         name: str = "model",
     ) -> None:
         super().__init__()
-        check_positive_ints(n_vocab=n_vocab, spec_channels=spec_channels, decoder_channels=decoder_channels)
+        check_positive_ints(n_vocab=n_vocab, spec_channels=spec_channels, decoder_channels=decoder_channels,
+                            sampling_rate=sampling_rate)
+        if likelihood not in LIKELIHOODS:
+            raise ValueError(f"likelihood must be one of {tuple(LIKELIHOODS)}, got {likelihood!r}")
         if not isinstance(n_speakers, int) or n_speakers < 0 or (n_speakers > 0) != (gin_channels > 0):
             raise ValueError("n_speakers and gin_channels must be non-negative ints, both 0 or both "
                              f"positive, got n_speakers={n_speakers!r}, gin_channels={gin_channels!r}")
@@ -125,7 +160,7 @@ class SpeechModel(nn.Module):
             hidden_channels=hidden_channels, filter_channels=filter_channels, n_heads=n_heads,
             n_layers=n_layers, kernel_size=kernel_size, p_dropout=p_dropout, flow_n_layers=flow_n_layers,
             n_flows=n_flows, mean_only=mean_only, n_speakers=n_speakers, gin_channels=gin_channels,
-            decoder_channels=decoder_channels, name=name,
+            decoder_channels=decoder_channels, likelihood=likelihood, sampling_rate=sampling_rate, name=name,
         )
         self.pyro_name = name
         self.enc_p = TextEncoder(n_vocab, inter_channels, hidden_channels, filter_channels, n_heads, n_layers,
@@ -134,8 +169,10 @@ class SpeechModel(nn.Module):
                                           gin_channels=gin_channels, mean_only=mean_only)
         if n_speakers > 0:
             self.emb_g = nn.Embedding(n_speakers, gin_channels)
-        self.dec = SpectrogramDecoder(inter_channels, spec_channels, decoder_channels)
-        self.log_sigma_x = nn.Parameter(torch.zeros(spec_channels))
+        mel = likelihood == "laplace-mel"
+        self.dec = SpectrogramDecoder(inter_channels, N_MELS if mel else spec_channels, decoder_channels)
+        if not mel:
+            self.log_sigma_x = nn.Parameter(torch.zeros(spec_channels))
 
     @property
     def n_speakers(self) -> int:
@@ -154,12 +191,25 @@ class SpeechModel(nn.Module):
         _, m_p, logs_p, text_mask = self.enc_p(batch.text, batch.text_lengths)
         return AlignedFlowPrior(m_p, logs_p, text_mask, self.flow, batch.mask, self.speaker_embedding(batch))
 
-    def likelihood(self, z: Tensor, batch: SpeechData) -> MaskedNormal:
-        """``p(x | z)`` for ``z (..., B, C, T)``: Gaussian on the log-magnitude spectrogram."""
+    def observation(self, spec: Tensor) -> Tensor:
+        """The observed ``x (..., F_x, T)`` of linear magnitudes ``spec (..., F, T)``: ``log max(spec, 1e-5)``
+        (``"gaussian-linear"``) or VITS's log-mel ``log max(mel_basis @ spec, 1e-5)`` (``"laplace-mel"``),
+        natural log; padded frames are masked by the caller."""
+        if self.config["likelihood"] == "gaussian-linear":
+            return log_spectrogram(spec)
+        n_fft = 2 * (self.config["spec_channels"] - 1)
+        return spec_to_mel(spec, self.config["sampling_rate"], n_fft, N_MELS)
+
+    def likelihood(self, z: Tensor, batch: SpeechData) -> MaskedNormal | MaskedLaplace:
+        """``p(x | z)`` for ``z (..., B, C, T)``, event ``(F_x, T)``:
+        ``MaskedNormal(dec(z), exp(log_sigma_x))`` or ``MaskedLaplace(dec(z), N_MELS / C_MEL)`` (the module
+        docstring)."""
         lead = z.shape[:-2]
         mask = batch.mask.expand(lead + batch.mask.shape[-2:]).reshape((-1, 1, z.shape[-1]))
         loc = self.dec(z.reshape((-1,) + z.shape[-2:]), mask)
         loc = loc.reshape(lead + loc.shape[-2:])
+        if self.config["likelihood"] == "laplace-mel":
+            return MaskedLaplace(loc, loc.new_tensor(N_MELS / C_MEL), batch.mask, validate_args=False)
         return MaskedNormal(loc, torch.exp(self.log_sigma_x)[:, None], batch.mask, validate_args=False)
 
     def forward(self, batch: SpeechData, subsample_size: int | None = None,
@@ -175,7 +225,7 @@ class SpeechModel(nn.Module):
                         device=batch.device) as idx:
             sub = batch.subset(idx)
             z = pyro.sample("z", self.prior(sub))
-            pyro.sample("x", self.likelihood(z, sub), obs=log_spectrogram(sub.spec) * sub.mask)
+            pyro.sample("x", self.likelihood(z, sub), obs=self.observation(sub.spec) * sub.mask)
         return z
 
 
@@ -212,12 +262,13 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 def build_pair(sizes: dict[str, Any], speech: SpeechConfig, n_speakers: int, mean_only: bool = True,
-               seed: int = 0) -> tuple[SpeechModel, Any]:
-    """Model and guide of the given ``sizes`` (:data:`SIZE_KEYS`) for ``speech``'s spectrogram, initialised
-    from ``seed`` (the global random state is left as it was)."""
+               seed: int = 0, likelihood: str = "gaussian-linear") -> tuple[SpeechModel, Any]:
+    """Model and guide of the given ``sizes`` (:data:`SIZE_KEYS`) and ``likelihood`` (:data:`LIKELIHOODS`)
+    for ``speech``'s spectrogram, initialised from ``seed`` (the global random state is left as it was)."""
     kwargs = {k: sizes[k] for k in SIZE_KEYS if k not in ("guide_layers", "gin_channels")}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return speech_model_and_guide(
             len(VITS_SYMBOLS), speech.n_freq, guide_layers=sizes["guide_layers"], mean_only=mean_only,
-            n_speakers=n_speakers, gin_channels=sizes["gin_channels"] if n_speakers else 0, **kwargs)
+            n_speakers=n_speakers, gin_channels=sizes["gin_channels"] if n_speakers else 0,
+            likelihood=likelihood, sampling_rate=speech.sampling_rate, **kwargs)

@@ -19,6 +19,7 @@ from ..vits.generator import load_vits_generator
 from ..vits.voice import RefitVoice, export_config
 from .config import FitConfig
 from .loop import fit
+from .parallel import DataParallel
 
 __all__ = ["RefitSettings", "initial_enc_q", "refit_posterior"]
 
@@ -26,7 +27,10 @@ __all__ = ["RefitSettings", "initial_enc_q", "refit_posterior"]
 @dataclass(frozen=True)
 class RefitSettings:
     """``pyro-vits refit-posterior``'s options (see its ``--help``): ``voice`` (a VITS/Piper file or folder, or
-    ``joe``), ``corpus`` (LJSpeech-format folder), ``out`` (run folder); ``progress``: the progress bar."""
+    ``joe``), ``corpus`` (LJSpeech-format folder), ``out`` (run folder); ``progress``: the progress bar;
+    ``distributed``: data-parallel over the processes ``torchrun`` started (``batch_size`` is the combined
+    minibatch; rank 0 alone writes the run folder and the export): the caller passes the process group to
+    :func:`refit_posterior`."""
 
     voice: str
     corpus: str
@@ -52,6 +56,7 @@ class RefitSettings:
     nan_policy: str = "stop"
     device: str = "cpu"
     progress: bool = True
+    distributed: bool = False
 
 
 def initial_enc_q(path: str, guide: PosteriorEncoder) -> PosteriorEncoder:
@@ -68,9 +73,10 @@ def initial_enc_q(path: str, guide: PosteriorEncoder) -> PosteriorEncoder:
     return enc_q.guide
 
 
-def refit_posterior(args: RefitSettings) -> dict[str, Any]:
-    """Run the refit (module docstring); returns its summary (JSON-able: steps, times, last logged metrics,
-    the export's path)."""
+def refit_posterior(args: RefitSettings, ctx: DataParallel | None = None) -> dict[str, Any]:
+    """Run the refit (module docstring), alone or in the process group ``ctx`` (the command opens it for
+    ``distributed``); returns its summary (JSON-able: steps, times, last logged metrics, the export's path;
+    ``{}`` on ranks other than 0)."""
     voice = RefitVoice.load(args.voice)
     gen, path, audio = voice.gen, voice.path, voice.audio
     data = voice.read(args.corpus, max_utterances=args.max_utterances, max_frames=args.max_frames)
@@ -92,7 +98,9 @@ def refit_posterior(args: RefitSettings) -> dict[str, Any]:
         # Pyro's parameter store on purpose
         warnings.filterwarnings("ignore", message="emb_g.weight was not registered in the param store")
         result = fit(model, guide, data, config, elbo=VITSGeneratorLoss(args.kl_estimator, args.kl_particles),
-                     device=args.device, extra_config=extra)
+                     device=args.device if ctx is None else ctx.device, distributed=ctx, extra_config=extra)
+    if ctx is not None and not ctx.is_main:
+        return {}
     train = dict(seed=args.seed, batch_size=config.batch_size, learning_rate=args.lr, voice=str(path),
                  kl_estimator=args.kl_estimator, kl_particles=args.kl_particles, steps=args.steps)
     out = export_vits_parts(args.out, args.steps, {"enc_p": gen.enc_p, "enc_q": result.guide, "flow": gen.flow,

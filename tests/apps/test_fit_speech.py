@@ -59,6 +59,17 @@ def test_fit_speech_app_trains_exports_and_resumes(tmp_path, capsys):
 
 
 @pytest.mark.slow
+def test_fit_speech_app_trains_the_laplace_mel_likelihood(tmp_path, capsys):
+    run = tmp_path / "run"
+    argv = ["--corpus", str(TINY), "--out", str(run), "--steps", "1", "--likelihood", "laplace-mel", *SMALL_ARGS]
+    assert run_main(fit_speech_main, argv) == 0
+    assert math.isfinite(json.loads(capsys.readouterr().out)["heldout_elbo_per_frame"])
+    model = json.loads((run / "config.json").read_text())["model"]
+    assert model["likelihood"] == "laplace-mel" and model["sampling_rate"] == 22050
+    assert (run / "vits" / "G_1.pth").is_file()
+
+
+@pytest.mark.slow
 def test_tutorial_example_runs_on_the_tiny_corpus(tmp_path):
     script = Path(__file__).resolve().parents[2] / "examples" / "fit_vits_speech.py"
     out = subprocess.run([sys.executable, str(script), "--corpus", str(TINY), "--steps", "2", "--out",

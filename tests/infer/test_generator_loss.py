@@ -123,3 +123,16 @@ def test_a_shared_alignment_never_lowers_the_kl_of_the_extra_draws(data):
             model, guide, data, subsample=torch.tensor([0, 1, 2]))
         kl[shared] = terms["kl_per_utterance"]
     assert bool((kl[True] >= kl[False] - 1e-4).all())
+
+
+def test_a_data_parallel_share_scales_the_loss_and_one_process_is_left_alone(data):
+    """Under DataParallel a process's sites carry poutine.scale(share): its VITS loss is weighted by it."""
+    model, guide, _ = _pair()
+    idx = torch.tensor([3, 1])
+    torch.manual_seed(2)
+    alone = VITSGeneratorLoss("vits").terms(model, guide, data, subsample=idx)
+    torch.manual_seed(2)
+    with pyro.poutine.scale(scale=0.25):
+        shared = VITSGeneratorLoss("vits").terms(model, guide, data, subsample=idx)
+    assert torch.equal(alone["loss"], alone["recon"] + alone["kl"])
+    assert float(shared["loss"]) == pytest.approx(0.25 * float(alone["loss"]), rel=1e-6)

@@ -22,9 +22,11 @@ from pyro_vits.models import speech_model_and_guide
 from pyro_vits.studies.speech.report import comparisons, render
 from pyro_vits.studies.speech.run import hours_used, stored_run, study_settings
 from pyro_vits.studies.speech.variants import (
+    RECONSTRUCTION,
     KLVariantELBO,
     cost_ratios,
     equal_compute_steps,
+    mel_l1_error,
     negative_kl_fraction,
     paired_difference,
     reconstruction_error_db,
@@ -120,6 +122,27 @@ def test_measures_on_the_tiny_corpus(setup):
     assert 0 <= neg["prob_negative"] <= 1 and math.isfinite(neg["kl_per_frame_mean"])
 
 
+def test_mel_l1_is_vits_mel_l1_of_the_posterior_mean(setup):
+    corpus, _, _ = setup
+    torch.manual_seed(0)
+    model, guide = speech_model_and_guide(len(VITS_SYMBOLS), SPEECH.n_freq, inter_channels=4, hidden_channels=8,
+                                          filter_channels=16, n_layers=1, flow_n_layers=1, n_flows=2,
+                                          decoder_channels=8, guide_layers=1, n_speakers=2, gin_channels=3,
+                                          likelihood="laplace-mel")
+    data = corpus.heldout
+    l1 = mel_l1_error(model, guide, data, batch_size=1)
+    assert l1 == pytest.approx(mel_l1_error(model, guide, data, batch_size=2), rel=1e-5)
+    with torch.no_grad():  # by hand: mean |dec(m_q) - log-mel| over the 80 bins and the valid frames
+        m_q, _ = guide.posterior(data)
+        err = (model.dec(m_q, data.mask) - model.observation(data.spec)).abs() * data.mask
+    assert l1 == pytest.approx(float(err.sum()) / (80 * data.num_frames), rel=1e-5)
+    assert RECONSTRUCTION["laplace-mel"] == ("heldout_mel_l1", mel_l1_error)
+    with pytest.raises(ValueError, match="gaussian-linear"):
+        reconstruction_error_db(model, guide, data)
+    with pytest.raises(ValueError, match="laplace-mel"):
+        mel_l1_error(setup[1], setup[2], data)
+
+
 def test_hours_used_counts_the_utterances_read(setup):
     corpus = setup[0]
     frames = int(corpus.train.lengths.sum()) + int(corpus.heldout.lengths.sum())
@@ -157,6 +180,8 @@ def fake_results():
 def test_render_states_the_command_table_and_findings():
     text = render(fake_results())
     assert "python -m pyro_vits.apps.speech_study" in text and "| abs_elementwise |" in text
+    assert "Likelihood `gaussian-linear` (`pyro_vits.models.speech`): a Gaussian on the log-magnitude" in text
+    assert "| Δ reconstruction error (dB) |" in text and "mel L1" not in text
     assert "negative on 0 of 30 training steps" in text
     assert "`abs_elementwise`: held-out ELBO differs from `vits` (-10 ± 0 nats/frame)" in text
     assert "hours of audio used not recorded" in text
@@ -176,6 +201,20 @@ def test_render_gives_zero_counts_with_a_bound_and_the_hours_used():
     results["runs"][1]["prob_negative_kl"] = 0.5  # clamp, seed 0: 2 of its 4 minibatches
     text = render(results)
     assert "| 2 / 12 = 0.167 |" in text and "`clamp` 2 / 12 = 0.167" in text
+
+
+def test_render_states_the_laplace_mel_likelihood_and_the_mel_l1():
+    results = fake_results()
+    results["setup"]["likelihood"] = "laplace-mel"
+    for r in results["runs"]:
+        r["heldout_mel_l1"] = r.pop("heldout_recon_db") / 10
+    text = render(results)
+    assert "Likelihood `laplace-mel` (`pyro_vits.models.speech`): VITS's loss balance" in text
+    assert "45 × (mean over bins of |mel − dec(z)|) + 80 log(2b)" in text and "c_mel = 45" in text
+    assert "| mel L1 (log-mel, mean over bins and frames) |" in text and "| Δ mel L1 |" in text
+    assert "| abs_elementwise | -10 ± 0 * | 2 ± 0 * | 0 (identical) |" in text
+    assert "| 0 / 12 (P ≤ 0.22, 95 % bound) |" in text and "pooled over the variant's seeds" in text
+    assert "dB" not in text and "mel L1: mean |`dec(m_q)` − log-mel| over the 80 mel bins" in text
 
 
 def test_render_only_needs_results(tmp_path, capsys):
@@ -249,3 +288,33 @@ def test_stored_runs_are_reused_only_with_the_same_settings(tmp_path):
     args.eval_samples -= 1
     args.overwrite = True
     assert stored_run(args, "vits_k4", 1, 4, "compute") is None
+    args.overwrite = False
+    del record["settings"]["likelihood"]  # a run from before --likelihood: a gaussian-linear one
+    (folder / "study_run.json").write_text(json.dumps(record))
+    assert stored_run(args, "vits_k4", 1, 4, "compute") == record
+    args.likelihood = "laplace-mel"
+    assert stored_run(args, "vits_k4", 1, 4, "compute") is None
+
+
+@pytest.mark.slow
+def test_speech_study_smoke_run_with_the_laplace_mel_likelihood(tmp_path, capsys):
+    out = tmp_path / "study"
+    argv = ["--corpus", str(TINY), "--out", str(out), "--docs", str(tmp_path / "docs"), "--likelihood",
+            "laplace-mel", "--variants", "vits", "clamp", "--seeds", "0", "1", "--steps", "2", "--batch-size",
+            "2", "--eval-samples", "2", "--negative-batches", "2", "--equal-compute", "--log-every", "1"]
+    assert run_main(study_main, argv) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["setup"]["likelihood"] == "laplace-mel" and len(results["runs"]) == 4
+    for run in results["runs"]:
+        assert run["settings"]["likelihood"] == "laplace-mel" and run["steps"] == 2
+        assert "heldout_recon_db" not in run and 0 < run["heldout_mel_l1"] < 20
+        assert math.isfinite(run["heldout_elbo_per_frame"]) and math.isfinite(run["heldout_kl_per_frame"])
+        model = json.loads((out / f"{run['variant']}-s{run['seed']}" / "config.json").read_text())["model"]
+        assert model["likelihood"] == "laplace-mel"
+        assert [s for s, _ in run["kl_trajectory"]] == [1, 2]
+        gap = run["heldout_alignment_gap"]
+        assert 0 <= gap["marginal_minus_mas"][0] <= gap["log_count"] + 1e-9
+    page = (tmp_path / "docs" / "speech_study.md").read_text()
+    assert "Likelihood `laplace-mel`" in page and "--likelihood laplace-mel" in page
+    assert "## The KL regime of `vits`" in page and "per-draw MAS (VITS's term)" in page
+    capsys.readouterr()

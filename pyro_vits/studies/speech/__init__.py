@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from .report import KEYS, LABELS, comparisons, render
 from .variants import (
+    RECONSTRUCTION,
     VARIANTS,
     KLVariantELBO,
     cost_ratios,
     equal_compute_steps,
+    mel_l1_error,
     negative_kl_fraction,
     paired_difference,
     reconstruction_error_db,
@@ -17,4 +19,4 @@ from .variants import (
     variant_elbo,
 )
 
-__all__ = ["LABELS", "KEYS", "comparisons", "render", "VARIANTS", "KLVariantELBO", "variant_elbo", "reconstruction_error_db", "negative_kl_fraction", "t_interval", "summarise", "paired_difference", "cost_ratios", "unequal_cost", "equal_compute_steps"]
+__all__ = ["LABELS", "KEYS", "comparisons", "render", "VARIANTS", "KLVariantELBO", "variant_elbo", "RECONSTRUCTION", "reconstruction_error_db", "mel_l1_error", "negative_kl_fraction", "t_interval", "summarise", "paired_difference", "cost_ratios", "unequal_cost", "equal_compute_steps"]

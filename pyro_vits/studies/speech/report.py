@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ...kl import format_negative_count, prob_negative_upper_bound
+from ...models.speech import LIKELIHOODS
 from .variants import (
     cost_ratios,
     paired_difference,
     summarise,
+    t_interval,
 )
 
 logger = logging.getLogger("pyro_vits")
@@ -19,12 +22,24 @@ logger = logging.getLogger("pyro_vits")
 LABELS = {"heldout_elbo_per_frame": "held-out ELBO (nats/frame)",
           "heldout_kl_per_frame": "held-out KL (nats/frame)",
           "heldout_recon_db": "reconstruction error (dB RMS)",
+          "heldout_mel_l1": "mel L1 (log-mel, mean over bins and frames)",
           "prob_negative_kl": "P(logged KL < 0)",
           "s_per_step": "s / step",
           "cpu_s_per_step": "CPU s / step"}
 
 
 KEYS = tuple(LABELS)
+
+DELTAS = {"heldout_elbo_per_frame": "Δ held-out ELBO", "heldout_kl_per_frame": "Δ held-out KL",
+          "heldout_recon_db": "Δ reconstruction error (dB)", "heldout_mel_l1": "Δ mel L1"}
+"""The measures paired with ``vits`` by seed (those the runs have), with their column headers."""
+
+RECONSTRUCTION_NOTES = {
+    "gaussian-linear": "reconstruction error: RMS in dB of `dec(m_q)` against the log-magnitude spectrogram",
+    "laplace-mel": "mel L1: mean |`dec(m_q)` − log-mel| over the 80 mel bins and valid frames, in log-mel "
+                   "units (VITS's `l1_loss(y_mel, y_hat_mel)`, with `dec(m_q)` for the vocoded `y_hat`)",
+}
+"""How the page describes the reconstruction measure of each likelihood."""
 
 
 def _cell(stat: Mapping[str, float]) -> str:
@@ -85,10 +100,11 @@ def _tables(runs: Sequence[Mapping[str, Any]], batches: int) -> list[str]:
     lines = ["| variant | steps | " + " | ".join(LABELS[k] for k in keys) + " |", "|---" * (len(keys) + 2) + "|"]
     lines += [f"| {v} | {'/'.join(map(str, steps[v]))} | " + " | ".join(cell(v, k) for k in keys) + " |"
               for v in table]
+    deltas = [k for k in DELTAS if k in keys]
     lines += ["", "Difference from `vits`, paired by seed (95 % t-interval; * where it excludes 0):", "",
-              "| variant | Δ held-out ELBO | Δ held-out KL | Δ reconstruction error (dB) |", "|---|---|---|---|"]
+              "| variant | " + " | ".join(DELTAS[k] for k in deltas) + " |", "|---" * (len(deltas) + 1) + "|"]
     for v in (v for v in table if v != "vits" and "vits" in table):
-        cells = [_difference_cell(paired_difference(runs, key, v)) for key in KEYS[:3]]
+        cells = [_difference_cell(paired_difference(runs, key, v)) for key in deltas]
         lines.append(f"| {v} | " + " | ".join(cells) + " |")
     return lines + [""]
 
@@ -110,6 +126,11 @@ def _took(setup: Mapping[str, Any], runs: Sequence[Mapping[str, Any]]) -> str:
     return text
 
 
+def _likelihood(setup: Mapping[str, Any]) -> str:
+    """The study's likelihood (studies from before the option: ``gaussian-linear``)."""
+    return setup.get("likelihood", "gaussian-linear")
+
+
 def _header(setup: Mapping[str, Any], runs: Sequence[Mapping[str, Any]]) -> list[str]:
     corpus = setup["corpus"]
     used = (f"{corpus['hours_used']:.2f} h of audio" if "hours_used" in corpus
@@ -124,6 +145,8 @@ def _header(setup: Mapping[str, Any], runs: Sequence[Mapping[str, Any]]) -> list
         "utterances, the same seed (initialisation, minibatches, noise) for every variant. The variants "
         "differ only in the KL term of the loss (see `pyro_vits.studies.speech.variants`)."
         + (f" Code: {setup['code']}." if setup.get("code") else ""), "",
+        f"Likelihood `{_likelihood(setup)}` (`pyro_vits.models.speech`): {LIKELIHOODS[_likelihood(setup)]}; "
+        "the held-out ELBO includes this log-likelihood (it is not comparable across likelihoods).", "",
     ]
 
 
@@ -217,6 +240,41 @@ def _findings(runs: Sequence[Mapping[str, Any]], setup: Mapping[str, Any],
     return lines + [""]
 
 
+def _stat(values: Sequence[float]) -> dict[str, float]:
+    return t_interval(values) if len(values) > 1 else dict(mean=values[0], half_width=math.nan)
+
+
+def regime_summary(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
+    """Over the ``vits`` runs (equal steps) that recorded them: the held-out KL per frame at each logged step
+    and Q10's alignment gap fields at the end, each the mean over seeds with its 95 % t half-width
+    (``{"steps", "kl_per_frame", "alignment_gap", "seeds"}``); None when no run recorded them."""
+    mine = [r for r in runs if r["variant"] == "vits" and r.get("budget", "steps") == "steps"
+            and r.get("kl_trajectory") and r.get("heldout_alignment_gap")]
+    if not mine:
+        return None
+    steps = [s for s, _ in mine[0]["kl_trajectory"]]
+    return dict(seeds=len(mine), steps=steps,
+                kl_per_frame=[_stat([r["kl_trajectory"][i][1] for r in mine]) for i in range(len(steps))],
+                alignment_gap={k: _stat([r["heldout_alignment_gap"][k][0] for r in mine])
+                               for k in ("mas", "fixed", "marginal", "marginal_minus_mas", "fixed_minus_mas")})
+
+
+def _regime(summary: Mapping[str, Any] | None) -> list[str]:
+    """The page's section on :func:`regime_summary` (empty without one)."""
+    if summary is None:
+        return []
+    gap = summary["alignment_gap"]
+    return ["## The KL regime of `vits` and what monotonic alignment does to it", "",
+            f"Held-out KL per frame through training (mean over {summary['seeds']} seeds ± the 95 % t "
+            "half-width):", "",
+            "| step | " + " | ".join(map(str, summary["steps"])) + " |", "|---" * (len(summary["steps"]) + 1) + "|",
+            "| KL (nats/frame) | " + " | ".join(_cell(c) for c in summary["kl_per_frame"]) + " |", "",
+            f"`log q − log p` per held-out frame at the end (Q10 of kl_estimators.md; mean over seeds of each "
+            f"run's Monte-Carlo mean): per-draw MAS (VITS's term) {_cell(gap['mas'])}, the posterior mean's "
+            f"alignment {_cell(gap['fixed'])}, the uniform mixture over alignments {_cell(gap['marginal'])}; "
+            f"mixture − VITS {_cell(gap['marginal_minus_mas'])}.", ""]
+
+
 def render(results: Mapping[str, Any]) -> str:
     """``docs/speech_study.md`` from ``results.json``'s content."""
     runs, setup = results["runs"], results["setup"]
@@ -228,12 +286,13 @@ def render(results: Mapping[str, Any]) -> str:
         lines += [f"## Equal compute (the compute of {setup['steps']} steps of `vits`)", ""]
         lines += _tables(groups["compute"], batches)
     lines += _findings(groups["steps"], setup, groups.get("compute", ()))
+    lines += _regime(results.get("regime"))
     lines += [f"Held-out ELBO and KL: {setup['eval_samples']} guide draws per utterance "
-              "(`pyro_vits.infer.evaluate`); reconstruction error: `dec(m_q)` against the log-magnitude "
-              "spectrogram; P(logged KL < 0): how many of "
-              f"{batches} training minibatches of {setup['batch_size']} utterances per run, pooled over the "
-              "variant's seeds, have a negative one-draw VITS KL (`-H(q) - log p(z)`, per frame) at the end "
-              "of training, with a 95 % upper bound when none has; "
+              f"(`pyro_vits.infer.evaluate`); {RECONSTRUCTION_NOTES[_likelihood(setup)]}; "
+              f"P(logged KL < 0): how many of {batches} training minibatches of {setup['batch_size']} "
+              "utterances per run, pooled over the variant's seeds, have a negative one-draw VITS KL "
+              "(`-H(q) - log p(z)`, per frame) at the end of training, with a 95 % upper bound when none "
+              "has; "
               "s / step: wall time of the run's training (its one final logging evaluation included) over its "
               "steps, on a shared CPU; CPU s / step: the CPU time of the same, the cost the ratios use.", ""]
     return "\n".join(lines)

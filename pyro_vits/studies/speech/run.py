@@ -23,13 +23,14 @@ from ...data.speech_data import SpeechCorpus, read_corpus
 from ...infer.evaluate import evaluate
 from ...models.speech import PRESETS, build_pair
 from ...train import FitConfig, fit
-from .report import render
+from .report import regime_summary, render
 from .variants import (
+    RECONSTRUCTION,
     VARIANTS,
+    alignment_gap_per_frame,
     cost_ratios,
     equal_compute_steps,
     negative_kl_fraction,
-    reconstruction_error_db,
     unequal_cost,
     variant_elbo,
 )
@@ -43,8 +44,9 @@ logger = logging.getLogger("pyro_vits")
 def study_settings(args: argparse.Namespace) -> dict[str, Any]:
     """What a run's numbers depend on besides its variant, seed and steps (a stored run is reused only when
     these match)."""
-    return dict(corpus=str(args.corpus), batch_size=args.batch_size, max_utterances=args.max_utterances,
-                eval_samples=args.eval_samples, negative_batches=args.negative_batches, device=args.device)
+    return dict(corpus=str(args.corpus), likelihood=args.likelihood, batch_size=args.batch_size,
+                max_utterances=args.max_utterances, eval_samples=args.eval_samples,
+                negative_batches=args.negative_batches, device=args.device)
 
 
 def _run_dir(args: argparse.Namespace, variant: str, seed: int, budget: str) -> Path:
@@ -59,12 +61,14 @@ def run_variant(corpus: SpeechCorpus, variant: str, seed: int, args: argparse.Na
     ``"compute"``) labels the comparison the run belongs to."""
     steps = args.steps if steps is None else steps
     settings = PRESETS["cpu"]
-    model, guide = build_pair(settings, corpus.speech, corpus.n_speakers, seed=seed)
+    model, guide = build_pair(settings, corpus.speech, corpus.n_speakers, seed=seed,
+                              likelihood=args.likelihood)
     elbo = variant_elbo(variant)
     run_dir = _run_dir(args, variant, seed, budget)
     start, cpu_start = time.perf_counter(), time.process_time()
     config = FitConfig(steps=steps, lr=settings["lr"], batch_size=args.batch_size, seed=seed, out_dir=run_dir,
-                       overwrite=args.overwrite, log_every=steps, progress=False, eval_samples=4)
+                       overwrite=args.overwrite, log_every=min(steps, args.log_every or steps), progress=False,
+                       eval_samples=4)
     result = fit(model, guide, corpus.train, config, elbo=elbo, device=args.device,
                  extra_config=dict(variant=variant))
     cpu, wall = time.process_time() - cpu_start, time.perf_counter() - start
@@ -72,15 +76,19 @@ def run_variant(corpus: SpeechCorpus, variant: str, seed: int, args: argparse.Na
     measures = evaluate(result.model, result.guide, heldout, num_samples=args.eval_samples, seed=seed)
     negative = negative_kl_fraction(result.model, result.guide, corpus.train.to(result.device),
                                     args.batch_size, args.negative_batches, seed=seed)
+    recon_key, recon = RECONSTRUCTION[args.likelihood]
     record = dict(variant=variant, seed=seed, budget=budget, steps=steps, wall_s=wall, s_per_step=wall / steps,
                   cpu_s=cpu, cpu_s_per_step=cpu / steps,
                   heldout_elbo_per_frame=measures["elbo_per_frame"],
                   heldout_kl_per_frame=measures["kl_per_frame"],
                   heldout_elbo_mcse_per_frame=measures["elbo_stderr_per_frame"],
-                  heldout_recon_db=reconstruction_error_db(result.model, result.guide, heldout),
+                  **{recon_key: recon(result.model, result.guide, heldout)},
                   prob_negative_kl=negative["prob_negative"],
                   logged_kl_per_frame=negative["kl_per_frame_mean"],
                   logged_kl_sd_per_frame=negative["kl_per_frame_sd"],
+                  heldout_alignment_gap=alignment_gap_per_frame(result.model, result.guide, heldout,
+                                                                seed=seed),
+                  kl_trajectory=[[m["step"], m["kl_per_frame"]] for m in result.metrics],
                   training_steps_kl_negative=getattr(elbo, "negative_steps", None), settings=study_settings(args))
     atomic_write(run_dir / "study_run.json", lambda f: json.dump(record, f, indent=2))
     return record
@@ -115,13 +123,14 @@ def _setup(args: argparse.Namespace, corpus: SpeechCorpus, argv: Sequence[str]) 
     """What the page states about how its numbers were made."""
     summary = Path(args.corpus) / "corpus.json"
     info = json.loads(summary.read_text()) if summary.is_file() else {}
-    description = (f"espeak-ng {info.get('synthesiser_version', '?')}, {len(info.get('voices', []))} "
-                   f"voice(s), {info.get('hours', float('nan')):.2f} h in all") if info else "no corpus.json"
+    description = (f"{info.get('synthesiser', 'espeak-ng')} {info.get('synthesiser_version', '?')}, "
+                   f"{len(info.get('voices', []))} voice(s), {info.get('hours', float('nan')):.2f} h in all"
+                   ) if info else "no corpus.json"
     s = PRESETS["cpu"]
     return dict(command="python -m pyro_vits.apps.speech_study " + " ".join(argv),
-                utc=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), seeds=args.seeds, steps=args.steps,
-                batch_size=args.batch_size, negative_batches=args.negative_batches,
-                eval_samples=args.eval_samples,
+                utc=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), likelihood=args.likelihood,
+                seeds=args.seeds, steps=args.steps, batch_size=args.batch_size,
+                negative_batches=args.negative_batches, eval_samples=args.eval_samples,
                 sizes={k: s[k] for k in ("inter_channels", "hidden_channels", "n_layers", "guide_layers",
                                          "n_fft")},
                 corpus=dict(folder=str(args.corpus), train=corpus.train.n, heldout=corpus.heldout.n,
@@ -144,7 +153,8 @@ def stored_run(args: argparse.Namespace, variant: str, seed: int, steps: int, bu
     if args.overwrite or not path.is_file():
         return None
     record = json.loads(path.read_text())
-    same = record.get("steps") == steps and record.get("settings") == study_settings(args)
+    settings = {"likelihood": "gaussian-linear", **(record.get("settings") or {})}  # runs before --likelihood
+    same = record.get("steps") == steps and settings == study_settings(args)
     return record if same else None
 
 
@@ -194,7 +204,7 @@ def run_study(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any] |
     setup = _setup(args, corpus, argv)
     setup.update(equal_compute=retrained, equal_compute_rule="auto" if args.equal_compute is None else "given",
                  wall_s=time.perf_counter() - start, reused=reused)
-    results = dict(setup=setup, runs=runs)
+    results = dict(setup=setup, runs=runs, regime=regime_summary(runs))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(out / "results.json", lambda f: json.dump(results, f, indent=2))

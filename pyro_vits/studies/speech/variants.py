@@ -13,10 +13,11 @@ differs. With ``KL_b = -H(q) - log p(z)`` summed over the minibatch (one draw, V
 
 Measured on the held-out utterances after training (nats per frame unless stated): the ELBO and KL with
 ``--eval-samples`` guide draws per utterance (:func:`~pyro_vits.infer.evaluate.evaluate`; 16 by default, the
-page states how many its run used), the spectrogram reconstruction error (RMS, in dB, of
-``dec(m_q)`` against the log-magnitude spectrogram over valid bins and frames), and P(logged KL < 0): the
-fraction of training-size minibatches whose one-draw VITS KL is negative (reported as a count pooled over
-seeds, with a 95 % upper bound when it is 0).
+page states how many its run used), the reconstruction error of ``dec(m_q)`` against the model's
+observation over valid bins and frames (:data:`RECONSTRUCTION`: the RMS in dB against the log-magnitude
+spectrogram for the ``gaussian-linear`` likelihood, the mean absolute error in log-mel units, VITS's mel L1,
+for ``laplace-mel``), and P(logged KL < 0): the fraction of training-size minibatches whose one-draw VITS KL
+is negative (reported as a count pooled over seeds, with a 95 % upper bound when it is 0).
 
 Equal compute: each variant's cost per step relative to ``vits`` is measured in the same study
 (:func:`cost_ratios`, CPU seconds per training step, paired by seed); a variant that costs ``r`` times as much
@@ -39,12 +40,14 @@ from torch import Tensor
 
 from ..._validate import check_positive_ints
 from ...data.speech_data import SpeechData
+from ...distributions.masked_normal import MaskedNormal
 from ...infer.elbo import HybridEntropyELBO
-from ...kl import ESTIMATORS, names
-from ...models.speech import SpeechModel, log_spectrogram
+from ...kl import ESTIMATORS, aligned_log_priors, alignment_gap, names, posterior_mean_alignment
+from ...models.speech import SpeechModel
 
-__all__ = ["PATCHES", "VARIANTS", "KLVariantELBO", "variant_elbo", "reconstruction_error_db", "negative_kl_fraction",
-           "t_interval", "summarise", "paired_difference", "cost_ratios", "unequal_cost", "equal_compute_steps"]
+__all__ = ["PATCHES", "VARIANTS", "RECONSTRUCTION", "KLVariantELBO", "variant_elbo", "reconstruction_error_db",
+           "mel_l1_error", "negative_kl_fraction", "t_interval", "summarise", "paired_difference",
+           "cost_ratios", "unequal_cost", "equal_compute_steps"]
 
 PATCHES = names(fix=True)
 """The patched ``kl_loss`` variants of :class:`KLVariantELBO`: the registry's fixes (``clamp``, ``abs``,
@@ -99,17 +102,40 @@ def variant_elbo(name: str) -> ELBO:
 
 
 @torch.no_grad()
-def reconstruction_error_db(model: SpeechModel, guide: Any, data: SpeechData, batch_size: int = 16) -> float:
-    """RMS over valid (bin, frame) elements of ``dec(m_q) - log|spec|``, in dB (20 log10 of magnitudes)."""
+def _mean_residual_power(model: SpeechModel, guide: Any, data: SpeechData, batch_size: int, power: int,
+                         likelihood: str) -> float:
+    """Mean over valid (bin, frame) elements of ``|dec(m_q) - x|^power``, ``x = model.observation(spec)``
+    ``(B, F_x, T)`` in natural-log units; ``model`` must have ``likelihood``."""
     check_positive_ints(batch_size=batch_size)
+    if model.config["likelihood"] != likelihood:
+        raise ValueError(f"this measure is for the {likelihood!r} likelihood, the model has "
+                         f"{model.config['likelihood']!r} (see RECONSTRUCTION)")
     total, count = 0.0, 0
     for start in range(0, data.n, batch_size):
         chunk = data.subset(torch.arange(start, min(start + batch_size, data.n), device=data.device))
         m_q, _ = guide.posterior(chunk)
-        err = (model.likelihood(m_q, chunk).loc - log_spectrogram(chunk.spec)) * chunk.mask
-        total += float(err.pow(2).sum())
-        count += int(chunk.mask.sum()) * chunk.channels
-    return DB_PER_NEPER * math.sqrt(total / count)
+        err = (model.likelihood(m_q, chunk).loc - model.observation(chunk.spec)) * chunk.mask
+        total += float(err.abs().pow(power).sum())
+        count += int(chunk.mask.sum()) * err.shape[-2]
+    return total / count
+
+
+def reconstruction_error_db(model: SpeechModel, guide: Any, data: SpeechData, batch_size: int = 16) -> float:
+    """RMS over valid (bin, frame) elements of ``dec(m_q) - log|spec|``, in dB (20 log10 of magnitudes);
+    ``gaussian-linear`` models."""
+    mean_square = _mean_residual_power(model, guide, data, batch_size, 2, "gaussian-linear")
+    return DB_PER_NEPER * math.sqrt(mean_square)
+
+
+def mel_l1_error(model: SpeechModel, guide: Any, data: SpeechData, batch_size: int = 16) -> float:
+    """VITS's mel L1: the mean over valid (mel bin, frame) elements of ``|dec(m_q) - log-mel|``, in log-mel
+    units (natural log of the mel magnitude); ``laplace-mel`` models."""
+    return _mean_residual_power(model, guide, data, batch_size, 1, "laplace-mel")
+
+
+RECONSTRUCTION = {"gaussian-linear": ("heldout_recon_db", reconstruction_error_db),
+                  "laplace-mel": ("heldout_mel_l1", mel_l1_error)}
+"""Likelihood -> (the run record's field, the measure) of the reconstruction error."""
 
 
 @torch.no_grad()
@@ -136,6 +162,22 @@ def negative_kl_fraction(model: SpeechModel, guide: Any, data: SpeechData, batch
     return dict(prob_negative=p, prob_negative_se=math.sqrt(p * (1 - p) / batches),
                 kl_per_frame_mean=float(v.mean()),
                 kl_per_frame_sd=float(v.std()) if batches > 1 else math.nan)
+
+
+@torch.no_grad()
+def alignment_gap_per_frame(model: SpeechModel, guide: Any, data: SpeechData, draws: int = 8,
+                            seed: int = 0) -> dict[str, Any]:
+    """Q10's measurement on ``data``: :func:`~pyro_vits.kl.alignment_gap` of ``draws`` seeded draws
+    ``z ~ q`` (nats per frame, each field ``(mean, MCSE)``: ``log q - log p`` with VITS's per-draw MAS, with
+    the alignment of the posterior mean, and with the uniform mixture over monotonic alignments)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        prior = model.prior(data)
+        m_q, logs_q = guide.posterior(data)
+        q = MaskedNormal(m_q, logs_q.exp(), data.mask, validate_args=False)
+        z = q.sample(torch.Size([draws]))
+        priors = aligned_log_priors(prior, z, posterior_mean_alignment(prior, m_q))
+        return alignment_gap(q.log_prob(z), priors, data.lengths)._asdict()
 
 
 def t_interval(values: Sequence[float], level: float = 0.95) -> dict[str, float]:
