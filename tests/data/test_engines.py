@@ -19,10 +19,9 @@ from pyro_vits.data.engines import (
     FliteEngine,
     PiperEngine,
     make_engine,
-    piper_phoneme_ids,
 )
 from pyro_vits.data.filelists import read_filelist
-from pyro_vits.data.text import VITS_SYMBOLS
+from pyro_vits.data.text import VITS_SYMBOLS, piper_phoneme_ids
 
 needs_espeak = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng not installed")
 needs_flite = pytest.mark.skipif(shutil.which("flite") is None,
@@ -48,8 +47,8 @@ SENTENCES = ["A day for firm decisions.", "Courage is your greatest need."]
 
 def test_piper_phoneme_ids_pad_every_phoneme_like_piper():
     id_map = {"_": [0], "^": [1], "$": [2], " ": [3], "a": [4], "b": [5], "\u0327": [6], "c": [7]}
-    assert piper_phoneme_ids("ab a", id_map) == [1, 0, 4, 0, 5, 0, 3, 0, 4, 0, 2]
-    assert piper_phoneme_ids("çx", id_map) == [1, 0, 7, 0, 6, 0, 2]  # NFD; unknown phonemes skipped
+    assert piper_phoneme_ids("ab a", id_map) == ([1, 0, 4, 0, 5, 0, 3, 0, 4, 0, 2], 0)
+    assert piper_phoneme_ids("çx", id_map) == ([1, 0, 7, 0, 6, 0, 2], 1)  # NFD; unknown phonemes skipped
 
 
 def test_engine_table_and_bad_name():

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from pyro_vits.data.refit_corpus import TextIds, piper_phoneme_ids
-from pyro_vits.data.text import VITS_SYMBOLS
+from pyro_vits.data.refit_corpus import TextIds
+from pyro_vits.data.text import VITS_SYMBOLS, piper_phoneme_ids
 
 ID_MAP = {"_": [0], "^": [1], "$": [2], " ": [3], "a": [4], "b": [5], "ˈ": [6], "\u0303": [7]}
 

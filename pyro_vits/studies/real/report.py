@@ -50,7 +50,8 @@ def collect(cfg: Mapping[str, Any], root: Path, evals: Mapping[str, Mapping[str,
     (records per fix and seed, t-intervals over seeds, paired differences against ``vits``)."""
     trajectory = [{"step": s, **evals[f"refit-{s}"]} for s in cfg["refit_steps"]]
     keep = ("utterances", "frames", "particles", "batch_size", "kl_per_frame", "prob_negative",
-            "prob_negative_by_estimator", "alignment_agreement", "skewness_per_utterance", "channels")
+            "prob_negative_by_estimator", "alignment_agreement", "skewness_per_utterance", "channels",
+            "sd_batch_by_size", "warnings")
     return dict(setup=dict(setup), config=dict(cfg), trajectory=trajectory,
                 training_log=_training_log(root / "refit"),
                 audit={k: audit_report[k] for k in keep if k in audit_report},
@@ -250,8 +251,13 @@ def _settle(results: Mapping[str, Any]) -> str:
 def _negative(results: Mapping[str, Any]) -> str:
     a = results["audit"]
     rows = a["prob_negative"]
-    parts = [f"batch {size}: counted {_negative_cell(rows[size])}, saddlepoint {rows[size]['predicted']:.2g}"
-             for size in ("16", "64") if size in rows]
+    parts = [f"batch {size}: counted {_negative_cell(rows[size])}; predicted from the per-utterance values by "
+             f"the saddlepoint {rows[size]['predicted']:.2g} (the normal approximation "
+             f"{rows[size].get('predicted_normal', float('nan')):.2g})" for size in ("16", "64") if size in rows]
+    one = rows.get("1")
+    if one is not None and one["negative"] == 0:
+        parts.append(f"not one of the {one['resampled']} one-draw per-utterance values is negative (95 % bound "
+                     f"< {one['upper_95']:.2g}), so no sum of them can be, which is why the saddlepoint is 0")
     spread = a.get("sd_batch_by_size", {}).get("16")
     kl = a["kl_per_frame"]["vits"]["mean"]
     extra = (f" At batch 16 the logged value has mean {kl:.4g} and sd {spread['sd_batch_total']:.3g} nats per "
