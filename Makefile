@@ -55,10 +55,10 @@ docs-kl: install
 	$(BIN)/python -m pyro_vits.apps.study --preset docs --device cpu --out runs/kl-study-docs --docs docs
 
 # The joint speech study with VITS's loss balance (Laplace likelihood on the 80-bin log-mel, c_mel = 45) on the
-# piper corpus: VITS's KL term, 3 seeds (about 9 CPU-min each), the held-out KL every 100 steps and the alignment gap at the end.
+# piper corpus: VITS's KL term, 5 seeds (about 9 CPU-min each), the held-out KL every 100 steps and the alignment gap at the end.
 docs-speech: real-vits-corpus
 	$(BIN)/python -m pyro_vits.apps.speech_study --corpus $(PIPER_CORPUS) --likelihood laplace-mel --variants vits \
-		--seeds 0 1 2 --steps 1000 --log-every 100 --max-utterances 2089 --jobs 1 --equal-compute \
+		--seeds 0 1 2 3 4 --steps 1000 --log-every 100 --max-utterances 2089 --jobs 2 --equal-compute \
 		--out runs/speech-study-laplace --docs docs
 
 # VITS's KL regime on a real trained VITS (docs/real_vits.md, real_vits.json, figures, samples): Piper's joe voice
