@@ -35,7 +35,7 @@ from torch.nn import functional as F
 
 from .._validate import check_positive_ints
 from ..distributions.aligned import AlignedFlowPrior
-from ..nn.alignment import maximum_path
+from ..nn.alignment import alignment_lengths, maximum_path
 
 __all__ = ["AlignmentLogPriors", "log_sum_alignments", "log_alignment_count", "alignment_log_priors",
            "posterior_mean_alignment", "aligned_log_priors", "AlignmentGap", "alignment_gap",
@@ -53,24 +53,6 @@ class AlignmentLogPriors(NamedTuple):
     """``log p_mix(z) = log sum_A p(z | A) - log n_A``: the uniform mixture over the monotonic alignments."""
     log_count: Tensor
     """``log n_A``: the number of monotonic alignments (``mas - marginal`` lies in ``[0, log_count]``)."""
-
-
-def _lengths(scores: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
-    """Check ``scores`` and ``mask (N, T, L)``; each utterance's frame and symbol counts, ``(N,)`` long."""
-    for name, value in (("scores", scores), ("mask", mask)):
-        if not isinstance(value, Tensor):
-            raise TypeError(f"{name} must be a Tensor, got {type(value).__name__}")
-        if value.dim() != 3:
-            raise ValueError(f"{name} must have shape (N, T, L), got {tuple(value.shape)}")
-    if mask.shape != scores.shape:
-        raise ValueError(f"mask must have scores' shape {tuple(scores.shape)}, got {tuple(mask.shape)}")
-    frames, tokens = mask[:, :, 0].sum(1).long(), mask[:, 0, :].sum(1).long()
-    bad = torch.nonzero((tokens < 1) | (tokens > frames)).flatten()
-    if bad.numel():
-        n = int(bad[0])
-        raise ValueError(f"utterance {n} has {int(tokens[n])} symbols for {int(frames[n])} frames: a "
-                         "monotonic alignment needs 1 <= symbols <= frames")
-    return frames, tokens
 
 
 def _check_path(path: Tensor, mask: Tensor, frames: Tensor, tokens: Tensor) -> None:
@@ -101,7 +83,7 @@ def log_sum_alignments(scores: Tensor, mask: Tensor) -> Tensor:
     ``alpha[0] = (scores[0, 0], -inf, ...)``, read at ``(T_n - 1, L_n - 1)``: a loop of ``T`` steps, each
     vectorised over ``(N, L)``. Returns ``(N,)`` float64 (computed in float64), without gradient.
     """
-    frames, tokens = _lengths(scores, mask)
+    frames, tokens = alignment_lengths(scores, mask, "scores")
     with torch.no_grad():
         s = torch.where(mask > 0, scores.detach().double(), 0.0)
         alpha = torch.where(torch.arange(s.shape[2], device=s.device) == 0, s[:, 0], -math.inf)
@@ -138,7 +120,7 @@ def alignment_log_priors(scores: Tensor, mask: Tensor, fixed_path: Tensor) -> Al
     tie-breaking as VITS), summed in float64; ``marginal`` and ``log_count`` come from the forward recursion.
     No gradient.
     """
-    frames, tokens = _lengths(scores, mask)
+    frames, tokens = alignment_lengths(scores, mask, "scores")
     _check_path(fixed_path, mask, frames, tokens)
     log_count = log_alignment_count(mask)
     mas_path = maximum_path(torch.where(mask > 0, scores.detach(), 0.0), mask)  # masked cells: never read

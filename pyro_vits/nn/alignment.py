@@ -12,19 +12,29 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["maximum_path", "neg_cent", "expand_prior", "attention_mask"]
+__all__ = ["maximum_path", "neg_cent", "expand_prior", "attention_mask", "alignment_lengths"]
 
 _MAX_NEG_VAL = np.float32(-1e9)  # VITS's ``max_neg_val``: the score of an unreachable cell
 
 
-def _check_scores(neg_cent_: Tensor, mask: Tensor) -> None:
-    for name, value in (("neg_cent", neg_cent_), ("mask", mask)):
+def alignment_lengths(scores: Tensor, mask: Tensor, name: str = "neg_cent") -> tuple[Tensor, Tensor]:
+    """Check a MAS score array ``scores (B, T_spec, T_text)`` (called ``name`` in errors) and its valid-pair
+    ``mask`` of the same shape; returns each utterance's frame and token counts, ``(B,)`` long each.
+    ``ValueError`` for an utterance without ``1 <= tokens <= frames`` (no monotonic alignment exists)."""
+    for label, value in ((name, scores), ("mask", mask)):
         if not isinstance(value, Tensor):
-            raise TypeError(f"{name} must be a Tensor, got {type(value).__name__}")
+            raise TypeError(f"{label} must be a Tensor, got {type(value).__name__}")
         if value.dim() != 3:
-            raise ValueError(f"{name} must have shape (B, T_spec, T_text), got {tuple(value.shape)}")
-    if mask.shape != neg_cent_.shape:
-        raise ValueError(f"mask must have neg_cent's shape {tuple(neg_cent_.shape)}, got {tuple(mask.shape)}")
+            raise ValueError(f"{label} must have shape (B, T_spec, T_text), got {tuple(value.shape)}")
+    if mask.shape != scores.shape:
+        raise ValueError(f"mask must have {name}'s shape {tuple(scores.shape)}, got {tuple(mask.shape)}")
+    frames, tokens = mask[:, :, 0].sum(1).long(), mask[:, 0, :].sum(1).long()
+    bad = torch.nonzero((tokens < 1) | (tokens > frames)).flatten()
+    if bad.numel():
+        b = int(bad[0])
+        raise ValueError(f"utterance {b} of the batch has {int(tokens[b])} text tokens for {int(frames[b])} "
+                         "frames: a monotonic alignment needs 1 <= tokens <= frames")
+    return frames, tokens
 
 
 def _forward_pass(value: np.ndarray, t_spec: np.ndarray, t_text: np.ndarray) -> None:
@@ -80,18 +90,9 @@ def maximum_path(neg_cent: Tensor, mask: Tensor) -> Tensor:
     accumulation and tie-breaking as VITS's Cython kernel, vectorised over the batch in numpy (a loop over
     frames). Requires ``1 <= T_text_b <= T_spec_b`` (VITS reads memory outside the score array otherwise).
     """
-    _check_scores(neg_cent, mask)
+    frames, tokens = alignment_lengths(neg_cent, mask)
     scores = neg_cent.detach().cpu().numpy().astype(np.float32)
-    mask_np = mask.detach().cpu().numpy()
-    t_spec = mask_np.sum(1)[:, 0].astype(np.int64)
-    t_text = mask_np.sum(2)[:, 0].astype(np.int64)
-    bad = np.flatnonzero((t_text < 1) | (t_text > t_spec))
-    if bad.size:
-        b = int(bad[0])
-        raise ValueError(
-            f"utterance {b} of the batch has {int(t_text[b])} text tokens for {int(t_spec[b])} "
-            "frames: a monotonic alignment needs 1 <= tokens <= frames"
-        )
+    t_spec, t_text = frames.cpu().numpy(), tokens.cpu().numpy()
     _forward_pass(scores, t_spec, t_text)
     path = _backtrack(scores, t_spec, t_text)
     return torch.from_numpy(path).to(device=neg_cent.device, dtype=neg_cent.dtype)

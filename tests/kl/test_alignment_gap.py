@@ -106,7 +106,7 @@ def test_bounds_between_max_and_mixture_on_long_utterances():
 def test_bad_inputs_are_named():
     scores, mask = ragged_case(0)
     fixed = torch.stack([as_path(alignments(f, t)[0], scores.shape[1:]) for f, t in zip(FRAMES, TOKENS)])
-    with pytest.raises(ValueError, match="2 symbols for 1 frames"):
+    with pytest.raises(ValueError, match="2 text tokens for 1 frames"):
         log_sum_alignments(scores[:1, :1, :2], mask[:1, :1, :2])
     with pytest.raises(ValueError, match="shape"):
         log_sum_alignments(scores[0], mask[0])
