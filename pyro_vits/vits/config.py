@@ -18,6 +18,12 @@ from .reader import (
 logger = logging.getLogger(__name__)
 
 
+MODEL_SIZES = ("inter_channels", "hidden_channels", "filter_channels", "n_heads", "n_layers", "kernel_size",
+               "gin_channels")
+"""The sizes of VITS's ``model`` config section that the weights determine (checked against them on reading,
+written on export)."""
+
+
 def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
@@ -101,19 +107,7 @@ def check_config_sizes(sizes: Mapping[str, int], config: Mapping[str, Any], labe
     model, data = config.get("model"), config.get("data", {})
     if not isinstance(model, Mapping):
         raise ValueError("config has no 'model' section (expected a VITS config.json)")
-    stated = {
-        key: model[key]
-        for key in (
-            "inter_channels",
-            "hidden_channels",
-            "filter_channels",
-            "n_heads",
-            "n_layers",
-            "kernel_size",
-            "gin_channels",
-        )
-        if key in model
-    }
+    stated = {key: model[key] for key in MODEL_SIZES if key in model}
     if "filter_length" in data and sizes.get("spec_channels"):  # 0: no enc_q
         stated["spec_channels"] = data["filter_length"] // 2 + 1
     if data.get("n_speakers", 0) > 1:
@@ -156,6 +150,8 @@ def layout_config(config: Mapping[str, Any] | None, layout: Layout) -> dict[str,
 
 
 def config_value(config: Mapping[str, Any] | None, name: str) -> Any:
+    """``config[name]``, or under its ``model`` (VITS ``config.json``) or ``model_args`` (coqui) section; None
+    when absent."""
     if not isinstance(config, Mapping):
         return None
     for section in (config, config.get("model"), config.get("model_args")):

@@ -25,6 +25,7 @@ from .._io import atomic_write
 from ..data.speech_batches import SpeechConfig
 from ..models.guides import PosteriorEncoder
 from ..models.speech import SpeechModel
+from .config import MODEL_SIZES
 from .reader import weight_norm_key
 
 __all__ = ["vits_generator_state", "vits_config", "export_vits_generator", "decoder_config", "export_vits_parts"]
@@ -81,8 +82,7 @@ def vits_config(model: SpeechModel, guide: PosteriorEncoder, speech: SpeechConfi
             "mel_fmin": 0.0, "mel_fmax": None, "add_blank": speech.add_blank, "n_speakers": cfg["n_speakers"],
         },
         "model": {
-            **{k: cfg[k] for k in ("inter_channels", "hidden_channels", "filter_channels", "n_heads",
-                                   "n_layers", "kernel_size", "p_dropout", "gin_channels")},
+            **{k: cfg[k] for k in MODEL_SIZES}, "p_dropout": cfg["p_dropout"],
             "resblock": "1", "resblock_kernel_sizes": [3, 7, 11],
             "resblock_dilation_sizes": [[1, 3, 5], [1, 3, 5], [1, 3, 5]], "upsample_rates": [8, 8, 2, 2],
             "upsample_initial_channel": 512, "upsample_kernel_sizes": [16, 16, 4, 4], "n_layers_q": 3,

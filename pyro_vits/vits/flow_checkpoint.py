@@ -41,6 +41,7 @@ from ..flows.transformer import (
     ResidualCouplingTransformersBlock,
     TransformerCouplingBlock,
 )
+from .config import config_value
 from .layouts import Layout, canonical, layout_for_keys, resolve
 from .reader import (
     FLOAT_DTYPES,
@@ -232,16 +233,6 @@ def _heads(sub: Mapping[str, Tensor], prefix: str, where: str, given: int | None
     return stored or given or default
 
 
-def _config_value(config: Mapping[str, Any] | None, name: str) -> Any:
-    """``config[name]``, or under its ``model`` (VITS ``config.json``) or ``model_args`` (coqui) section."""
-    if not isinstance(config, Mapping):
-        return None
-    for section in (config, config.get("model"), config.get("model_args")):
-        if isinstance(section, Mapping) and section.get(name) is not None:
-            return section[name]
-    return None
-
-
 def _resolve(name: str, explicit: Any, from_config: Any, default: Any) -> Any:
     if explicit is not None and from_config is not None and explicit != from_config:
         raise _fail(f"{name}={explicit!r} contradicts the checkpoint config ({from_config!r})")
@@ -249,8 +240,8 @@ def _resolve(name: str, explicit: Any, from_config: Any, default: Any) -> Any:
 
 
 def _mono_type(explicit: str | None, config: Mapping[str, Any] | None) -> str:
-    from_config = _config_value(config, "transformer_flow_type")
-    if from_config is None and _config_value(config, "use_transformer_flows"):
+    from_config = config_value(config, "transformer_flow_type")
+    if from_config is None and config_value(config, "use_transformer_flows"):
         from_config = "mono_layer_post_residual"  # VITS2's default when the type is not configured
     flow_type = _resolve("transformer_flow_type", explicit, from_config, None)
     if flow_type not in ("mono_layer_inter_residual", "mono_layer_post_residual"):
@@ -379,8 +370,8 @@ def flow_from_tensors(
     modules = _flow_modules(tensors, dtype)
     family = flow_family(modules)
     layout = resolve(layout, family, named, _KIND[_kind(modules[0])])
-    dilation = _resolve("dilation_rate", dilation_rate, _config_value(config, "dilation_rate_flow"), 1)
-    heads_config = _config_value(config, "n_heads") if "n_heads" in layout.config_values else None
+    dilation = _resolve("dilation_rate", dilation_rate, config_value(config, "dilation_rate_flow"), 1)
+    heads_config = config_value(config, "n_heads") if "n_heads" in layout.config_values else None
     heads = _resolve("n_heads", n_heads, heads_config, None)
     block = _build(family, modules, dilation, heads, transformer_flow_type, config).to(dtype)
     _load_strict(block, modules, family)

@@ -12,7 +12,7 @@ from ..data.refit_corpus import RefitData, TextIds, read_refit_corpus
 from ..data.text import VITS_SYMBOLS
 from ..models.refit import C_MEL, RefitModel
 from ..nn.text_encoder import TextEncoder
-from .config import read_vits_config
+from .config import MODEL_SIZES, read_vits_config
 from .export import decoder_config
 from .generator import VITSGenerator, load_vits_generator
 
@@ -56,8 +56,7 @@ def export_config(gen: VITSGenerator, audio: dict[str, Any], guide_layers: int, 
                  "hop_length": audio["hop_length"], "win_length": audio["win_length"], "n_mel_channels": 80,
                  "mel_fmin": 0.0, "mel_fmax": None, "add_blank": bool(audio["add_blank"]),
                  "n_speakers": c["n_speakers"]},
-        "model": {**{k: c[k] for k in ("inter_channels", "hidden_channels", "filter_channels", "n_heads",
-                                       "n_layers", "kernel_size", "gin_channels")},
+        "model": {**{k: c[k] for k in MODEL_SIZES},
                   "p_dropout": c.get("p_dropout", 0.0), **decoder_config(gen.dec)},
         "pyro_vits": {"exported": ["enc_p", "enc_q", "flow", "dec"] + (["emb_g"] if c["n_speakers"] else []),
                       "refit_of": train.get("voice"), "enc_q_layers": guide_layers,
